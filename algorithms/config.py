@@ -1,0 +1,239 @@
+"""Config dataclasses: the one source of defaults, CLI flags and YAML keys.
+
+Every algorithm has one dataclass (``SFTConfig`` ...) that extends ``TrainConfig``. Its fields'
+``metadata`` (``help``, ``choices``) generate the command-line flags of both ``python -m mlx_ft``
+and ``python -m cuda_ft``; ``--config run.yaml`` sets any field; flags given on the command line
+override the YAML; an unknown key or flag is an error naming the nearest valid one. Validation
+happens here, before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import json
+import typing
+from pathlib import Path
+from typing import Any, Sequence
+
+
+class ConfigError(ValueError):
+    """A flag, YAML key or value broke a rule; the message names it and the rule."""
+
+
+def field(default: Any, help: str, choices: Sequence[Any] | None = None, **kw) -> Any:
+    """A dataclass field carrying its CLI help text (and allowed values)."""
+    meta = {"help": help}
+    if choices is not None:
+        meta["choices"] = tuple(choices)
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta, **kw)
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Options every training algorithm shares (model, data, adapters, optimiser, loop)."""
+
+    # model and adapters
+    model: str = field("smollm2-135m", "HF model dir, or a known short name (e.g. smollm2-135m)")
+    fine_tune_type: str = field("lora", "which weights are trained", ["lora", "dora", "full"])
+    lora_rank: int = field(8, "LoRA/DoRA rank r")
+    lora_alpha: float = field(16.0, "LoRA/DoRA alpha; the update is scaled by alpha / rank")
+    lora_dropout: float = field(0.0, "dropout on the LoRA input")
+    target_modules: list = field(
+        [], "module names to adapt (e.g. q_proj v_proj); empty = every linear layer of every block"
+    )
+    dtype: str = field(
+        "auto", "compute dtype; auto = bfloat16 on a GPU, float32 on CPU",
+        ["auto", "float32", "bfloat16", "float16"],
+    )
+    # data
+    data: str = field("", "JSONL file, or a dir holding train.jsonl / valid.jsonl / test.jsonl")
+    max_length: int = field(1024, "tokens per example; longer ones are truncated (keep start)")
+    packing: bool = field(False, "pack examples into rows (best-fit decreasing), documents isolated")
+    train_on: str = field(
+        "auto",
+        "tokens that carry loss: auto = completion for prompt/completion, every assistant turn "
+        "for messages, everything for text",
+        ["auto", "completion", "all"],
+    )
+    skip_invalid: bool = field(False, "skip malformed examples (reported by rule) instead of failing")
+    # loop
+    seed: int = field(0, "seed for data order, adapter init and dropout")
+    batch_size: int = field(4, "examples (or packed rows) per micro-batch")
+    grad_accumulation_steps: int = field(1, "micro-batches per optimiser step")
+    steps: int = field(0, "optimiser steps; 0 = run --epochs epochs")
+    epochs: int = field(1, "passes over the training data when --steps is 0")
+    learning_rate: float = field(1e-4, "peak learning rate")
+    lr_schedule: str = field("constant", "learning-rate schedule", ["constant", "linear", "cosine"])
+    warmup_steps: int = field(0, "linear warm-up steps from 0 to the peak learning rate")
+    min_lr_ratio: float = field(0.0, "final LR of linear/cosine decay as a fraction of the peak")
+    weight_decay: float = field(0.0, "AdamW decoupled weight decay")
+    adam_beta1: float = field(0.9, "AdamW beta1")
+    adam_beta2: float = field(0.999, "AdamW beta2")
+    adam_epsilon: float = field(1e-8, "AdamW epsilon")
+    max_grad_norm: float = field(1.0, "clip gradients to this global L2 norm; 0 = no clipping")
+    logprob_chunk_size: int = field(
+        512, "tokens per chunk of the lm_head + log-softmax (the [B, T, V] logits never exist)"
+    )
+    # output and cadence
+    run_dir: str = field("runs/latest", "where metrics, checkpoints and adapters are written")
+    log_every: int = field(1, "write metrics every N optimiser steps")
+    eval_every: int = field(0, "validation loss every N steps (and at the end); 0 = only at the end")
+    eval_batches: int = field(0, "validation micro-batches per evaluation; 0 = the whole set")
+    save_every: int = field(0, "checkpoint every N steps (always at the end); 0 = only at the end")
+    resume: bool = field(False, "continue from the latest checkpoint in --run-dir")
+    progress: bool = field(True, "show a progress bar")
+    sample_prompt: str = field("", "after training, generate a reply to this prompt and print it")
+    sample_max_tokens: int = field(64, "tokens generated for --sample-prompt")
+
+    def validate(self) -> None:
+        """Check values that types cannot; raise ConfigError naming the flag."""
+        positive = ["lora_rank", "batch_size", "grad_accumulation_steps", "max_length",
+                    "logprob_chunk_size", "log_every"]
+        for name in positive:
+            if getattr(self, name) <= 0:
+                _bad(name, getattr(self, name), "must be > 0")
+        for name in ["steps", "epochs", "warmup_steps", "eval_every", "eval_batches", "save_every",
+                     "sample_max_tokens"]:
+            if getattr(self, name) < 0:
+                _bad(name, getattr(self, name), "must be >= 0")
+        if self.steps == 0 and self.epochs == 0:
+            _bad("steps", 0, "--steps or --epochs must be > 0")
+        for name in ["learning_rate", "weight_decay", "max_grad_norm", "adam_epsilon"]:
+            if getattr(self, name) < 0:
+                _bad(name, getattr(self, name), "must be >= 0")
+        for name in ["lora_dropout", "min_lr_ratio"]:
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                _bad(name, getattr(self, name), "must be in [0, 1]")
+        for name in ["adam_beta1", "adam_beta2"]:
+            if not 0.0 <= getattr(self, name) < 1.0:
+                _bad(name, getattr(self, name), "must be in [0, 1)")
+        if not self.data:
+            _bad("data", "", "is required: a JSONL file or a dir with train.jsonl")
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                _bad(f.name, getattr(self, f.name), f"must be one of {', '.join(map(str, choices))}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _bad(name: str, value: Any, rule: str) -> typing.NoReturn:
+    raise ConfigError(f"--{name.replace('_', '-')}={value!r}: {rule}")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _nearest(word: str, options: Sequence[str]) -> str:
+    close = difflib.get_close_matches(word, options, n=1, cutoff=0.4)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _field_type(cls: type, f: dataclasses.Field) -> type:
+    hints = typing.get_type_hints(cls)
+    return hints[f.name]
+
+
+def _coerce(cls: type, f: dataclasses.Field, value: Any, where: str) -> Any:
+    """Convert a YAML/CLI value to the field's type, or raise a ConfigError naming it."""
+    kind = _field_type(cls, f)
+    try:
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("1", "true", "yes", "on"):
+                return True
+            if str(value).lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if kind is list:
+            if isinstance(value, str):
+                return [v for v in value.replace(",", " ").split() if v]
+            if isinstance(value, (list, tuple)):
+                return [str(v) for v in value]
+            raise ValueError(value)
+        if kind is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError(value)
+        if kind in (int, float) and isinstance(value, bool):
+            raise ValueError(value)
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"{where}: {_flag(f.name)} expects {kind.__name__}, got {value!r}"
+        ) from None
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--config {path}: no such file")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: must be a mapping of option: value, got {type(data).__name__}")
+    return data
+
+
+def build_config(cls: type, argv: Sequence[str], prog: str) -> TrainConfig:
+    """Parse ``argv`` (flags and an optional ``--config``) into a validated ``cls`` instance."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    parser = make_parser(cls, prog)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        flag = unknown[0].split("=")[0]
+        raise ConfigError(
+            f"unknown flag {flag}{_nearest(flag, [_flag(n) for n in fields] + ['--config'])}"
+        )
+    values: dict[str, Any] = {}
+    if args.config:
+        for key, value in load_yaml(args.config).items():
+            name = str(key).replace("-", "_")
+            if name not in fields:
+                raise ConfigError(f"{args.config}: unknown key {key!r}{_nearest(name, list(fields))}")
+            values[name] = _coerce(cls, fields[name], value, args.config)
+    for name in fields:
+        value = getattr(args, name)
+        if value is not None:
+            values[name] = _coerce(cls, fields[name], value, "command line")
+    cfg = cls(**values)
+    cfg.validate()
+    return cfg
+
+
+def make_parser(cls: type, prog: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog, description=(cls.__doc__ or "").strip(), allow_abbrev=False
+    )
+    parser.add_argument("--config", help="YAML file setting any option below; flags override it")
+    for f in dataclasses.fields(cls):
+        kind = _field_type(cls, f)
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        helptext = f"{f.metadata.get('help', '')} (default: {default!r})"
+        kw: dict[str, Any] = {"dest": f.name, "default": None, "help": helptext}
+        if "choices" in f.metadata:
+            kw["choices"] = f.metadata["choices"]
+        if kind is bool:
+            parser.add_argument(_flag(f.name), action="store_const", const=True, **kw)
+            parser.add_argument("--no-" + f.name.replace("_", "-"), action="store_const",
+                                const=False, dest=f.name, help=argparse.SUPPRESS)
+        elif kind is list:
+            parser.add_argument(_flag(f.name), nargs="*", **kw)
+        else:
+            parser.add_argument(_flag(f.name), type=str, **kw)
+    return parser
+
+
+def save_config(cfg: TrainConfig, path: str | Path, extra: dict | None = None) -> None:
+    """Write the resolved config (every field, defaults included) as JSON."""
+    payload = {"algorithm": type(cfg).__name__, **cfg.to_dict(), **(extra or {})}
+    Path(path).write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,178 @@
+"""The one training loop, shared by every algorithm and backend.
+
+It owns data order, gradient accumulation, the learning-rate schedule, evaluation, metrics and
+checkpoint cadence; the backend owns the model and the update; the algorithm owns the loss
+(passed in as a function, never looked up by name here).
+
+Micro-batches form one stream across epochs: ``(epoch, index)`` is the data cursor, and an
+optimiser step takes the next ``grad_accumulation_steps`` micro-batches from it. Every
+micro-batch of a step is divided by the same ``num_items`` (loss tokens in the whole step), so
+accumulation changes nothing but memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from . import checkpoint as ckpt
+from .data import BatchPlan
+from .metrics import MetricsLog
+from .schedule import learning_rate
+
+
+@dataclasses.dataclass
+class Cursor:
+    epoch: int = 0
+    index: int = 0
+
+
+@dataclasses.dataclass
+class TrainResult:
+    steps: int
+    final_train_loss: float | None
+    final_valid_loss: float | None
+    run_dir: Path
+    sample: str | None = None
+
+
+def total_steps(cfg: Any, micro_batches_per_epoch: int) -> int:
+    if cfg.steps:
+        return cfg.steps
+    return max(1, math.ceil(cfg.epochs * micro_batches_per_epoch / cfg.grad_accumulation_steps))
+
+
+def micro_batch_stream(plan: BatchPlan, cursor: Cursor) -> Iterator[tuple[Cursor, Any]]:
+    """Yield (cursor after this micro-batch, batch) forever, epoch after epoch."""
+    epoch, index = cursor.epoch, cursor.index
+    while True:
+        batches = plan.batches(epoch)
+        while index < len(batches):
+            batch = batches[index]
+            index += 1
+            yield Cursor(epoch, index), batch
+        epoch, index = epoch + 1, 0
+
+
+def evaluate(backend: Any, loss_fn: Any, plan: BatchPlan | None, max_batches: int) -> float | None:
+    """Token-mean validation loss over the whole set (or its first ``max_batches``)."""
+    if plan is None:
+        return None
+    batches = plan.batches(0)
+    if max_batches:
+        batches = batches[:max_batches]
+    total, tokens = 0.0, 0.0
+    for b in batches:
+        arrays = plan.collate(b)
+        n = float(arrays["loss_mask"].sum())
+        arrays["num_items"] = np.float32(max(n, 1.0))
+        total += backend.evaluate(arrays, loss_fn)["loss"] * n
+        tokens += n
+    return total / tokens if tokens else None
+
+
+def train(cfg: Any, backend: Any, loss_fn: Any, train_plan: BatchPlan,
+          valid_plan: BatchPlan | None, run_dir: Path) -> TrainResult:
+    run_dir = Path(run_dir)
+    n_steps = total_steps(cfg, train_plan.num_batches)
+    step, cursor = 0, Cursor()
+    if cfg.resume:
+        step, cursor = _resume(cfg, backend, run_dir)
+    log = MetricsLog(run_dir, n_steps, step, cfg.progress)
+    stream = micro_batch_stream(train_plan, cursor)
+    window = _Window()
+    last_loss = valid_loss = None
+    try:
+        while step < n_steps:
+            lr = learning_rate(step, n_steps, cfg.learning_rate, cfg.lr_schedule,
+                               cfg.warmup_steps, cfg.min_lr_ratio)
+            micro = [next(stream) for _ in range(cfg.grad_accumulation_steps)]
+            cursor = micro[-1][0]
+            arrays = [train_plan.collate(b) for _, b in micro]
+            num_items = np.float32(max(1.0, sum(float(a["loss_mask"].sum()) for a in arrays)))
+            step_loss = 0.0
+            for a in arrays:
+                a["num_items"] = num_items
+                step_loss += backend.forward_backward(a, loss_fn)["loss"]
+                window.tokens += int((a["segment_ids"] > 0).sum())
+            grad_norm = backend.optimizer_step(lr, cfg.max_grad_norm)
+            step += 1
+            last_loss = step_loss
+            window.add(step_loss, float(num_items))
+            if not math.isfinite(step_loss):
+                raise FloatingPointError(f"step {step}: loss is {step_loss}; lower --learning-rate")
+            if step % cfg.log_every == 0 or step == n_steps:
+                log.write(window.flush(step, cursor, lr, grad_norm, backend.peak_memory_bytes()))
+            log.advance()
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < n_steps:
+                valid_loss = _log_eval(log, step, backend, loss_fn, valid_plan, cfg.eval_batches)
+            if cfg.save_every and step % cfg.save_every == 0 and step < n_steps:
+                _save(cfg, backend, run_dir, step, cursor)
+        valid_loss = _log_eval(log, step, backend, loss_fn, valid_plan, cfg.eval_batches)
+        _save(cfg, backend, run_dir, step, cursor)
+        ckpt.write_atomically(run_dir / "adapters", lambda d: backend.save_adapters(str(d)))
+    finally:
+        log.close()
+    sample = None
+    if cfg.sample_prompt:
+        sample = backend.generate(cfg.sample_prompt, cfg.sample_max_tokens)
+    return TrainResult(step, last_loss, valid_loss, run_dir, sample)
+
+
+class _Window:
+    """Accumulates the steps between two log lines."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.losses: list[tuple[float, float]] = []
+        self.tokens = 0
+        self.trained_tokens = 0
+
+    def add(self, loss: float, loss_tokens: float) -> None:
+        self.losses.append((loss, loss_tokens))
+
+    def flush(self, step: int, cursor: Cursor, lr: float, grad_norm: float, peak: int) -> dict:
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        weight = sum(n for _, n in self.losses)
+        loss = sum(v * n for v, n in self.losses) / weight
+        self.trained_tokens += self.tokens
+        record = {
+            "split": "train", "step": step, "epoch": cursor.epoch, "loss": loss,
+            "learning_rate": lr, "grad_norm": grad_norm,
+            "tokens_per_second": self.tokens / elapsed, "tokens": self.trained_tokens,
+            "peak_memory_gb": peak / 1e9,
+        }
+        self.start, self.losses, self.tokens = time.perf_counter(), [], 0
+        return record
+
+
+def _log_eval(log: MetricsLog, step: int, backend: Any, loss_fn: Any,
+              plan: BatchPlan | None, max_batches: int) -> float | None:
+    loss = evaluate(backend, loss_fn, plan, max_batches)
+    if loss is not None:
+        log.write({"split": "valid", "step": step, "loss": loss})
+    return loss
+
+
+def _save(cfg: Any, backend: Any, run_dir: Path, step: int, cursor: Cursor) -> None:
+    state = {"step": step, "cursor": dataclasses.asdict(cursor), "config": cfg.to_dict(),
+             "backend": backend.name}
+    ckpt.save_checkpoint(run_dir, step, backend, state)
+
+
+def _resume(cfg: Any, backend: Any, run_dir: Path) -> tuple[int, Cursor]:
+    latest = ckpt.latest_checkpoint(run_dir)
+    if latest is None:
+        raise FileNotFoundError(f"--resume: no checkpoint under {run_dir / 'checkpoints'}")
+    state = ckpt.read_trainer_state(latest)
+    if state.get("backend") != backend.name:
+        raise ValueError(f"--resume: {latest} was written by the {state.get('backend')} backend; "
+                         f"this is the {backend.name} backend")
+    ckpt.check_resume_config(state["config"], cfg.to_dict(), latest)
+    backend.load_state(str(latest))
+    return state["step"], Cursor(**state["cursor"])

@@ -1,0 +1,164 @@
+"""MLXBackend: the Backend protocol (algorithms/backend.py) on MLX.
+
+The device and dtype are chosen once and printed with the reason. Gradients of micro-batches are
+summed until ``optimizer_step``, which clips by global norm and applies AdamW with bias
+correction (the same update as ``torch.optim.AdamW``).
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+from pathlib import Path
+from typing import Any
+
+from .blas import preload_openblas
+
+_BLAS = preload_openblas()
+
+import mlx.core as mx  # noqa: E402
+import mlx.nn as nn  # noqa: E402
+import mlx.optimizers as optim  # noqa: E402
+import numpy as np  # noqa: E402
+from mlx.utils import tree_flatten, tree_map, tree_unflatten  # noqa: E402
+
+from algorithms.backend import attention_allowed  # noqa: E402
+
+from . import model as mlx_model  # noqa: E402
+from .logprobs import chunked_token_logps, hidden_states  # noqa: E402
+from .ops import MLXOps  # noqa: E402
+
+_DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+_ARRAY_KEYS = ("input_ids", "targets", "loss_mask", "num_items")
+
+
+def choose_device(dtype: str) -> tuple[Any, str]:
+    gpu = mx.metal.is_available() if hasattr(mx, "metal") else False
+    gpu = gpu or (hasattr(mx, "cuda") and mx.cuda.is_available())
+    device = mx.default_device()
+    name = "gpu" if device.type == mx.DeviceType.gpu else "cpu"
+    resolved = dtype if dtype != "auto" else ("bfloat16" if gpu and name == "gpu" else "float32")
+    why = "Metal/CUDA GPU" if name == "gpu" else "no MLX GPU backend"
+    blas = f"; OpenBLAS from {_BLAS}" if _BLAS else ""
+    print(f"mlx_ft: device={name} dtype={resolved} ({why}{blas})", file=sys.stderr)
+    if name == "gpu" and hasattr(mx, "metal") and mx.metal.is_available():
+        limit = mx.metal.device_info().get("max_recommended_working_set_size")
+        if limit and hasattr(mx, "set_wired_limit"):
+            mx.set_wired_limit(limit)
+    return _DTYPES[resolved], resolved
+
+
+class MLXBackend:
+    name = "mlx"
+
+    def __init__(self, cfg: Any, model_path: Path, tokenizer: Any):
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.model_path = Path(model_path)
+        self.ops = MLXOps()
+        mx.random.seed(cfg.seed)
+        self.dtype, self.dtype_name = choose_device(cfg.dtype)
+        self.model, self.model_config = mlx_model.load_model(self.model_path, self.dtype)
+        self.adapter_config = mlx_model.attach_adapters(self.model, cfg)
+        self.optimizer = optim.AdamW(
+            learning_rate=cfg.learning_rate, betas=[cfg.adam_beta1, cfg.adam_beta2],
+            eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay, bias_correction=True,
+        )
+        self._grads = None
+        self._value_and_grad = nn.value_and_grad(self.model, self._loss)
+
+    # --- forward --------------------------------------------------------------------------
+    def _logps(self, batch: dict) -> mx.array:
+        h = hidden_states(self.model, batch["input_ids"], batch["_allowed"])
+        return chunked_token_logps(self.model, h, batch["targets"], self.cfg.logprob_chunk_size)
+
+    def _loss(self, batch: dict, loss_fn: Any):
+        loss, metrics = loss_fn(self.ops, self._logps(batch), batch)
+        return loss, metrics
+
+    def _to_device(self, batch: dict[str, np.ndarray]) -> dict:
+        out = {k: mx.array(v) for k, v in batch.items() if k in _ARRAY_KEYS}
+        out["_allowed"] = attention_allowed(batch["segment_ids"])
+        return out
+
+    def forward_backward(self, batch: dict[str, np.ndarray], loss_fn: Any) -> dict[str, float]:
+        self.model.train()
+        (loss, metrics), grads = self._value_and_grad(self._to_device(batch), loss_fn)
+        self._grads = grads if self._grads is None else tree_map(mx.add, self._grads, grads)
+        mx.eval(loss, metrics, self._grads)
+        return {"loss": loss.item(), **{k: v.item() for k, v in metrics.items()}}
+
+    def evaluate(self, batch: dict[str, np.ndarray], loss_fn: Any) -> dict[str, float]:
+        self.model.eval()
+        loss, metrics = self._loss(self._to_device(batch), loss_fn)
+        mx.eval(loss, metrics)
+        return {"loss": loss.item(), **{k: v.item() for k, v in metrics.items()}}
+
+    def per_token_logps(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        self.model.eval()
+        logps = self._logps(self._to_device(batch))
+        return np.array(logps.astype(mx.float32))
+
+    # --- update ---------------------------------------------------------------------------
+    def optimizer_step(self, learning_rate: float, max_grad_norm: float) -> float:
+        if self._grads is None:
+            raise RuntimeError("optimizer_step called before forward_backward")
+        grads = self._grads
+        norm = mx.sqrt(sum(mx.sum(mx.square(g.astype(mx.float32)))
+                           for _, g in tree_flatten(grads)))
+        if max_grad_norm > 0:
+            scale = mx.minimum(1.0, max_grad_norm / (norm + 1e-6))
+            grads = tree_map(lambda g: (g * scale).astype(g.dtype), grads)
+        self.optimizer.learning_rate = mx.array(learning_rate, dtype=mx.float32)
+        self.optimizer.update(self.model, grads)
+        mx.eval(self.model.parameters(), self.optimizer.state, norm)
+        self._grads = None
+        return norm.item()
+
+    # --- state ----------------------------------------------------------------------------
+    def trainable_parameters(self) -> dict[str, np.ndarray]:
+        return mlx_model.to_canonical(mlx_model.trainable(self.model), self.cfg.fine_tune_type)
+
+    def save_state(self, directory: str) -> None:
+        d = Path(directory)
+        mx.save_safetensors(str(d / "trainable.safetensors"), mlx_model.trainable(self.model))
+        opt = dict(tree_flatten(self.optimizer.state))
+        mx.save_safetensors(str(d / "optimizer.safetensors"), opt)
+        mx.save_safetensors(str(d / "rng.safetensors"), {"key": mx.random.state[0]})
+
+    def load_state(self, directory: str) -> None:
+        d = Path(directory)
+        weights = mx.load(str(d / "trainable.safetensors"))
+        expected = set(mlx_model.trainable(self.model))
+        if set(weights) != expected:
+            raise ValueError(f"--resume: {d} holds other trainable parameters than this model "
+                             f"({len(weights)} vs {len(expected)}); same --fine-tune-type?")
+        self.model.load_weights(list(weights.items()), strict=False)
+        self.optimizer.state = tree_unflatten(list(mx.load(str(d / "optimizer.safetensors")).items()))
+        mx.random.state[0] = mx.load(str(d / "rng.safetensors"))["key"]
+        mx.eval(self.model.parameters(), self.optimizer.state)
+
+    def save_adapters(self, directory: str) -> None:
+        """mlx-lm's adapter format: ``adapters.safetensors`` + ``adapter_config.json``."""
+        d = Path(directory)
+        mx.save_safetensors(str(d / "adapters.safetensors"), mlx_model.trainable(self.model))
+        config = {**self.adapter_config, "base_model": str(self.model_path),
+                  "lora_alpha": self.cfg.lora_alpha}
+        (d / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+    # --- generation and resources ---------------------------------------------------------
+    def generate(self, prompt: str, max_tokens: int) -> str:
+        from mlx_lm.generate import generate as mlx_generate
+        from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+        from algorithms.data import render_prompt
+
+        self.model.eval()
+        ids = render_prompt(self.tokenizer, prompt)
+        wrapper = TokenizerWrapper(self.tokenizer)
+        return mlx_generate(self.model, wrapper, prompt=ids, max_tokens=max_tokens, verbose=False)
+
+    def peak_memory_bytes(self) -> int:
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+        return max(int(mx.get_peak_memory()), rss)

