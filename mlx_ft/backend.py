@@ -13,11 +13,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .blas import preload_openblas
+from . import blas
 
-_BLAS = preload_openblas()
-
-import mlx.core as mx  # noqa: E402
+import mlx.core as mx  # noqa: E402  (after OpenBLAS, which mlx_ft/__init__ loaded)
 import mlx.nn as nn  # noqa: E402
 import mlx.optimizers as optim  # noqa: E402
 import numpy as np  # noqa: E402
@@ -40,8 +38,8 @@ def choose_device(dtype: str) -> tuple[Any, str]:
     name = "gpu" if device.type == mx.DeviceType.gpu else "cpu"
     resolved = dtype if dtype != "auto" else ("bfloat16" if gpu and name == "gpu" else "float32")
     why = "Metal/CUDA GPU" if name == "gpu" else "no MLX GPU backend"
-    blas = f"; OpenBLAS from {_BLAS}" if _BLAS else ""
-    print(f"mlx_ft: device={name} dtype={resolved} ({why}{blas})", file=sys.stderr)
+    lib = f"; OpenBLAS from {blas.loaded_from}" if blas.loaded_from else ""
+    print(f"mlx_ft: device={name} dtype={resolved} ({why}{lib})", file=sys.stderr)
     if name == "gpu" and hasattr(mx, "metal") and mx.metal.is_available():
         limit = mx.metal.device_info().get("max_recommended_working_set_size")
         if limit and hasattr(mx, "set_wired_limit"):
@@ -66,6 +64,7 @@ class MLXBackend:
             eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay, bias_correction=True,
         )
         self._grads = None
+        self._micro_batches = 0  # dropout is re-seeded from (seed, this count): resumable RNG
         self._value_and_grad = nn.value_and_grad(self.model, self._loss)
 
     # --- forward --------------------------------------------------------------------------
@@ -84,6 +83,10 @@ class MLXBackend:
 
     def forward_backward(self, batch: dict[str, np.ndarray], loss_fn: Any) -> dict[str, float]:
         self.model.train()
+        # MLX's global RNG state cannot be restored, so make it a function of the position in
+        # the run instead: a resumed run draws the same dropout masks as an uninterrupted one.
+        mx.random.seed(self.cfg.seed * 1_000_003 + self._micro_batches)
+        self._micro_batches += 1
         (loss, metrics), grads = self._value_and_grad(self._to_device(batch), loss_fn)
         self._grads = grads if self._grads is None else tree_map(mx.add, self._grads, grads)
         mx.eval(loss, metrics, self._grads)
@@ -125,7 +128,7 @@ class MLXBackend:
         mx.save_safetensors(str(d / "trainable.safetensors"), mlx_model.trainable(self.model))
         opt = dict(tree_flatten(self.optimizer.state))
         mx.save_safetensors(str(d / "optimizer.safetensors"), opt)
-        mx.save_safetensors(str(d / "rng.safetensors"), {"key": mx.random.state[0]})
+        (d / "mlx_state.json").write_text(json.dumps({"micro_batches": self._micro_batches}))
 
     def load_state(self, directory: str) -> None:
         d = Path(directory)
@@ -136,7 +139,7 @@ class MLXBackend:
                              f"({len(weights)} vs {len(expected)}); same --fine-tune-type?")
         self.model.load_weights(list(weights.items()), strict=False)
         self.optimizer.state = tree_unflatten(list(mx.load(str(d / "optimizer.safetensors")).items()))
-        mx.random.state[0] = mx.load(str(d / "rng.safetensors"))["key"]
+        self._micro_batches = json.loads((d / "mlx_state.json").read_text())["micro_batches"]
         mx.eval(self.model.parameters(), self.optimizer.state)
 
     def save_adapters(self, directory: str) -> None:

@@ -1,0 +1,1 @@
+"""Runnable tools (install, example data, benchmarks); nothing here is imported by the library."""
