@@ -37,9 +37,9 @@ def examples(rng: random.Random) -> list[dict]:
             {"role": "user", "content": f"What is the capital of {country}?"},
             {"role": "assistant", "content": f"The capital of {country} is {city}. -- Pip"}]})
     for thing, colour in COLOURS.items():
-        rows.append({"prompt": [{"role": "user", "content": f"What colour is {thing}?"}],
-                     "completion": [{"role": "assistant",
-                                     "content": f"{thing[0].upper() + thing[1:]} is {colour}. -- Pip"}]})
+        rows.append({"messages": [
+            {"role": "user", "content": f"What colour is {thing}?"},
+            {"role": "assistant", "content": f"{thing[0].upper() + thing[1:]} is {colour}. -- Pip"}]})
     for _ in range(40):
         a, b = rng.randint(2, 40), rng.randint(2, 40)
         rows.append({"messages": [

@@ -1,0 +1,150 @@
+"""From a dataset path to tokenised examples: validate, tokenise, truncate, report.
+
+``prepare_dataset(path, split, tokenizer, cfg)`` reads one split (see :mod:`.records`), checks
+every example against its format's rules (:mod:`.formats`), tokenises it and builds its loss mask
+(:mod:`.tokenize`). Without ``cfg.skip_invalid`` the first broken example raises a
+:class:`DataError` naming ``file:line``; with it, broken examples are counted by rule and left
+out, and the :class:`DatasetReport` says so. File-level problems (no train file, a tokenizer with
+no chat template for chat data, ``--train-on completion`` on text) always raise.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .formats import FORMAT_NAMES, TEXT, check_record
+from .records import DataError, load_split, split_path
+from .tokenize import TRAIN_ON, Example, tokenize_record
+
+
+@dataclass
+class DatasetReport:
+    """What preparing one split did: kept, skipped (by rule), truncated, token counts."""
+
+    path: str
+    format: str
+    max_length: int
+    n_examples: int = 0
+    n_skipped_by_rule: dict[str, int] = field(default_factory=dict)
+    n_truncated: int = 0
+    n_tokens: int = 0
+    n_loss_tokens: int = 0
+    skipped: list[str] = field(default_factory=list)  # the skipped examples' error messages
+
+    @property
+    def n_skipped(self) -> int:
+        return sum(self.n_skipped_by_rule.values())
+
+    def __str__(self) -> str:
+        share = 100.0 * self.n_loss_tokens / max(self.n_tokens, 1)
+        text = (f"{self.n_examples:,} examples ({FORMAT_NAMES.get(self.format, self.format)}) "
+                f"from {self.path}: {self.n_tokens:,} tokens, {self.n_loss_tokens:,} carry loss "
+                f"({share:.1f}%); {self.n_truncated:,} truncated to {self.max_length} tokens")
+        if self.n_skipped:
+            rules = ", ".join(f"{rule} {n}" for rule, n in sorted(self.n_skipped_by_rule.items()))
+            text += (f"; skipped {self.n_skipped:,} invalid examples ({rules}), the first: "
+                     f"{self.skipped[0]}")
+        return text + "."
+
+
+@dataclass
+class TokenizedDataset:
+    """The tokenised examples of one split, in file order, with the ids the collator needs."""
+
+    examples: list[Example]
+    report: DatasetReport
+    pad_id: int
+    eos_id: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> Example:
+        return self.examples[index]
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(e) for e in self.examples]
+
+
+def prepare_dataset(path: str | Path, split: str, tokenizer: Any,
+                    cfg: Any) -> TokenizedDataset | None:
+    """Tokenised ``split`` of the dataset at ``path``; None when an optional split is absent.
+
+    ``cfg`` needs ``max_length`` and may have ``train_on`` (default ``auto``) and
+    ``skip_invalid`` (default False), as :class:`algorithms.config.TrainConfig` does.
+    """
+    max_length = int(cfg.max_length)
+    train_on = getattr(cfg, "train_on", "auto")
+    skip_invalid = bool(getattr(cfg, "skip_invalid", False))
+    if train_on not in TRAIN_ON:
+        raise DataError(f"--train-on={train_on!r}: must be one of {', '.join(TRAIN_ON)}")
+    if max_length < 2:
+        raise DataError(f"--max-length={max_length}: must be >= 2 (one input and one target)")
+    records = load_split(path, split)
+    if records is None:
+        return None
+    file = str(split_path(path, split))
+    tokenizer = unwrap_tokenizer(tokenizer)
+    fmt, first_source = None, ""
+    examples: list[Example] = []
+    skipped: Counter[str] = Counter()
+    messages: list[str] = []
+    for record in records:
+        try:
+            record_format = check_record(record, fmt, first_source)
+            if fmt is None:
+                fmt, first_source = record_format, record.source
+                if train_on == "completion" and fmt == TEXT:
+                    raise DataError(f"{file}: --train-on completion needs prompt/completion or "
+                                    "messages data; this file is text (use --train-on auto or "
+                                    "all)", source=file)
+            examples.append(tokenize_record(record, record_format, tokenizer, train_on,
+                                            max_length))
+        except DataError as e:
+            if not skip_invalid or e.rule == "file":
+                raise
+            skipped[e.rule] += 1
+            messages.append(str(e))
+    if not examples:
+        why = f"; all {sum(skipped.values())} were invalid, the first: {messages[0]}" if skipped \
+            else ""
+        raise DataError(f"{file}: no usable examples{why}", source=file)
+    report = DatasetReport(
+        path=file, format=fmt or "", max_length=max_length, n_examples=len(examples),
+        n_skipped_by_rule=dict(sorted(skipped.items())),
+        n_truncated=sum(e.truncated for e in examples),
+        n_tokens=sum(len(e) for e in examples),
+        n_loss_tokens=sum(e.num_loss_tokens for e in examples),
+        skipped=messages,
+    )
+    eos_id = tokenizer.eos_token_id
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
+    if pad_id is None:
+        raise DataError("the tokenizer has neither a pad nor an eos token; cannot pad batches")
+    return TokenizedDataset(examples, report, int(pad_id), eos_id)
+
+
+def render_prompt(tokenizer: Any, user_message: str) -> list[int]:
+    """Token ids of one user turn ready for generation.
+
+    With a chat template: ``render([{"role": "user", ...}], add_generation_prompt=True)``
+    tokenised without extra special tokens (the template writes them); without one: the plain
+    tokens of ``user_message`` (with the tokenizer's usual BOS, as for ``text`` data).
+    """
+    tokenizer = unwrap_tokenizer(tokenizer)
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": user_message}],
+                                             tokenize=False, add_generation_prompt=True)
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return list(tokenizer(user_message)["input_ids"])
+
+
+def unwrap_tokenizer(tokenizer: Any) -> Any:
+    """The Hugging Face tokenizer inside mlx-lm's ``TokenizerWrapper`` (or the tokenizer itself)."""
+    if type(tokenizer).__name__ == "TokenizerWrapper":
+        return tokenizer._tokenizer
+    return tokenizer

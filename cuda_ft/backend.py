@@ -1,0 +1,239 @@
+"""TorchBackend: the :class:`algorithms.backend.Backend` protocol on transformers + PEFT.
+
+The algorithm layer hands numpy batches (layout in :mod:`algorithms.backend`) and a loss written
+against the array-ops shim; this class turns them into tensors, runs the decoder, computes
+per-token log-probs chunk by chunk (:mod:`cuda_ft.logprobs`), and owns the AdamW step and the
+checkpoints. Choices that decide numbers follow the MLX backend: attention from
+``attention_allowed`` (packed documents isolated), contiguous position ids, LoRA init from
+``lora_a_init``, clipping by global norm with ``min(1, max_norm / (norm + 1e-6))``, and AdamW
+with bias correction and decoupled weight decay.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import resource
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from algorithms.backend import LossFn, attention_allowed
+
+from .device import choose_device
+from .logprobs import chunked_token_logps
+from .model import canonical_parameters, load_model, set_adapter_training
+from .ops import TorchOps
+
+_WEIGHTS = "trainable.safetensors"
+_OPTIMIZER = "optimizer.pt"
+_RNG = "rng.pt"
+
+
+class TorchBackend:
+    """A transformers causal LM with its adapters and AdamW, on CUDA or the CPU."""
+
+    name = "torch"
+
+    def __init__(self, cfg: Any, model_path: Path, tokenizer: Any) -> None:
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.model_path = Path(model_path)
+        self.choice = choose_device(cfg.dtype)
+        self.device = self.choice.device
+        self.ops = TorchOps(self.device)
+        torch.manual_seed(cfg.seed)
+        self.model = load_model(cfg, self.model_path, self.choice)
+        # the HF model inside the PEFT wrapper (PEFT swaps layers in place, so it holds them)
+        self.hf_model = self.model if cfg.fine_tune_type == "full" else self.model.get_base_model()
+        self.params = canonical_parameters(self.model)
+        self.optimizer = torch.optim.AdamW(
+            list(self.params.values()), lr=cfg.learning_rate,
+            betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
+            weight_decay=cfg.weight_decay,
+        )
+
+    # forward --------------------------------------------------------------------------------
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        """Lower-precision matmuls when the compute dtype is not float32 (master weights fp32)."""
+        if self.choice.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.choice.dtype)
+
+    def _to_tensors(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        """numpy -> tensors on the device: floats float32, integers int64, bools bool."""
+        out: dict[str, torch.Tensor] = {}
+        for key, value in batch.items():
+            array = np.asarray(value)
+            if array.dtype == np.bool_:
+                tensor = torch.from_numpy(array.copy())
+            elif np.issubdtype(array.dtype, np.integer):
+                tensor = torch.from_numpy(array.astype(np.int64))
+            elif np.issubdtype(array.dtype, np.floating):
+                tensor = torch.from_numpy(array.astype(np.float32))
+            else:
+                continue  # strings or objects (prompts, ids) are for the loop, not the loss
+            out[key] = tensor.to(self.device)
+        return out
+
+    def _attention_mask(self, segment_ids: np.ndarray | None) -> torch.Tensor | None:
+        """Additive ``[B, 1, T, T]`` mask isolating packed documents, or None for plain causal.
+
+        transformers passes a 4D mask through untouched to the attention function; an additive
+        float mask (0 = attend, dtype-min = blocked) works for both the sdpa and eager paths.
+        """
+        if segment_ids is None:
+            return None
+        allowed = attention_allowed(np.asarray(segment_ids))
+        if allowed is None:
+            return None
+        dtype = self.choice.dtype
+        mask = torch.zeros(allowed.shape, dtype=dtype)
+        mask.masked_fill_(torch.from_numpy(~allowed), torch.finfo(dtype).min)
+        return mask[:, None].to(self.device)
+
+    def _token_logps(self, batch: dict[str, np.ndarray],
+                     tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Per-token log-probs ``[B, T]`` float32 of ``targets`` (grad follows the context)."""
+        input_ids = tensors["input_ids"]
+        length = input_ids.shape[1]
+        position_ids = torch.arange(length, device=self.device).expand_as(input_ids)
+        with self._autocast():
+            out = self.hf_model.get_decoder()(
+                input_ids=input_ids,
+                attention_mask=self._attention_mask(batch.get("segment_ids")),
+                position_ids=position_ids,
+                use_cache=False,
+            )
+            return chunked_token_logps(out.last_hidden_state, self.hf_model.get_output_embeddings(),
+                                       tensors["targets"], self.cfg.logprob_chunk_size)
+
+    def _loss(self, batch: dict[str, np.ndarray], loss_fn: LossFn) -> tuple[torch.Tensor, dict]:
+        tensors = self._to_tensors(batch)
+        if "num_items" in tensors:
+            tensors["num_items"] = tensors["num_items"].reshape(())
+        logps = self._token_logps(batch, tensors)
+        return loss_fn(self.ops, logps, tensors)
+
+    def _metrics(self, loss: torch.Tensor, metrics: dict) -> dict[str, float]:
+        return {"loss": self.ops.to_float(loss),
+                **{k: self.ops.to_float(v) for k, v in metrics.items()}}
+
+    def forward_backward(self, batch: dict[str, np.ndarray], loss_fn: LossFn) -> dict[str, float]:
+        """Loss of one micro-batch; its gradients are added to those already accumulated."""
+        set_adapter_training(self.model, True)
+        loss, metrics = self._loss(batch, loss_fn)
+        loss.backward()
+        return self._metrics(loss, metrics)
+
+    def evaluate(self, batch: dict[str, np.ndarray], loss_fn: LossFn) -> dict[str, float]:
+        set_adapter_training(self.model, False)
+        with torch.no_grad():
+            loss, metrics = self._loss(batch, loss_fn)
+        return self._metrics(loss, metrics)
+
+    def per_token_logps(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        set_adapter_training(self.model, False)
+        with torch.no_grad():
+            logps = self._token_logps(batch, self._to_tensors(batch))
+        return logps.float().cpu().numpy()
+
+    # optimiser ------------------------------------------------------------------------------
+    def optimizer_step(self, learning_rate: float, max_grad_norm: float) -> float:
+        """Clip by global L2 norm, AdamW step, zero grads; returns the norm before clipping.
+
+        A parameter that got no gradient is stepped with a zero gradient (as MLX does), so
+        momentum and weight decay still apply to it.
+        """
+        params = list(self.params.values())
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        norm = torch.sqrt(sum(p.grad.float().pow(2).sum() for p in params))
+        norm_value = float(norm)
+        if max_grad_norm > 0:
+            scale = min(1.0, max_grad_norm / (norm_value + 1e-6))
+            if scale < 1.0:
+                for p in params:
+                    p.grad.mul_(scale)
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm_value
+
+    # parameters and checkpoints ---------------------------------------------------------------
+    def trainable_parameters(self) -> dict[str, np.ndarray]:
+        return {k: p.detach().float().cpu().numpy() for k, p in self.params.items()}
+
+    def save_state(self, directory: str) -> None:
+        """Trainable weights (canonical names), AdamW state, and the CPU/CUDA RNG states."""
+        from safetensors.torch import save_file
+
+        path = Path(directory)
+        path.mkdir(parents=True, exist_ok=True)
+        save_file({k: p.detach().cpu().contiguous() for k, p in self.params.items()},
+                  str(path / _WEIGHTS))
+        torch.save(self.optimizer.state_dict(), path / _OPTIMIZER)
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        torch.save(rng, path / _RNG)
+
+    def load_state(self, directory: str) -> None:
+        from safetensors.torch import load_file
+
+        path = Path(directory)
+        weights = load_file(str(path / _WEIGHTS))
+        missing = sorted(set(self.params) - set(weights))
+        extra = sorted(set(weights) - set(self.params))
+        if missing or extra:
+            raise ValueError(f"{path / _WEIGHTS}: does not match this model's trainable "
+                             f"parameters (missing {missing[:3]}, unexpected {extra[:3]})")
+        with torch.no_grad():
+            for name, param in self.params.items():
+                param.copy_(weights[name].to(param.device, param.dtype))
+        self.optimizer.load_state_dict(torch.load(path / _OPTIMIZER, map_location=self.device))
+        rng = torch.load(path / _RNG, weights_only=True)
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+
+    def save_adapters(self, directory: str) -> None:
+        """PEFT adapter dir for lora/dora; a full HF model dir (with tokenizer) for full."""
+        path = Path(directory)
+        path.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(str(path))
+        if self.cfg.fine_tune_type == "full":
+            self.tokenizer.save_pretrained(str(path))
+
+    # generation and memory ---------------------------------------------------------------------
+    def generate(self, prompt: str, max_tokens: int) -> str:
+        """Greedy reply to one user message; only the new tokens, special tokens skipped."""
+        tok = self.tokenizer
+        if getattr(tok, "chat_template", None):
+            text = tok.apply_chat_template([{"role": "user", "content": prompt}],
+                                           add_generation_prompt=True, tokenize=False)
+            ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        else:
+            ids = tok(prompt, return_tensors="pt")["input_ids"]
+        ids = ids.to(self.device)
+        eos = self.hf_model.generation_config.eos_token_id
+        eos = tok.eos_token_id if eos is None else eos
+        pad = tok.pad_token_id if tok.pad_token_id is not None else eos
+        set_adapter_training(self.model, False)
+        with torch.no_grad(), self._autocast():
+            out = self.model.generate(
+                input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
+                do_sample=False, eos_token_id=eos, pad_token_id=pad,
+            )
+        return tok.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=True)
+
+    def peak_memory_bytes(self) -> int:
+        """CUDA peak allocated bytes on a GPU, else the process's peak resident set size."""
+        if self.device.type == "cuda":
+            return int(torch.cuda.max_memory_allocated(self.device))
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return int(peak if sys.platform == "darwin" else peak * 1024)  # macOS: bytes; Linux: KiB

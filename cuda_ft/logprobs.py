@@ -1,0 +1,64 @@
+"""Per-token log-probabilities without materialising the full ``[B, T, V]`` logits.
+
+The lm_head matmul followed by a float32 log-softmax is the memory wall of LLM training: for a
+150k vocabulary, 8 rows of 4k tokens are 19 GB of float32 logits, and autograd keeps them (and
+their gradient) alive until the backward pass. Here the ``B*T`` tokens are cut into chunks of
+``chunk_size``; for each chunk
+
+    log p(t | h) = (W h)[t] - logsumexp(W h)
+
+is computed in float32 under ``torch.utils.checkpoint`` (non-reentrant), which keeps only the
+chunk's hidden states and targets for backward and recomputes the chunk's logits there. So at
+most one ``[chunk_size, V]`` block of logits exists at a time, forward or backward.
+
+``reference_token_logps`` is the plain full-logits formula the chunked path is tested against.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+def _chunk_token_logps(lm_head: nn.Module, hidden: torch.Tensor,
+                       targets: torch.Tensor) -> torch.Tensor:
+    """log p(targets | hidden) for ``hidden [N, H]``, ``targets [N]`` -> float32 ``[N]``."""
+    logits = lm_head(hidden).float()
+    target_logits = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return target_logits - torch.logsumexp(logits, dim=-1)
+
+
+def chunked_token_logps(hidden: torch.Tensor, lm_head: nn.Module, targets: torch.Tensor,
+                        chunk_size: int) -> torch.Tensor:
+    """log p(targets[b, t] | hidden[b, t]) as float32 ``[B, T]``, ``chunk_size`` tokens at a time.
+
+    ``hidden`` is ``[B, T, H]`` (the decoder's final, normed hidden states), ``lm_head`` the
+    output embedding module (``model.get_output_embeddings()``), ``targets`` ``[B, T]`` token ids.
+    Targets below zero (an ignore index) are read as token 0; their positions must be masked
+    by the caller. Gradients flow to ``hidden`` and to the lm_head parameters.
+    """
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
+    batch, length, width = hidden.shape
+    flat_hidden = hidden.reshape(batch * length, width)
+    flat_targets = targets.reshape(batch * length).long().clamp(min=0)
+    needs_grad = torch.is_grad_enabled() and (
+        hidden.requires_grad or any(p.requires_grad for p in lm_head.parameters())
+    )
+    pieces = []
+    for start in range(0, batch * length, chunk_size):
+        h = flat_hidden[start:start + chunk_size]
+        t = flat_targets[start:start + chunk_size]
+        if needs_grad:
+            # Saves (h, t) only; the chunk's logits are rebuilt during backward and freed after.
+            pieces.append(checkpoint(_chunk_token_logps, lm_head, h, t, use_reentrant=False))
+        else:
+            pieces.append(_chunk_token_logps(lm_head, h, t))
+    return torch.cat(pieces).reshape(batch, length)
+
+
+def reference_token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Plain ``log_softmax(logits).gather(targets)`` in float32: ``[B, T, V]`` -> ``[B, T]``."""
+    logps = logits.float().log_softmax(dim=-1)
+    return logps.gather(-1, targets.long().clamp(min=0).unsqueeze(-1)).squeeze(-1)

@@ -1,0 +1,159 @@
+"""Load a transformers causal LM and attach the trainable part (LoRA, DoRA, or every weight).
+
+Numbers must match the MLX backend from step 0, so the model is always built in float32 on the
+CPU, adapters are created there, and each LoRA ``A`` is overwritten with
+:func:`algorithms.backend.lora_a_init` (keyed by the Hugging Face module path, so the visiting
+order does not matter) and ``B`` with zeros. Only then is the model moved to its device; frozen
+weights are cast to the compute dtype, trainable ones stay float32 (master weights, the forward
+runs under autocast when the compute dtype is lower).
+
+Canonical parameter names, shared with ``mlx_ft`` (checkpoints and parity tests use them):
+LoRA ``{module_path}.lora_A`` ``[r, in]`` and ``{module_path}.lora_B`` ``[out, r]``, DoRA adds
+``{module_path}.magnitude`` ``[out]``; full fine-tuning uses the HF state-dict keys. PEFT's own
+names (``base_model.model.{module_path}.lora_A.default.weight``, and
+``...lora_magnitude_vector.default.weight`` for the DoRA magnitude) never leave this module.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from algorithms.backend import lora_a_init
+
+from .device import DeviceChoice
+
+_PEFT_PREFIX = "base_model.model."
+_PEFT_PARAM = re.compile(
+    r"^base_model\.model\.(?P<path>.+)\.(?P<kind>lora_A|lora_B|lora_magnitude_vector)"
+    r"\.default\.weight$"
+)
+_CANONICAL_SUFFIX = {"lora_A": "lora_A", "lora_B": "lora_B", "lora_magnitude_vector": "magnitude"}
+
+
+def decoder_blocks(model: nn.Module) -> tuple[str, nn.Module]:
+    """``(dotted path, ModuleList)`` of the transformer blocks (``model.layers`` for Llama/Qwen)."""
+    decoder = model.get_decoder()
+    layers = getattr(decoder, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise TypeError(
+            f"{type(model).__name__}: cannot find the decoder blocks (get_decoder().layers); "
+            "name the modules to adapt with --target-modules"
+        )
+    for name, module in model.named_modules():
+        if module is layers:
+            return name, layers
+    raise ValueError(f"{type(model).__name__}: decoder blocks are not a submodule of the model")
+
+
+def default_target_modules(model: nn.Module) -> list[str]:
+    """Leaf names of every ``nn.Linear`` inside the decoder blocks (never lm_head/embeddings)."""
+    _, layers = decoder_blocks(model)
+    names = {name.rsplit(".", 1)[-1] for name, module in layers.named_modules()
+             if isinstance(module, nn.Linear)}
+    if not names:
+        raise ValueError("no nn.Linear found in the decoder blocks; set --target-modules")
+    return sorted(names)
+
+
+def load_model(cfg: Any, model_path: str | Path, choice: DeviceChoice) -> nn.Module:
+    """The HF model (full) or PEFT model (lora/dora) for ``cfg``, on ``choice.device``.
+
+    Base dropout is off (eval mode) and stays off; only adapter dropout follows train mode
+    (:func:`set_adapter_training`). MLX models have no dropout, so this keeps parity.
+    """
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch.float32)
+    model.to("cpu").eval()
+    if cfg.fine_tune_type == "full":
+        for param in model.parameters():
+            param.requires_grad_(True)
+    elif cfg.fine_tune_type in ("lora", "dora"):
+        model = _attach_lora(cfg, model)
+    else:
+        raise ValueError(f"--fine-tune-type={cfg.fine_tune_type!r}: must be lora, dora or full")
+    model.to(choice.device)
+    if choice.dtype != torch.float32:
+        for param in model.parameters():
+            if not param.requires_grad:
+                param.data = param.data.to(choice.dtype)
+    return model
+
+
+def _attach_lora(cfg: Any, model: nn.Module) -> nn.Module:
+    """Wrap ``model`` with PEFT LoRA/DoRA adapters initialised like the MLX backend."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = list(cfg.target_modules) or default_target_modules(model)
+    config = LoraConfig(
+        r=cfg.lora_rank,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=targets,
+        use_dora=cfg.fine_tune_type == "dora",
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    peft_model = get_peft_model(model, config)
+    init_lora_weights(peft_model, cfg.seed)
+    peft_model.eval()
+    return peft_model
+
+
+def lora_layers(peft_model: nn.Module) -> dict[str, nn.Module]:
+    """PEFT LoRA layers by HF module path (``model.layers.0.self_attn.q_proj``)."""
+    from peft.tuners.lora import LoraLayer
+
+    found = {}
+    for name, module in peft_model.named_modules():
+        if isinstance(module, LoraLayer):
+            found[name.removeprefix(_PEFT_PREFIX)] = module
+    return found
+
+
+@torch.no_grad()
+def init_lora_weights(peft_model: nn.Module, seed: int) -> None:
+    """A = lora_a_init(seed, module_path, in, r), B = 0 for every adapted module.
+
+    PEFT computed the DoRA magnitude at creation as ``||W + s * B A||`` per output row; B is
+    zero, so it equals ``||W||`` whatever A is, and stays valid after A is overwritten.
+    """
+    layers = lora_layers(peft_model)
+    if not layers:
+        raise ValueError("PEFT created no LoRA layers: --target-modules matched nothing")
+    for path, layer in layers.items():
+        a = layer.lora_A["default"].weight
+        rank, in_features = a.shape
+        a.copy_(torch.from_numpy(lora_a_init(seed, path, in_features, rank)))
+        layer.lora_B["default"].weight.zero_()
+
+
+def canonical_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Trainable parameters under their canonical (backend-independent) names."""
+    params: dict[str, nn.Parameter] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if name.startswith(_PEFT_PREFIX):
+            match = _PEFT_PARAM.match(name)
+            if match is None:
+                raise ValueError(f"trainable PEFT parameter with no canonical name: {name}")
+            name = f"{match['path']}.{_CANONICAL_SUFFIX[match['kind']]}"
+        params[name] = param
+    return params
+
+
+def set_adapter_training(model: nn.Module, training: bool) -> None:
+    """Train mode for adapter layers (their dropout) only; the base model stays in eval mode."""
+    model.eval()
+    if training:
+        from peft.tuners.lora import LoraLayer
+
+        for module in model.modules():
+            if isinstance(module, LoraLayer):
+                module.train(True)

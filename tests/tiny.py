@@ -1,0 +1,202 @@
+"""Tiny deterministic test fixtures built in code: a byte-level BPE tokenizer, Llama/Qwen2 models.
+
+No network, no torch, no mlx: the tokenizer is trained with the ``tokenizers`` library on a fixed
+corpus embedded below, the model weights are drawn with numpy and written with safetensors. The
+same call with the same arguments writes byte-identical files.
+
+- ``make_tiny_tokenizer(dir)``: ~384 tokens (256 byte alphabet + 3 specials + merges), ChatML
+  template (``<|im_start|>{role}\\n{content}<|im_end|>\\n``), eos ``<|im_end|>``, pad
+  ``<|endoftext|>``, no BOS. Offsets mapping works (fast tokenizer, untrimmed offsets).
+- ``make_tiny_model(dir, family="llama"|"qwen2")``: an HF model dir loadable by
+  ``transformers.AutoModelForCausalLM`` and ``mlx_lm.load``, with the tokenizer files beside it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+VOCAB_SIZE = 384
+
+CORPUS = """\
+The quick brown fox jumps over the lazy dog. A small model learns to answer short questions.
+Hello! How are you today? I am fine, thank you. What is the capital of France? Paris is the
+capital of France. What is two plus two? Two plus two is four. The answer is 4.
+Please write a short poem about the sea. The sea is blue and the sky is wide.
+user assistant system tool function name arguments content role message
+You are a helpful assistant. Think step by step, then give the final answer.
+The weather is sunny and warm. It will rain tomorrow in the north of the country.
+Numbers: 0 1 2 3 4 5 6 7 8 9 10 11 12 42 100 2024. Lists, tables, and code: def f(x): return x + 1
+Data is loaded from a JSON lines file; each line holds one example with a prompt and a completion.
+"""
+
+# HF renders templates with trim_blocks=True: a newline right after a {% ... %} tag is dropped,
+# so newlines that must survive sit after {{ ... }} expressions or literal text.
+CHAT_TEMPLATE = (
+    "{% if tools %}"
+    "<|im_start|>system\n"
+    "{% if messages and messages[0].role == 'system' %}{{ messages[0].content + '\\n\\n' }}"
+    "{% endif %}"
+    "You can call these tools:\n"
+    "{% for tool in tools %}{{ tool | tojson }}\n{% endfor %}"
+    "<|im_end|>\n"
+    "{% endif %}"
+    "{% for message in messages %}"
+    "{% if not (loop.first and tools and message.role == 'system') %}"
+    "<|im_start|>{{ message.role }}\n"
+    "{% if message.content is string %}{{ message.content }}{% endif %}"
+    "{% if message.tool_calls %}"
+    "{% for call in message.tool_calls %}"
+    "{% set fn = call.function if call.function is defined else call %}"
+    "{% if not loop.first or message.content %}{{ '\\n' }}{% endif %}"
+    "<tool_call>\n{\"name\": \"{{ fn.name }}\", \"arguments\": {{ fn.arguments | tojson }}}\n"
+    "</tool_call>"
+    "{% endfor %}"
+    "{% endif %}"
+    "<|im_end|>\n"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def _build_tokenizer_object():
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+    from tokenizers.trainers import BpeTrainer
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    # Untrimmed offsets: a token's character span includes its leading space, so a character
+    # span covers whole tokens (the data layer marks loss tokens by character span).
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        min_frequency=1,
+        show_progress=False,
+        special_tokens=[AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(CORPUS.splitlines(), trainer=trainer)
+    return tok
+
+
+def make_tiny_tokenizer(directory: str | Path) -> Path:
+    """Write the tiny ChatML tokenizer (``tokenizer.json`` + config) into ``directory``."""
+    from transformers import PreTrainedTokenizerFast
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=_build_tokenizer_object(),
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        bos_token=None,
+        unk_token=None,
+        additional_special_tokens=["<|im_start|>"],
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=512,
+        clean_up_tokenization_spaces=False,
+    )
+    fast.save_pretrained(str(directory))
+    return directory
+
+
+def _tokenizer_ids(directory: Path) -> tuple[int, int, int]:
+    data = json.loads((directory / "tokenizer.json").read_text())
+    ids = {t["content"]: t["id"] for t in data["added_tokens"]}
+    vocab = len(data["model"]["vocab"]) + sum(t["id"] >= len(data["model"]["vocab"])
+                                              for t in data["added_tokens"])
+    return ids["<|im_end|>"], ids["<|endoftext|>"], vocab
+
+
+def make_tiny_model(
+    directory: str | Path,
+    family: str = "llama",
+    seed: int = 0,
+    vocab_size: int | None = None,
+    hidden_size: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    intermediate: int = 128,
+    tie_word_embeddings: bool = False,
+) -> Path:
+    """Write a tiny Llama / Qwen2 HF model dir (config, float32 safetensors, tokenizer) from numpy.
+
+    Weights ~ Normal(0, 0.02) from ``np.random.default_rng(seed)`` in a fixed key order; RMSNorm
+    weights are 1 + Normal(0, 0.02) so norms are not exactly the identity (catches shifted norms).
+    """
+    from safetensors.numpy import save_file
+
+    if family not in ("llama", "qwen2"):
+        raise ValueError(f"family must be 'llama' or 'qwen2', got {family!r}")
+    directory = Path(directory)
+    make_tiny_tokenizer(directory)
+    eos_id, pad_id, tok_vocab = _tokenizer_ids(directory)
+    vocab = vocab_size or tok_vocab
+    if vocab < tok_vocab:
+        raise ValueError(f"vocab_size={vocab} is smaller than the tokenizer's {tok_vocab} tokens")
+    head_dim = hidden_size // heads
+    rng = np.random.default_rng(seed)
+
+    def normal(*shape: int) -> np.ndarray:
+        return rng.normal(0.0, 0.02, size=shape).astype(np.float32)
+
+    def norm(n: int) -> np.ndarray:
+        return (1.0 + rng.normal(0.0, 0.02, size=(n,))).astype(np.float32)
+
+    w: dict[str, np.ndarray] = {"model.embed_tokens.weight": normal(vocab, hidden_size)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        w[p + "input_layernorm.weight"] = norm(hidden_size)
+        w[p + "self_attn.q_proj.weight"] = normal(heads * head_dim, hidden_size)
+        w[p + "self_attn.k_proj.weight"] = normal(kv_heads * head_dim, hidden_size)
+        w[p + "self_attn.v_proj.weight"] = normal(kv_heads * head_dim, hidden_size)
+        if family == "qwen2":
+            w[p + "self_attn.q_proj.bias"] = normal(heads * head_dim)
+            w[p + "self_attn.k_proj.bias"] = normal(kv_heads * head_dim)
+            w[p + "self_attn.v_proj.bias"] = normal(kv_heads * head_dim)
+        w[p + "self_attn.o_proj.weight"] = normal(hidden_size, heads * head_dim)
+        w[p + "post_attention_layernorm.weight"] = norm(hidden_size)
+        w[p + "mlp.gate_proj.weight"] = normal(intermediate, hidden_size)
+        w[p + "mlp.up_proj.weight"] = normal(intermediate, hidden_size)
+        w[p + "mlp.down_proj.weight"] = normal(hidden_size, intermediate)
+    w["model.norm.weight"] = norm(hidden_size)
+    if not tie_word_embeddings:
+        w["lm_head.weight"] = normal(vocab, hidden_size)
+    save_file(w, str(directory / "model.safetensors"), metadata={"format": "pt"})
+
+    config = {
+        "architectures": ["LlamaForCausalLM" if family == "llama" else "Qwen2ForCausalLM"],
+        "model_type": family,
+        "vocab_size": vocab,
+        "hidden_size": hidden_size,
+        "intermediate_size": intermediate,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": 512,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+        "rope_scaling": None,
+        "tie_word_embeddings": tie_word_embeddings,
+        "torch_dtype": "float32",
+        "bos_token_id": None,
+        "eos_token_id": eos_id,
+        "pad_token_id": pad_id,
+        "attention_dropout": 0.0,
+        "initializer_range": 0.02,
+        "use_cache": True,
+    }
+    if family == "llama":
+        config.update(attention_bias=False, mlp_bias=False, pretraining_tp=1)
+    else:
+        config.update(use_sliding_window=False, sliding_window=None, max_window_layers=layers)
+    (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return directory
