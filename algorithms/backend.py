@@ -21,7 +21,8 @@ Batch layout (every array is ``[B, T]``, produced by :mod:`algorithms.data`):
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Callable, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import numpy as np
 

@@ -9,11 +9,12 @@ sibling and renamed into place, so a crash never leaves a half-written checkpoin
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+
+from converters.atomic import atomic_output_dir
 
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
 STATE_FILE = "trainer_state.json"
@@ -29,25 +30,9 @@ def checkpoint_dir(run_dir: Path, step: int) -> Path:
 
 def write_atomically(target: Path, fill: Callable[[Path], None]) -> Path:
     """Call ``fill(tmp_dir)`` on a fresh temporary sibling of ``target``, then rename it."""
-    target = Path(target)
-    tmp = target.parent / f".{target.name}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_output_dir(target, force=True) as tmp:
         fill(tmp)
-        if target.exists():
-            old = target.parent / f".{target.name}.old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
+    return Path(target)
 
 
 def save_checkpoint(run_dir: Path, step: int, backend: Any, trainer_state: dict) -> Path:

@@ -12,8 +12,8 @@ import importlib
 import json
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from .config import ConfigError, build_config, save_config
 from .registry import algorithms

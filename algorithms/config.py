@@ -14,8 +14,9 @@ import dataclasses
 import difflib
 import json
 import typing
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 
 class ConfigError(ValueError):
@@ -42,7 +43,7 @@ class TrainConfig:
     lora_rank: int = field(8, "LoRA/DoRA rank r")
     lora_alpha: float = field(16.0, "LoRA/DoRA alpha; the update is scaled by alpha / rank")
     lora_dropout: float = field(0.0, "dropout on the LoRA input")
-    target_modules: list = field(
+    target_modules: list = field(  # noqa: RUF009 (field() returns a default_factory field)
         [], "module names to adapt (e.g. q_proj v_proj); empty = every linear layer of every block"
     )
     dtype: str = field(
@@ -201,10 +202,10 @@ def build_config(cls: type, argv: Sequence[str], prog: str) -> TrainConfig:
             if name not in fields:
                 raise ConfigError(f"{args.config}: unknown key {key!r}{_nearest(name, list(fields))}")
             values[name] = _coerce(cls, fields[name], value, args.config)
-    for name in fields:
+    for name, f in fields.items():
         value = getattr(args, name)
         if value is not None:
-            values[name] = _coerce(cls, fields[name], value, "command line")
+            values[name] = _coerce(cls, f, value, "command line")
     cfg = cls(**values)
     cfg.validate()
     return cfg

@@ -13,19 +13,18 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import mlx.core as mx
+import mlx.optimizers as optim
+import numpy as np
+from mlx import nn
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
+
+from algorithms.backend import attention_allowed
+
 from . import blas
-
-import mlx.core as mx  # noqa: E402  (after OpenBLAS, which mlx_ft/__init__ loaded)
-import mlx.nn as nn  # noqa: E402
-import mlx.optimizers as optim  # noqa: E402
-import numpy as np  # noqa: E402
-from mlx.utils import tree_flatten, tree_map, tree_unflatten  # noqa: E402
-
-from algorithms.backend import attention_allowed  # noqa: E402
-
-from . import model as mlx_model  # noqa: E402
-from .logprobs import chunked_token_logps, hidden_states  # noqa: E402
-from .ops import MLXOps  # noqa: E402
+from . import model as mlx_model
+from .logprobs import chunked_token_logps, hidden_states
+from .ops import MLXOps
 
 _DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 _ARRAY_KEYS = ("input_ids", "targets", "loss_mask", "num_items")

@@ -12,8 +12,8 @@ families listed in ``PACKABLE`` whose inner model is exactly that.
 from __future__ import annotations
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
+from mlx import nn
 
 from .model import lm_head_module
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import mlx.core as mx
-import mlx.nn as nn
+from mlx import nn
 
 _DTYPES = {"float32": mx.float32, "int32": mx.int32, "bool": mx.bool_}
 

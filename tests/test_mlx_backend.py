@@ -10,18 +10,18 @@ import numpy as np
 import pytest
 
 pytest.importorskip("mlx")
-import mlx_ft  # noqa: E402,F401  (loads OpenBLAS before mlx.core)
+import mlx_ft  # noqa: F401  (loads OpenBLAS before mlx.core)
 
 mx = pytest.importorskip("mlx.core")
 
-from algorithms.config import TrainConfig  # noqa: E402
-from algorithms.sft import nll_loss  # noqa: E402
-from mlx_ft.backend import MLXBackend  # noqa: E402
-from mlx_ft.logprobs import chunked_token_logps, reference_token_logps  # noqa: E402
+from algorithms.config import TrainConfig
+from algorithms.sft import nll_loss
+from mlx_ft.backend import MLXBackend
+from mlx_ft.logprobs import chunked_token_logps, reference_token_logps
 
 
 def _cfg(**kw) -> TrainConfig:
-    base = dict(data="unused", logprob_chunk_size=7, seed=3)
+    base = {"data": "unused", "logprob_chunk_size": 7, "seed": 3}
     return TrainConfig(**{**base, **kw})
 
 
@@ -159,7 +159,7 @@ def test_saved_adapters_load_in_mlx_lm(tiny_llama_dir, tokenizer, tmp_path, kind
 
 
 def test_qlora_on_a_quantised_model(tiny_llama_dir, tokenizer, tmp_path):
-    import mlx.nn as nn
+    from mlx import nn
     from mlx_lm.utils import load_model, save_config, save_model
 
     quantised = tmp_path / "q4"

@@ -12,10 +12,10 @@ import pytest
 pytest.importorskip("mlx")
 pytest.importorskip("torch")
 
-from algorithms.config import TrainConfig  # noqa: E402
-from algorithms.data import BatchPlan, prepare_dataset  # noqa: E402
-from cuda_ft.backend import TorchBackend  # noqa: E402
-from mlx_ft.backend import MLXBackend  # noqa: E402
+from algorithms.config import TrainConfig
+from algorithms.data import BatchPlan, prepare_dataset
+from cuda_ft.backend import TorchBackend
+from mlx_ft.backend import MLXBackend
 
 
 @pytest.fixture(scope="module")

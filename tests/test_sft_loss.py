@@ -53,7 +53,7 @@ def test_mlx_gradients():
     ops = MLXOps()
     batch = {"loss_mask": mx.array(MASK32), "num_items": mx.array(4.0)}
     for fn, expected_grad in ((nll_loss, -MASK / 4), (dft_loss, -np.exp(LOGPS) * MASK / 4)):
-        value, grad = mx.value_and_grad(lambda lp: fn(ops, lp, batch)[0])(mx.array(LOGPS32))
+        value, grad = mx.value_and_grad(lambda lp, fn=fn: fn(ops, lp, batch)[0])(mx.array(LOGPS32))
         assert value.item() == pytest.approx(NLL if fn is nll_loss else DFT, rel=1e-6)
         # dft's weight is a stop-gradient: d/dlogp (-sg(p) logp) = -p, not -p(1 + logp).
         np.testing.assert_allclose(np.array(grad), expected_grad, rtol=1e-6, atol=1e-7)
