@@ -108,7 +108,8 @@ def train(cfg: Any, backend: Any, loss_fn: Any, train_plan: BatchPlan,
             if not math.isfinite(step_loss):
                 raise FloatingPointError(f"step {step}: loss is {step_loss}; lower --learning-rate")
             if step % cfg.log_every == 0 or step == n_steps:
-                log.write(window.flush(step, cursor, lr, grad_norm, backend.peak_memory_bytes()))
+                epoch = cursor.epoch + cursor.index / train_plan.num_batches
+                log.write(window.flush(step, epoch, lr, grad_norm, backend.peak_memory_bytes()))
             log.advance()
             if cfg.eval_every and step % cfg.eval_every == 0 and step < n_steps:
                 valid_loss = _log_eval(log, step, backend, loss_fn, valid_plan, cfg.eval_batches)
@@ -137,13 +138,13 @@ class _Window:
     def add(self, loss: float, loss_tokens: float) -> None:
         self.losses.append((loss, loss_tokens))
 
-    def flush(self, step: int, cursor: Cursor, lr: float, grad_norm: float, peak: int) -> dict:
+    def flush(self, step: int, epoch: float, lr: float, grad_norm: float, peak: int) -> dict:
         elapsed = max(time.perf_counter() - self.start, 1e-9)
         weight = sum(n for _, n in self.losses)
         loss = sum(v * n for v, n in self.losses) / weight
         self.trained_tokens += self.tokens
         record = {
-            "split": "train", "step": step, "epoch": cursor.epoch, "loss": loss,
+            "split": "train", "step": step, "epoch": round(epoch, 4), "loss": loss,
             "learning_rate": lr, "grad_norm": grad_norm,
             "tokens_per_second": self.tokens / elapsed, "tokens": self.trained_tokens,
             "peak_memory_gb": peak / 1e9,

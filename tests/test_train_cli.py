@@ -147,3 +147,30 @@ def test_module_lists_algorithms_and_help_is_light(prog):
              "print('HEAVY' if {'mlx.core', 'torch'} & set(sys.modules) else 'LIGHT')")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert "--lora-rank" in out.stdout and out.stdout.strip().endswith("LIGHT")
+
+
+def test_schedule_and_epochs_drive_the_loop(tiny_llama_dir, sft_data, tmp_path):
+    from algorithms.schedule import learning_rate
+
+    run = tmp_path / "run"
+    # 24 examples / batch 4 = 6 micro-batches per epoch; 2 epochs with accumulation 2 = 6 steps.
+    assert _train("mlx", tiny_llama_dir, sft_data, run, "--steps", "0", "--epochs", "2",
+                  "--batch-size", "4", "--grad-accumulation-steps", "2", "--lr-schedule", "cosine",
+                  "--warmup-steps", "2", "--min-lr-ratio", "0.1") == 0
+    train = _metrics(run)
+    assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6]
+    assert [r["epoch"] for r in train] == pytest.approx([1 / 3, 2 / 3, 1, 4 / 3, 5 / 3, 2], abs=1e-4)
+    want = [learning_rate(s, 6, 1e-2, "cosine", 2, 0.1) for s in range(6)]
+    np.testing.assert_allclose([r["learning_rate"] for r in train], want, rtol=1e-12)
+
+
+def test_skip_invalid_reports_and_trains(tiny_llama_dir, tmp_path, capsys):
+    data = tmp_path / "train.jsonl"
+    good = json.dumps({"prompt": "say red", "completion": " red red"})
+    data.write_text("\n".join([good, '{"prompt": "x"}', good, "{not json", good]) + "\n")
+    assert _train("mlx", tiny_llama_dir, data, tmp_path / "strict", "--steps", "1") == 2
+    assert "train.jsonl:2" in capsys.readouterr().err
+    assert _train("mlx", tiny_llama_dir, data, tmp_path / "run", "--steps", "1",
+                  "--skip-invalid") == 0
+    err = capsys.readouterr().err
+    assert "3 examples" in err and "skipped 2" in err, err
