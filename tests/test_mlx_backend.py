@@ -180,3 +180,21 @@ def test_qlora_on_a_quantised_model(tiny_llama_dir, tokenizer, tmp_path):
     after = be.trainable_parameters()
     assert all(not np.array_equal(before[k], after[k]) for k in before if k.endswith("lora_B"))
     assert set(after) == set(before) and all(k.endswith(("lora_A", "lora_B")) for k in after)
+
+
+def test_openblas_is_loaded_before_mlx_when_present():
+    import os
+    import subprocess
+    import sys
+
+    from mlx_ft import blas
+
+    probe = "import mlx_ft.blas as b, mlx.core; print(b.loaded_from)"
+    if not any(os.path.exists(p.format(arch=os.uname().machine)) for p in blas.CANDIDATES):
+        pytest.skip("no system OpenBLAS here (apt-get install libopenblas0-pthread)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert "libopenblas" in out.stdout
+    env = {**os.environ, "POSTTRAIN_NO_OPENBLAS": "1"}
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                         env=env)
+    assert out.stdout.strip() == "None"
