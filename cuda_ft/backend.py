@@ -212,14 +212,10 @@ class TorchBackend:
     # generation and memory ---------------------------------------------------------------------
     def generate(self, prompt: str, max_tokens: int) -> str:
         """Greedy reply to one user message; only the new tokens, special tokens skipped."""
+        from algorithms.data import render_prompt
+
         tok = self.tokenizer
-        if getattr(tok, "chat_template", None):
-            text = tok.apply_chat_template([{"role": "user", "content": prompt}],
-                                           add_generation_prompt=True, tokenize=False)
-            ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
-        else:
-            ids = tok(prompt, return_tensors="pt")["input_ids"]
-        ids = ids.to(self.device)
+        ids = torch.tensor([render_prompt(tok, prompt)], device=self.device)
         eos = self.hf_model.generation_config.eos_token_id
         eos = tok.eos_token_id if eos is None else eos
         pad = tok.pad_token_id if tok.pad_token_id is not None else eos
