@@ -25,7 +25,7 @@ class UserError(Exception):
 
 def usage(prog: str) -> str:
     lines = [f"usage: python -m {prog} <algorithm> [flags]   (python -m {prog} <algorithm> --help)",
-             "", "algorithms:"]
+             f"       python -m {prog} --list-rewards", "", "algorithms:"]
     for algo in algorithms().values():
         lines.append(f"  {algo.name:<10} {algo.summary}")
     return "\n".join(lines)
@@ -35,6 +35,11 @@ def run_cli(prog: str, backend_spec: str, argv: Sequence[str] | None = None) -> 
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help", "list"):
         print(usage(prog))
+        return 0
+    if argv[0] == "--list-rewards":
+        from rewards import format_reward_list
+
+        print(format_reward_list())
         return 0
     registry = algorithms()
     name = argv[0]

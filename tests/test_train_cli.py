@@ -167,7 +167,8 @@ def test_schedule_and_epochs_drive_the_loop(tiny_llama_dir, sft_data, tmp_path):
 def test_skip_invalid_reports_and_trains(tiny_llama_dir, tmp_path, capsys):
     data = tmp_path / "train.jsonl"
     good = json.dumps({"prompt": "say red", "completion": " red red"})
-    data.write_text("\n".join([good, '{"prompt": "x"}', good, "{not json", good]) + "\n")
+    lines = [good, '{"prompt": "x"}', good, "{not json", good]
+    data.write_text("".join(f"{line}\n" for line in lines))
     assert _train("mlx", tiny_llama_dir, data, tmp_path / "strict", "--steps", "1") == 2
     assert "train.jsonl:2" in capsys.readouterr().err
     assert _train("mlx", tiny_llama_dir, data, tmp_path / "run", "--steps", "1",
