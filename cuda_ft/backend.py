@@ -26,6 +26,7 @@ from .device import choose_device
 from .logprobs import chunked_token_logps
 from .model import canonical_parameters, load_model, set_adapter_training
 from .ops import TorchOps
+from .reference import Reference
 
 _WEIGHTS = "trainable.safetensors"
 _OPTIMIZER = "optimizer.pt"
@@ -49,6 +50,7 @@ class TorchBackend:
         # the HF model inside the PEFT wrapper (PEFT swaps layers in place, so it holds them)
         self.hf_model = self.model if cfg.fine_tune_type == "full" else self.model.get_base_model()
         self.params = canonical_parameters(self.model)
+        self.reference = Reference(self.model, self.hf_model, cfg, self.model_path, self.choice)
         self.optimizer = torch.optim.AdamW(
             list(self.params.values()), lr=cfg.learning_rate,
             betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
@@ -94,20 +96,21 @@ class TorchBackend:
         mask.masked_fill_(torch.from_numpy(~allowed), torch.finfo(dtype).min)
         return mask[:, None].to(self.device)
 
-    def _token_logps(self, batch: dict[str, np.ndarray],
-                     tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _token_logps(self, batch: dict[str, np.ndarray], tensors: dict[str, torch.Tensor],
+                     hf_model: torch.nn.Module | None = None) -> torch.Tensor:
         """Per-token log-probs ``[B, T]`` float32 of ``targets`` (grad follows the context)."""
+        hf_model = self.hf_model if hf_model is None else hf_model
         input_ids = tensors["input_ids"]
         length = input_ids.shape[1]
         position_ids = torch.arange(length, device=self.device).expand_as(input_ids)
         with self._autocast():
-            out = self.hf_model.get_decoder()(
+            out = hf_model.get_decoder()(
                 input_ids=input_ids,
                 attention_mask=self._attention_mask(batch.get("segment_ids")),
                 position_ids=position_ids,
                 use_cache=False,
             )
-            return chunked_token_logps(out.last_hidden_state, self.hf_model.get_output_embeddings(),
+            return chunked_token_logps(out.last_hidden_state, hf_model.get_output_embeddings(),
                                        tensors["targets"], self.cfg.logprob_chunk_size)
 
     def _loss(self, batch: dict[str, np.ndarray], loss_fn: LossFn) -> tuple[torch.Tensor, dict]:
@@ -138,6 +141,13 @@ class TorchBackend:
         set_adapter_training(self.model, False)
         with torch.no_grad():
             logps = self._token_logps(batch, self._to_tensors(batch))
+        return logps.float().cpu().numpy()
+
+    def reference_per_token_logps(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        """Per-token log-probs under the reference policy (see cuda_ft.reference)."""
+        set_adapter_training(self.model, False)
+        with torch.no_grad(), self.reference.model() as ref:
+            logps = self._token_logps(batch, self._to_tensors(batch), ref)
         return logps.float().cpu().numpy()
 
     # optimiser ------------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 The device and dtype are chosen once and printed with the reason. Gradients of micro-batches are
 summed until ``optimizer_step``, which clips by global norm and applies AdamW with bias
-correction (the same update as ``torch.optim.AdamW``).
+correction (the same update as ``torch.optim.AdamW``). The system OpenBLAS was loaded by
+``mlx_ft/__init__`` before ``mlx.core`` is imported here.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from . import blas
 from . import model as mlx_model
 from .logprobs import chunked_token_logps, hidden_states
 from .ops import MLXOps
+from .reference import Reference
 
 _DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 _ARRAY_KEYS = ("input_ids", "targets", "loss_mask", "num_items")
@@ -62,14 +64,16 @@ class MLXBackend:
             learning_rate=cfg.learning_rate, betas=[cfg.adam_beta1, cfg.adam_beta2],
             eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay, bias_correction=True,
         )
+        self.reference = Reference(self.model, cfg, self.model_path, self.dtype)
         self._grads = None
         self._micro_batches = 0  # dropout is re-seeded from (seed, this count): resumable RNG
         self._value_and_grad = nn.value_and_grad(self.model, self._loss)
 
     # --- forward --------------------------------------------------------------------------
-    def _logps(self, batch: dict) -> mx.array:
-        h = hidden_states(self.model, batch["input_ids"], batch["_allowed"])
-        return chunked_token_logps(self.model, h, batch["targets"], self.cfg.logprob_chunk_size)
+    def _logps(self, batch: dict, model: nn.Module | None = None) -> mx.array:
+        model = self.model if model is None else model
+        h = hidden_states(model, batch["input_ids"], batch["_allowed"])
+        return chunked_token_logps(model, h, batch["targets"], self.cfg.logprob_chunk_size)
 
     def _loss(self, batch: dict, loss_fn: Any):
         loss, metrics = loss_fn(self.ops, self._logps(batch), batch)
@@ -100,6 +104,14 @@ class MLXBackend:
     def per_token_logps(self, batch: dict[str, np.ndarray]) -> np.ndarray:
         self.model.eval()
         logps = self._logps(self._to_device(batch))
+        return np.array(logps.astype(mx.float32))
+
+    def reference_per_token_logps(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        """Per-token log-probs under the reference policy (see mlx_ft.reference)."""
+        self.model.eval()
+        with self.reference.model() as ref:
+            logps = mx.stop_gradient(self._logps(self._to_device(batch), ref))
+            mx.eval(logps)
         return np.array(logps.astype(mx.float32))
 
     # --- update ---------------------------------------------------------------------------

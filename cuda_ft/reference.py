@@ -1,0 +1,50 @@
+"""The reference policy for preference / RL losses, without a second copy when it can be avoided.
+
+- LoRA / DoRA runs: the base model itself, through PEFT's ``disable_adapter()`` (the adapter
+  layers return the wrapped layer's output exactly);
+- full fine-tuning: a frozen copy of the starting weights, loaded once on first use;
+- ``--ref-model PATH``: that model, loaded once, frozen.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+
+class Reference:
+    """Yields the HF model to run as the reference policy (``with reference.model() as m:``)."""
+
+    def __init__(self, policy: torch.nn.Module, hf_model: torch.nn.Module, cfg: Any,
+                 model_path: Path, choice: Any):
+        self.policy, self.hf_model, self.cfg = policy, hf_model, cfg
+        self.model_path, self.choice = model_path, choice
+        self._frozen: torch.nn.Module | None = None
+
+    @property
+    def kind(self) -> str:
+        if getattr(self.cfg, "ref_model", ""):
+            return "ref_model"
+        return "frozen_copy" if self.cfg.fine_tune_type == "full" else "adapters_disabled"
+
+    @contextmanager
+    def model(self) -> Iterator[torch.nn.Module]:
+        if self.kind == "adapters_disabled":
+            with self.policy.disable_adapter():
+                yield self.hf_model
+            return
+        if self._frozen is None:
+            from transformers import AutoModelForCausalLM
+
+            from converters.models import resolve_model
+
+            path = resolve_model(self.cfg.ref_model) if self.kind == "ref_model" else self.model_path
+            frozen = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+            frozen.requires_grad_(False)
+            if self.choice.dtype != torch.float32:
+                frozen.to(self.choice.dtype)
+            self._frozen = frozen.to(self.choice.device).eval()
+        yield self._frozen
