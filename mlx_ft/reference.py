@@ -9,11 +9,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-import mlx.nn as nn
+from mlx import nn
 from mlx.utils import tree_unflatten
 
 

@@ -11,10 +11,10 @@ import pytest
 pytest.importorskip("mlx")
 pytest.importorskip("torch")
 
-from algorithms.config import TrainConfig  # noqa: E402
-from algorithms.sft import nll_loss  # noqa: E402
-from cuda_ft.backend import TorchBackend  # noqa: E402
-from mlx_ft.backend import MLXBackend  # noqa: E402
+from algorithms.config import TrainConfig
+from algorithms.sft import nll_loss
+from cuda_ft.backend import TorchBackend
+from mlx_ft.backend import MLXBackend
 
 BACKENDS = {"mlx": MLXBackend, "torch": TorchBackend}
 
