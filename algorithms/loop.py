@@ -60,25 +60,58 @@ def micro_batch_stream(plan: BatchPlan, cursor: Cursor) -> Iterator[tuple[Cursor
         epoch, index = epoch + 1, 0
 
 
-def evaluate(backend: Any, loss_fn: Any, plan: BatchPlan | None, max_batches: int) -> float | None:
-    """Token-mean validation loss over the whole set (or its first ``max_batches``)."""
+def collate_step(plan: BatchPlan, batches: list, backend: Any, prepare: Any = None,
+                 normaliser: str = "tokens") -> tuple[list[dict], list[float]]:
+    """Collate the micro-batches of one optimiser step and give each its share of the step.
+
+    ``num_items`` = loss tokens in the whole step (the SFT denominator); ``micro_fraction`` =
+    this micro-batch's share of the step's weight (tokens, or rows for losses that average over
+    sequences/pairs), so a loss that is a mean over its micro-batch, scaled by its fraction, sums
+    to the mean over the step. ``prepare(backend, arrays)`` adds what a loss needs beyond the
+    policy's log-probs (reference log-probs, KL pairs...).
+    """
+    arrays = [plan.collate(b) for b in batches]
+    tokens = [float(a["loss_mask"].sum()) for a in arrays]
+    weights = tokens if normaliser == "tokens" else [float(len(a["input_ids"])) for a in arrays]
+    total = max(sum(weights), 1e-12)
+    for a, w in zip(arrays, weights):
+        a["num_items"] = np.float32(max(1.0, sum(tokens)))
+        a["micro_fraction"] = np.float32(w / total)
+        if prepare is not None:
+            prepare(backend, a)
+    return arrays, [w / total for w in weights]
+
+
+def combine(metrics: list[dict[str, float]], fractions: list[float]) -> dict[str, float]:
+    """One step's metrics: ``loss`` summed (micro losses are already scaled), others averaged."""
+    out = {"loss": sum(m["loss"] for m in metrics)}
+    for key in metrics[0]:
+        if key != "loss":
+            out[key] = sum(f * m[key] for f, m in zip(fractions, metrics))
+    return out
+
+
+def evaluate(backend: Any, loss_fn: Any, plan: BatchPlan | None, max_batches: int,
+             prepare: Any = None, normaliser: str = "tokens") -> dict[str, float] | None:
+    """Validation metrics over the whole set (or its first ``max_batches``), each batch weighted
+    by its tokens (or rows), so ``loss`` is the token (or sequence) mean over the set."""
     if plan is None:
         return None
-    batches = plan.batches(0)
-    if max_batches:
-        batches = batches[:max_batches]
-    total, tokens = 0.0, 0.0
+    batches = plan.batches(0)[:max_batches or None]
+    results, weights = [], []
     for b in batches:
-        arrays = plan.collate(b)
-        n = float(arrays["loss_mask"].sum())
-        arrays["num_items"] = np.float32(max(n, 1.0))
-        total += backend.evaluate(arrays, loss_fn)["loss"] * n
-        tokens += n
-    return total / tokens if tokens else None
+        (arrays,), _ = collate_step(plan, [b], backend, prepare, normaliser)
+        results.append(backend.evaluate(arrays, loss_fn))
+        weights.append(float(arrays["loss_mask"].sum()) if normaliser == "tokens"
+                       else float(len(arrays["input_ids"])))
+    if not results or not sum(weights):
+        return None
+    return {k: sum(w * r[k] for w, r in zip(weights, results)) / sum(weights) for k in results[0]}
 
 
 def train(cfg: Any, backend: Any, loss_fn: Any, train_plan: BatchPlan,
-          valid_plan: BatchPlan | None, run_dir: Path) -> TrainResult:
+          valid_plan: BatchPlan | None, run_dir: Path, prepare: Any = None,
+          normaliser: str = "tokens") -> TrainResult:
     run_dir = Path(run_dir)
     n_steps = total_steps(cfg, train_plan.num_batches)
     step, cursor = 0, Cursor()
@@ -88,34 +121,39 @@ def train(cfg: Any, backend: Any, loss_fn: Any, train_plan: BatchPlan,
     stream = micro_batch_stream(train_plan, cursor)
     window = _Window()
     last_loss = valid_loss = None
+
+    def run_eval() -> float | None:
+        metrics = evaluate(backend, loss_fn, valid_plan, cfg.eval_batches, prepare, normaliser)
+        if metrics is None:
+            return None
+        log.write({"split": "valid", "step": step, **metrics})
+        return metrics["loss"]
+
     try:
         while step < n_steps:
             lr = learning_rate(step, n_steps, cfg.learning_rate, cfg.lr_schedule,
                                cfg.warmup_steps, cfg.min_lr_ratio)
             micro = [next(stream) for _ in range(cfg.grad_accumulation_steps)]
             cursor = micro[-1][0]
-            arrays = [train_plan.collate(b) for _, b in micro]
-            num_items = np.float32(max(1.0, sum(float(a["loss_mask"].sum()) for a in arrays)))
-            step_loss = 0.0
-            for a in arrays:
-                a["num_items"] = num_items
-                step_loss += backend.forward_backward(a, loss_fn)["loss"]
-                window.tokens += int((a["segment_ids"] > 0).sum())
+            arrays, fractions = collate_step(train_plan, [b for _, b in micro], backend,
+                                             prepare, normaliser)
+            metrics = combine([backend.forward_backward(a, loss_fn) for a in arrays], fractions)
+            window.tokens += sum(int((a["segment_ids"] > 0).sum()) for a in arrays)
             grad_norm = backend.optimizer_step(lr, cfg.max_grad_norm)
             step += 1
-            last_loss = step_loss
-            window.add(step_loss, float(num_items))
-            if not math.isfinite(step_loss):
-                raise FloatingPointError(f"step {step}: loss is {step_loss}; lower --learning-rate")
+            last_loss = metrics["loss"]
+            window.add(metrics)
+            if not math.isfinite(last_loss):
+                raise FloatingPointError(f"step {step}: loss is {last_loss}; lower --learning-rate")
             if step % cfg.log_every == 0 or step == n_steps:
                 epoch = cursor.epoch + cursor.index / train_plan.num_batches
                 log.write(window.flush(step, epoch, lr, grad_norm, backend.peak_memory_bytes()))
             log.advance()
             if cfg.eval_every and step % cfg.eval_every == 0 and step < n_steps:
-                valid_loss = _log_eval(log, step, backend, loss_fn, valid_plan, cfg.eval_batches)
+                valid_loss = run_eval()
             if cfg.save_every and step % cfg.save_every == 0 and step < n_steps:
                 _save(cfg, backend, run_dir, step, cursor)
-        valid_loss = _log_eval(log, step, backend, loss_fn, valid_plan, cfg.eval_batches)
+        valid_loss = run_eval()
         _save(cfg, backend, run_dir, step, cursor)
         ckpt.write_atomically(run_dir / "adapters", lambda d: backend.save_adapters(str(d)))
     finally:
@@ -127,38 +165,29 @@ def train(cfg: Any, backend: Any, loss_fn: Any, train_plan: BatchPlan,
 
 
 class _Window:
-    """Accumulates the steps between two log lines."""
+    """Accumulates the steps between two log lines; metrics are averaged over them."""
 
     def __init__(self) -> None:
         self.start = time.perf_counter()
-        self.losses: list[tuple[float, float]] = []
+        self.steps: list[dict[str, float]] = []
         self.tokens = 0
         self.trained_tokens = 0
 
-    def add(self, loss: float, loss_tokens: float) -> None:
-        self.losses.append((loss, loss_tokens))
+    def add(self, metrics: dict[str, float]) -> None:
+        self.steps.append(metrics)
 
     def flush(self, step: int, epoch: float, lr: float, grad_norm: float, peak: int) -> dict:
         elapsed = max(time.perf_counter() - self.start, 1e-9)
-        weight = sum(n for _, n in self.losses)
-        loss = sum(v * n for v, n in self.losses) / weight
+        means = {k: sum(m[k] for m in self.steps) / len(self.steps) for k in self.steps[0]}
         self.trained_tokens += self.tokens
         record = {
-            "split": "train", "step": step, "epoch": round(epoch, 4), "loss": loss,
+            "split": "train", "step": step, "epoch": round(epoch, 4), **means,
             "learning_rate": lr, "grad_norm": grad_norm,
             "tokens_per_second": self.tokens / elapsed, "tokens": self.trained_tokens,
             "peak_memory_gb": peak / 1e9,
         }
-        self.start, self.losses, self.tokens = time.perf_counter(), [], 0
+        self.start, self.steps, self.tokens = time.perf_counter(), [], 0
         return record
-
-
-def _log_eval(log: MetricsLog, step: int, backend: Any, loss_fn: Any,
-              plan: BatchPlan | None, max_batches: int) -> float | None:
-    loss = evaluate(backend, loss_fn, plan, max_batches)
-    if loss is not None:
-        log.write({"split": "valid", "step": step, "loss": loss})
-    return loss
 
 
 def _save(cfg: Any, backend: Any, run_dir: Path, step: int, cursor: Cursor) -> None:
