@@ -67,18 +67,19 @@ def collate_step(plan: BatchPlan, batches: list, backend: Any, prepare: Any = No
     ``num_items`` = loss tokens in the whole step (the SFT denominator); ``micro_fraction`` =
     this micro-batch's share of the step's weight (tokens, or rows for losses that average over
     sequences/pairs), so a loss that is a mean over its micro-batch, scaled by its fraction, sums
-    to the mean over the step. ``prepare(backend, arrays)`` adds what a loss needs beyond the
-    policy's log-probs (reference log-probs, KL pairs...).
+    to the mean over the step. ``prepare(backend, arrays, b)`` adds what a loss needs beyond the
+    policy's log-probs (reference log-probs, KL pairs...); ``b`` is the plan's batch
+    (which examples the rows hold).
     """
     arrays = [plan.collate(b) for b in batches]
     tokens = [float(a["loss_mask"].sum()) for a in arrays]
     weights = tokens if normaliser == "tokens" else [float(len(a["input_ids"])) for a in arrays]
     total = max(sum(weights), 1e-12)
-    for a, w in zip(arrays, weights):
+    for a, w, b in zip(arrays, weights, batches):
         a["num_items"] = np.float32(max(1.0, sum(tokens)))
         a["micro_fraction"] = np.float32(w / total)
         if prepare is not None:
-            prepare(backend, a)
+            prepare(backend, a, b)
     return arrays, [w / total for w in weights]
 
 

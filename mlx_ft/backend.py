@@ -29,7 +29,6 @@ from .ops import MLXOps
 from .reference import Reference
 
 _DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
-_ARRAY_KEYS = ("input_ids", "targets", "loss_mask", "num_items")
 
 
 def choose_device(dtype: str) -> tuple[Any, str]:
@@ -80,7 +79,8 @@ class MLXBackend:
         return loss, metrics
 
     def _to_device(self, batch: dict[str, np.ndarray]) -> dict:
-        out = {k: mx.array(v) for k, v in batch.items() if k in _ARRAY_KEYS}
+        # Every numeric array reaches the loss (labels, reference log-probs, masks...).
+        out = {k: mx.array(v) for k, v in batch.items() if np.asarray(v).dtype.kind in "biuf"}
         out["_allowed"] = attention_allowed(batch["segment_ids"])
         return out
 
