@@ -72,7 +72,7 @@ def load_backend_class(spec: str) -> type:
 def run_training(prog: str, backend_spec: str, algo, cfg):
     from converters.models import resolve_model
 
-    from .data import BatchPlan, DataError, prepare_dataset
+    from .data import DataError
     from .loop import train
 
     try:
@@ -81,16 +81,11 @@ def run_training(prog: str, backend_spec: str, algo, cfg):
         raise UserError(f"--model {cfg.model}: {e}") from None
     tokenizer = load_tokenizer(model_path)
     try:
-        train_set = prepare_dataset(cfg.data, "train", tokenizer, cfg)
-        valid_set = prepare_dataset(cfg.data, "valid", tokenizer, cfg)
-    except (DataError, FileNotFoundError) as e:
+        data = algo.prepare_data(cfg, tokenizer)
+    except (DataError, FileNotFoundError, ValueError) as e:
         raise UserError(str(e)) from None
-    _report(prog, "train", train_set)
-    if valid_set is not None:
-        _report(prog, "valid", valid_set)
-    train_plan = BatchPlan(train_set, cfg.batch_size, cfg.max_length, cfg.packing, cfg.seed)
-    valid_plan = (BatchPlan(valid_set, cfg.batch_size, cfg.max_length, cfg.packing, cfg.seed)
-                  if valid_set is not None and len(valid_set) else None)
+    for split, report in data.reports.items():
+        print(f"{prog}: {split}: {report}", file=sys.stderr)
 
     run_dir = Path(cfg.run_dir)
     if not cfg.resume and (run_dir / "checkpoints").exists():
@@ -101,8 +96,10 @@ def run_training(prog: str, backend_spec: str, algo, cfg):
 
     started = time.perf_counter()
     backend = load_backend_class(backend_spec)(cfg, model_path, tokenizer)
+    prepare = algo.make_prepare(cfg, backend, data, model_path) if algo.make_prepare else None
     try:
-        result = train(cfg, backend, algo.make_loss(cfg), train_plan, valid_plan, run_dir)
+        result = train(cfg, backend, algo.make_loss(cfg), data.train, data.valid, run_dir,
+                       prepare=prepare, normaliser=algo.normaliser)
     except (FileNotFoundError, ValueError) as e:
         if "--resume" in str(e):
             raise UserError(str(e)) from None
@@ -119,7 +116,3 @@ def load_tokenizer(model_path: Path):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
-
-
-def _report(prog: str, split: str, dataset) -> None:
-    print(f"{prog}: {split}: {dataset.report}", file=sys.stderr)

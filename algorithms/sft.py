@@ -47,3 +47,15 @@ class SFTConfig(TrainConfig):
 
 def make_loss(cfg: SFTConfig):
     return LOSSES[cfg.loss_type]
+
+
+def prepare_data(cfg: TrainConfig, tokenizer: Any):
+    """Tokenised train/valid splits (every example validated) and their batch plans."""
+    from .data import BatchPlan, prepare_dataset
+    from .registry import PreparedData
+
+    sets = {split: prepare_dataset(cfg.data, split, tokenizer, cfg) for split in ("train", "valid")}
+    plans = {split: BatchPlan(ds, cfg.batch_size, cfg.max_length, cfg.packing, cfg.seed)
+             for split, ds in sets.items() if ds is not None and len(ds)}
+    return PreparedData(plans["train"], plans.get("valid"),
+                        {split: ds.report for split, ds in sets.items() if ds is not None})
