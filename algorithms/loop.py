@@ -67,9 +67,9 @@ def collate_step(plan: BatchPlan, batches: list, backend: Any, prepare: Any = No
     ``num_items`` = loss tokens in the whole step (the SFT denominator); ``micro_fraction`` =
     this micro-batch's share of the step's weight (tokens, or rows for losses that average over
     sequences/pairs), so a loss that is a mean over its micro-batch, scaled by its fraction, sums
-    to the mean over the step. ``prepare(backend, arrays, b)`` adds what a loss needs beyond the
+    to the mean over the step. ``prepare(backend, arrays, b, plan)`` adds what a loss needs beyond the
     policy's log-probs (reference log-probs, KL pairs...); ``b`` is the plan's batch
-    (which examples the rows hold).
+    (which examples of ``plan.dataset`` the rows hold).
     """
     arrays = [plan.collate(b) for b in batches]
     tokens = [float(a["loss_mask"].sum()) for a in arrays]
@@ -79,7 +79,7 @@ def collate_step(plan: BatchPlan, batches: list, backend: Any, prepare: Any = No
         a["num_items"] = np.float32(max(1.0, sum(tokens)))
         a["micro_fraction"] = np.float32(w / total)
         if prepare is not None:
-            prepare(backend, a, b)
+            prepare(backend, a, b, plan)
     return arrays, [w / total for w in weights]
 
 

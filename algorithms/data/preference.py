@@ -1,0 +1,498 @@
+"""Preference data: paired ``prompt``/``chosen``/``rejected`` (DPO family) and unpaired KTO data.
+
+Formats (detected per example from keys and value types; one file holds one format):
+
+- ``pref_string``: ``{"prompt": str, "chosen": str, "rejected": str}``.
+- ``pref_chat``: ``{"prompt": [messages], "chosen": [messages], "rejected": [messages]}``;
+  ``chosen`` / ``rejected`` are the response turns and must start with an assistant message.
+- ``pref_implicit_string``: ``{"chosen": str, "rejected": str}``: the prompt is the common
+  character prefix, moved back to the last whitespace inside it, so the responses start at a word
+  boundary and keep their leading space (``"Q? A: four"`` / ``"Q? A: five"`` -> prompt
+  ``"Q? A:"``, responses ``" four"`` / ``" five"``; BPE tokenizers attach the space to the word).
+  A common prefix with no whitespace (or none at all) is ``no_common_prefix``.
+- ``pref_implicit_chat``: ``{"chosen": [messages], "rejected": [messages]}``, two full
+  conversations: the prompt is their common leading messages (equal as JSON objects), the
+  responses are what follows and must start with an assistant turn.
+- ``kto_string`` / ``kto_chat``: ``{"prompt", "completion", "label": bool}`` (unpaired).
+
+Chat formats also take ``tools`` and ``chat_template_kwargs``; every format passes ``id`` and
+``meta`` through; any other key is ``unknown_key``. Messages follow :mod:`.formats`.
+
+Tokens, exactly as SFT's ``prompt_completion`` / ``chat_prompt_completion`` (:mod:`.tokenize`):
+strings are ``tokenizer(prompt) + tokenizer(response, add_special_tokens=False) + [eos]``; chat
+data renders prompt + response once, and the response tokens are those from
+``render(prompt, add_generation_prompt=True)`` on, end-of-turn token included (whitespace the
+template writes after it is not trained). Each side is a :class:`PromptResponse`: its
+``input_ids``, ``loss_mask`` (response tokens only) and ``prompt_length``.
+
+Truncation: with ``max_prompt_length`` a longer prompt keeps its LAST tokens (the question and
+the generation header the response conditions on); then a sequence over ``max_length`` keeps its
+first tokens, as in SFT. A side left with no trained token is ``fully_masked`` (file:line).
+
+Unpaired (``kind="unpaired"``) also reads paired files: every pair becomes a desirable example
+(prompt + chosen, ``label=True``) and an undesirable one (prompt + rejected, ``label=False``);
+all the chosen come first in file order, then all the rejected (TRL's
+``unpair_preference_dataset`` does the same per chunk). Sources read ``file:line (chosen)``.
+
+Rules counted by ``--skip-invalid``: those of :mod:`.formats` (``invalid_json``,
+``not_an_object``, ``unknown_format``, ``ambiguous_format``, ``mixed_formats``, ``missing_key``,
+``wrong_type``, ``unknown_key``, ``empty_prompt``, ``empty_completion``, ``bad_message``,
+``unknown_role``, ``content_not_string``, ``template_error``, ``template_not_prefix_stable``,
+``fully_masked``) and ``chosen_equals_rejected``, ``no_common_prefix``,
+``response_not_assistant``, ``unpaired_data`` (KTO rows given to a paired algorithm).
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import sys
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .dataset import DatasetReport, unwrap_tokenizer
+from .formats import (
+    CHAT_PROMPT_COMPLETION,
+    PASSTHROUGH_KEYS,
+    PROMPT_COMPLETION,
+    _check_chat_extras,
+    _check_messages,
+)
+from .records import DataError, Record, describe, kind_of, load_split, split_path
+from .tokenize import tokenize_record
+
+PREF_STRING = "pref_string"
+PREF_CHAT = "pref_chat"
+PREF_IMPLICIT_STRING = "pref_implicit_string"
+PREF_IMPLICIT_CHAT = "pref_implicit_chat"
+KTO_STRING = "kto_string"
+KTO_CHAT = "kto_chat"
+PAIRED_FORMATS = (PREF_STRING, PREF_CHAT, PREF_IMPLICIT_STRING, PREF_IMPLICIT_CHAT)
+UNPAIRED_FORMATS = (KTO_STRING, KTO_CHAT)
+CHAT = (PREF_CHAT, PREF_IMPLICIT_CHAT, KTO_CHAT)
+KINDS = ("paired", "unpaired")
+CHAT_EXTRAS = ("tools", "chat_template_kwargs")
+FORMAT_KEYS = {
+    PREF_STRING: ("prompt", "chosen", "rejected"),
+    PREF_CHAT: ("prompt", "chosen", "rejected") + CHAT_EXTRAS,
+    PREF_IMPLICIT_STRING: ("chosen", "rejected"),
+    PREF_IMPLICIT_CHAT: ("chosen", "rejected") + CHAT_EXTRAS,
+    KTO_STRING: ("prompt", "completion", "label"),
+    KTO_CHAT: ("prompt", "completion", "label") + CHAT_EXTRAS,
+}
+FORMAT_NAMES = {
+    PREF_STRING: '"prompt"/"chosen"/"rejected" strings',
+    PREF_CHAT: '"prompt"/"chosen"/"rejected" message lists',
+    PREF_IMPLICIT_STRING: '"chosen"/"rejected" strings (implicit prompt)',
+    PREF_IMPLICIT_CHAT: '"chosen"/"rejected" conversations (implicit prompt)',
+    KTO_STRING: '"prompt"/"completion"/"label" strings',
+    KTO_CHAT: '"prompt"/"completion"/"label" message lists',
+}
+
+
+@dataclass(slots=True)
+class PromptResponse:
+    """One tokenised prompt + response: ``loss_mask`` is 1 on the response tokens only."""
+
+    input_ids: list[int]
+    loss_mask: list[int]
+    prompt_length: int  # input_ids[:prompt_length] are prompt tokens
+    truncated: bool = False
+    prompt_truncated: bool = False
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        return self.input_ids[: self.prompt_length]
+
+    @property
+    def response_ids(self) -> list[int]:
+        return self.input_ids[self.prompt_length:]
+
+    @property
+    def response_mask(self) -> list[int]:
+        return self.loss_mask[self.prompt_length:]
+
+
+@dataclass(slots=True)
+class PreferenceExample:
+    """One pair: the same prompt with its ``chosen`` and ``rejected`` responses."""
+
+    chosen: PromptResponse
+    rejected: PromptResponse
+    source: str
+
+    def __len__(self) -> int:
+        return max(len(self.chosen), len(self.rejected))
+
+
+@dataclass(slots=True)
+class UnpairedExample:
+    """One KTO example: prompt + completion and ``label`` (True = desirable)."""
+
+    sequence: PromptResponse
+    label: bool
+    source: str
+
+    def __len__(self) -> int:
+        return len(self.sequence)
+
+
+@dataclass
+class PreferenceReport(DatasetReport):
+    """:class:`DatasetReport` plus prompt truncation and, for KTO, the label counts.
+
+    ``n_examples`` counts pairs (paired) or unpaired examples; ``n_truncated`` those with a side
+    cut at ``max_length``; ``n_tokens`` / ``n_loss_tokens`` add up every sequence.
+    """
+
+    kind: str = "paired"
+    max_prompt_length: int | None = None
+    n_prompt_truncated: int = 0
+    n_desirable: int = 0
+    n_undesirable: int = 0
+
+    def __str__(self) -> str:
+        text = super().__str__()[:-1]
+        noun = "pairs" if self.kind == "paired" else "examples"
+        text = text.replace(f"examples ({self.format})",
+                            f"{noun} ({FORMAT_NAMES.get(self.format, self.format)})", 1)
+        if self.max_prompt_length:
+            text += (f"; {self.n_prompt_truncated:,} prompts cut to their last "
+                     f"{self.max_prompt_length} tokens")
+        if self.kind == "unpaired":
+            text += f"; {self.n_desirable:,} desirable, {self.n_undesirable:,} undesirable"
+        return text + "."
+
+
+@dataclass
+class PreferenceDataset:
+    """Tokenised preference examples of one split, in order, with what the collators need."""
+
+    examples: list  # list[PreferenceExample] (paired) or list[UnpairedExample] (unpaired)
+    report: PreferenceReport
+    kind: str
+    pad_id: int
+    eos_id: int | None = None
+    max_length: int = 0
+    max_prompt_length: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int):
+        return self.examples[index]
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(e) for e in self.examples]
+
+
+def prepare_preference_dataset(path: str | Path, split: str, tokenizer: Any, cfg: Any,
+                               kind: str = "paired") -> PreferenceDataset | None:
+    """Tokenised ``split`` of a preference dataset; None when an optional split is absent.
+
+    ``cfg`` needs ``max_length``; optional ``max_prompt_length`` (None/0 = off), ``skip_invalid``
+    and ``packing`` (must be False: preference rows are padded, never packed).
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind={kind!r}: must be one of {', '.join(KINDS)}")
+    if getattr(cfg, "packing", False):
+        raise DataError("--packing is not supported for preference data (chosen and rejected "
+                        "rows are padded side by side); drop --packing")
+    max_length = int(cfg.max_length)
+    max_prompt = getattr(cfg, "max_prompt_length", None) or None
+    if max_length < 2:
+        raise DataError(f"--max-length={max_length}: must be >= 2 (one input and one target)")
+    if max_prompt is not None and not 1 <= int(max_prompt) < max_length:
+        raise DataError(f"--max-prompt-length={max_prompt}: must be in [1, --max-length "
+                        f"{max_length}) so that a response token fits")
+    skip_invalid = bool(getattr(cfg, "skip_invalid", False))
+    records = load_split(path, split)
+    if records is None:
+        return None
+    file = str(split_path(path, split))
+    tokenizer = unwrap_tokenizer(tokenizer)
+    fmt, first_source = None, ""
+    pairs: list[PreferenceExample] = []
+    unpaired: list[UnpairedExample] = []
+    skipped: Counter[str] = Counter()
+    messages: list[str] = []
+    for record in records:
+        try:
+            record_format = check_preference_record(record, kind, fmt, first_source)
+            if fmt is None:
+                fmt, first_source = record_format, record.source
+            sides = split_record(record, record_format)
+            seqs = [_tokenize_side(record, name, prompt, response, record_format, tokenizer,
+                                   max_length, max_prompt) for name, prompt, response in sides]
+            if record_format in UNPAIRED_FORMATS:
+                unpaired.append(UnpairedExample(seqs[0], record.data["label"], record.source))
+            else:
+                pairs.append(PreferenceExample(seqs[0], seqs[1], record.source))
+        except DataError as e:
+            if not skip_invalid or e.rule == "file":
+                raise
+            skipped[e.rule] += 1
+            messages.append(str(e))
+    if kind == "unpaired" and pairs:
+        examples: list = unpair(pairs)
+    else:
+        examples = pairs if kind == "paired" else unpaired
+    if not examples:
+        why = f"; all {sum(skipped.values())} were invalid, the first: {messages[0]}" if skipped \
+            else ""
+        raise DataError(f"{file}: no usable examples{why}", source=file)
+    seqs = [s for e in examples for s in _sequences(e)]
+    report = PreferenceReport(
+        path=file, format=fmt or "", max_length=max_length, n_examples=len(examples),
+        n_skipped_by_rule=dict(sorted(skipped.items())),
+        n_truncated=sum(any(s.truncated for s in _sequences(e)) for e in examples),
+        n_tokens=sum(len(s) for s in seqs), n_loss_tokens=sum(sum(s.loss_mask) for s in seqs),
+        skipped=messages, kind=kind, max_prompt_length=max_prompt,
+        n_prompt_truncated=sum(any(s.prompt_truncated for s in _sequences(e)) for e in examples),
+        n_desirable=sum(getattr(e, "label", False) is True for e in examples),
+        n_undesirable=sum(getattr(e, "label", True) is False for e in examples),
+    )
+    eos_id = tokenizer.eos_token_id
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
+    if pad_id is None:
+        raise DataError("the tokenizer has neither a pad nor an eos token; cannot pad batches")
+    return PreferenceDataset(examples, report, kind, int(pad_id), eos_id, max_length, max_prompt)
+
+
+def unpair(pairs: list[PreferenceExample]) -> list[UnpairedExample]:
+    """Each pair -> (prompt + chosen, True) and (prompt + rejected, False); chosen block first."""
+    return ([UnpairedExample(p.chosen, True, f"{p.source} (chosen)") for p in pairs]
+            + [UnpairedExample(p.rejected, False, f"{p.source} (rejected)") for p in pairs])
+
+
+def _sequences(example: PreferenceExample | UnpairedExample) -> tuple[PromptResponse, ...]:
+    if isinstance(example, PreferenceExample):
+        return example.chosen, example.rejected
+    return (example.sequence,)
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+
+
+def detect_preference_format(record: Record) -> str:
+    """The preference format of one example from its keys and value types (see module doc)."""
+    data = record.data
+    paired = [k for k in ("chosen", "rejected") if k in data]
+    kto = [k for k in ("completion", "label") if k in data]
+    if paired and kto:
+        raise record.fail("ambiguous_format", 'an example is either paired ("chosen"/"rejected") '
+                          f'or unpaired ("completion"/"label"); got keys {_keys(data)}')
+    if paired:
+        for have, need in (("chosen", "rejected"), ("rejected", "chosen")):
+            if have in data and need not in data:
+                raise record.fail("missing_key", f'has "{have}" but no "{need}"')
+        sides = ([("prompt", data["prompt"])] if "prompt" in data else []) + [
+            ("chosen", data["chosen"]), ("rejected", data["rejected"])]
+        string, chat = ((PREF_STRING, PREF_CHAT) if "prompt" in data
+                        else (PREF_IMPLICIT_STRING, PREF_IMPLICIT_CHAT))
+    elif kto:
+        for need in ("prompt", "completion", "label"):
+            if need not in data:
+                raise record.fail("missing_key", f'an unpaired example needs "prompt", '
+                                  f'"completion" and "label"; "{need}" is missing')
+        sides = [("prompt", data["prompt"]), ("completion", data["completion"])]
+        string, chat = KTO_STRING, KTO_CHAT
+    else:
+        raise record.fail("unknown_format", 'a preference example needs "chosen" and "rejected" '
+                          '(and optionally "prompt"), or "prompt", "completion" and "label"; '
+                          f"got keys {_keys(data)}")
+    if all(isinstance(v, str) for _, v in sides):
+        return string
+    if all(isinstance(v, list) for _, v in sides):
+        return chat
+    got = ", ".join(f'"{k}" {kind_of(v)}' for k, v in sides)
+    raise record.fail("wrong_type", f"{' / '.join(k for k, _ in sides)} must all be strings or "
+                      f"all be message lists; got {got}")
+
+
+def check_preference_record(record: Record, kind: str = "paired", expected: str | None = None,
+                            first_source: str = "") -> str:
+    """Validate one example (see module doc for the rules); return its format."""
+    if record.error is not None:
+        raise record.error
+    fmt = detect_preference_format(record)
+    if kind == "paired" and fmt in UNPAIRED_FORMATS:
+        raise record.fail("unpaired_data", f"this is unpaired (KTO) data ({FORMAT_NAMES[fmt]}); "
+                          'a paired algorithm needs "chosen" and "rejected"')
+    if expected is not None and fmt != expected:
+        raise record.fail("mixed_formats", f"this example is {FORMAT_NAMES[fmt]} but the file's "
+                          f"first example ({first_source}) is {FORMAT_NAMES[expected]}; one file "
+                          "holds one format")
+    data = record.data
+    allowed = FORMAT_KEYS[fmt] + PASSTHROUGH_KEYS
+    for key in data:
+        if key not in allowed:
+            close = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise record.fail("unknown_key", f"unknown key {key!r}{hint} would be ignored; a "
+                              f"{FORMAT_NAMES[fmt]} example takes {', '.join(FORMAT_KEYS[fmt])} "
+                              f"(and passes {', '.join(PASSTHROUGH_KEYS)} through unused)")
+    responses = ("completion",) if fmt in UNPAIRED_FORMATS else ("chosen", "rejected")
+    if fmt in UNPAIRED_FORMATS and not isinstance(data["label"], bool):
+        raise record.fail("wrong_type", '"label" must be true (desirable) or false '
+                          f"(undesirable); got {describe(data['label'])}")
+    if fmt in CHAT:
+        if "prompt" in data:
+            if not data["prompt"]:
+                raise record.fail("empty_prompt", '"prompt" is an empty message list')
+            _check_messages(record, data["prompt"], "prompt")
+        for key in responses:
+            if not data[key]:
+                raise record.fail("empty_completion", f'"{key}" is an empty message list')
+            _check_messages(record, data[key], key)
+        _check_chat_extras(record, data)
+    else:
+        for key in responses:
+            if not data[key].strip():
+                raise record.fail("empty_completion", f'"{key}" is empty; got '
+                                  f"{describe(data[key])}")
+    if fmt in PAIRED_FORMATS and data["chosen"] == data["rejected"]:
+        raise record.fail("chosen_equals_rejected", '"chosen" and "rejected" are identical, so '
+                          f"the pair carries no preference; got {describe(data['chosen'])}")
+    for name, _, response in split_record(record, fmt):
+        if fmt in CHAT and response[0]["role"] != "assistant":
+            where = "after the common prefix " if fmt == PREF_IMPLICIT_CHAT else ""
+            raise record.fail("response_not_assistant", f'the "{name}" response {where}must '
+                              "start with an assistant turn; got role "
+                              f"{describe(response[0]['role'])}")
+    return fmt
+
+
+def split_record(record: Record, fmt: str) -> list[tuple[str, Any, Any]]:
+    """``[(side, prompt, response)]`` of a validated example: two sides (paired) or one."""
+    data = record.data
+    if fmt in UNPAIRED_FORMATS:
+        return [("completion", data["prompt"], data["completion"])]
+    chosen, rejected = data["chosen"], data["rejected"]
+    if fmt in (PREF_STRING, PREF_CHAT):
+        return [("chosen", data["prompt"], chosen), ("rejected", data["prompt"], rejected)]
+    n = common_prefix_length(chosen, rejected)
+    if fmt == PREF_IMPLICIT_STRING:
+        n = _word_boundary(chosen, n)
+    if n == 0:
+        what = ("no common prefix ending before whitespace" if fmt == PREF_IMPLICIT_STRING
+                else "their first messages differ")
+        raise record.fail("no_common_prefix", f'"chosen" and "rejected" share no prompt ({what})'
+                          '; give the prompt explicitly as "prompt"')
+    for name, value in (("chosen", chosen), ("rejected", rejected)):
+        if not value[n:]:
+            raise record.fail("empty_completion", f'"{name}" is the common prefix itself, so '
+                              "its response is empty")
+    return [("chosen", chosen[:n], chosen[n:]), ("rejected", rejected[:n], rejected[n:])]
+
+
+def common_prefix_length(a: str | list, b: str | list) -> int:
+    """Length of the longest common prefix (characters of strings, or equal leading messages)."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _word_boundary(text: str, n: int) -> int:
+    """``n`` moved back to the last whitespace at or before it, so the response starts there."""
+    while n > 0 and not text[n - 1].isspace():
+        n -= 1
+    while n > 0 and text[n - 1].isspace():
+        n -= 1
+    return n
+
+
+def _keys(data: dict) -> str:
+    return "[" + ", ".join(repr(k) for k in data) + "]"
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenisation
+
+
+def _tokenize_side(record: Record, side: str, prompt: Any, response: Any, fmt: str,
+                   tokenizer: Any, max_length: int, max_prompt: int | None) -> PromptResponse:
+    extras = {k: record.data[k] for k in CHAT_EXTRAS if k in record.data}
+    view = Record(record.file, record.line, {"prompt": prompt, "completion": response, **extras})
+    sft_fmt = CHAT_PROMPT_COMPLETION if fmt in CHAT else PROMPT_COMPLETION
+    example = tokenize_record(view, sft_fmt, tokenizer, "completion", sys.maxsize)
+    ids, mask = example.input_ids, example.loss_mask
+    if sft_fmt == PROMPT_COMPLETION:
+        n_prompt = len(tokenizer(prompt)["input_ids"])
+    else:
+        n_prompt = mask.index(1)  # the first token of the response span
+    n_tokens, n_prompt_tokens = len(ids), n_prompt
+    prompt_truncated = max_prompt is not None and n_prompt > max_prompt
+    if prompt_truncated:
+        cut = n_prompt - max_prompt
+        ids, mask, n_prompt = ids[cut:], mask[cut:], max_prompt
+    truncated = len(ids) > max_length
+    if truncated:
+        ids, mask = ids[:max_length], mask[:max_length]
+        n_prompt = min(n_prompt, max_length)
+    if mask:
+        mask[0] = 0
+    if not any(mask):
+        raise record.fail("fully_masked", f'the "{side}" response is fully masked after '
+                          f"truncation to {max_length} tokens (prompt {n_prompt_tokens} + "
+                          f"response {n_tokens - n_prompt_tokens} tokens); raise --max-length"
+                          f"{' or lower --max-prompt-length' if max_prompt else ''}, or shorten "
+                          "the prompt")
+    return PromptResponse(ids, mask, n_prompt, truncated, prompt_truncated)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fingerprints (keys of the reference log-prob cache)
+
+FINGERPRINT_VERSION = "posttrain-preference-v1"
+
+
+def sequence_hash(input_ids: list[int], loss_mask: list[int], prompt_length: int = 0) -> str:
+    """sha256 of one tokenised sequence: its ids, loss mask and prompt length."""
+    h = hashlib.sha256()
+    _update(h, input_ids, loss_mask, prompt_length)
+    return h.hexdigest()
+
+
+def dataset_fingerprint(dataset: PreferenceDataset) -> str:
+    """sha256 over the settings and every example's tokens, masks and labels, in order.
+
+    Sources (file paths) are left out, so a moved dataset keeps its cached reference log-probs;
+    anything that changes a token, a mask, a label, the order or the truncation settings changes
+    the fingerprint.
+    """
+    h = hashlib.sha256()
+    h.update(f"{FINGERPRINT_VERSION}|{dataset.kind}|{dataset.max_length}|"
+             f"{dataset.max_prompt_length}|{len(dataset.examples)}".encode())
+    for example in dataset.examples:
+        if isinstance(example, UnpairedExample):
+            h.update(b"L1" if example.label else b"L0")
+        for seq in _sequences(example):
+            _update(h, seq.input_ids, seq.loss_mask, seq.prompt_length)
+    return h.hexdigest()
+
+
+def _update(h: Any, input_ids: list[int], loss_mask: list[int], prompt_length: int) -> None:
+    h.update(np.array([len(input_ids), prompt_length], dtype="<i8").tobytes())
+    h.update(np.asarray(input_ids, dtype="<i8").tobytes())
+    h.update(np.asarray(loss_mask, dtype="<u1").tobytes())
+
+
+__all__ = [
+    "KINDS", "PreferenceDataset", "PreferenceExample", "PreferenceReport", "PromptResponse",
+    "UnpairedExample", "check_preference_record", "common_prefix_length", "dataset_fingerprint",
+    "detect_preference_format", "prepare_preference_dataset", "sequence_hash", "split_record",
+    "unpair",
+]
