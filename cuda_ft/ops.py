@@ -70,6 +70,12 @@ class TorchOps:
     def log(self, x: Any) -> torch.Tensor:
         return torch.log(self._t(x))
 
+    def log1p(self, x: Any) -> torch.Tensor:
+        return torch.log1p(self._t(x))
+
+    def expm1(self, x: Any) -> torch.Tensor:
+        return torch.expm1(self._t(x))
+
     def log_sigmoid(self, x: Any) -> torch.Tensor:
         return F.logsigmoid(self._t(x))
 
@@ -109,6 +115,12 @@ class TorchOps:
     def mean(self, x: Any, axis: int | None = None) -> torch.Tensor:
         x = self._t(x)
         return x.mean() if axis is None else x.mean(dim=axis)
+
+    def cumsum(self, x: Any, axis: int) -> torch.Tensor:
+        return torch.cumsum(self._t(x), dim=axis)
+
+    def sort(self, x: Any, axis: int = -1) -> torch.Tensor:
+        return torch.sort(self._t(x), dim=axis).values
 
     # autograd and host ---------------------------------------------------------------------
     def stop_gradient(self, x: Any) -> Any:

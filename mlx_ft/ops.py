@@ -14,6 +14,8 @@ class MLXOps:
 
     exp = staticmethod(mx.exp)
     log = staticmethod(mx.log)
+    log1p = staticmethod(mx.log1p)
+    expm1 = staticmethod(mx.expm1)
     log_sigmoid = staticmethod(nn.log_sigmoid)
     sigmoid = staticmethod(mx.sigmoid)
     abs = staticmethod(mx.abs)
@@ -31,6 +33,12 @@ class MLXOps:
 
     def mean(self, x, axis=None):
         return mx.mean(x, axis=axis)
+
+    def cumsum(self, x, axis):
+        return mx.cumsum(x, axis=axis)
+
+    def sort(self, x, axis=-1):
+        return mx.sort(x, axis=axis)
 
     def to_float(self, x):
         return float(x.item())

@@ -1,0 +1,102 @@
+"""KTO: Kahneman-Tversky optimisation on unpaired completions (ALGORITHMS.md section 3).
+
+Rows are single completions with ``batch["label"]`` 1 (desirable) or 0 (undesirable).
+``r = logp(y|x) - ref_logp(y|x)`` (masked sums). The KL anchor is estimated on mismatched pairs
+``(x_i, y')`` (``kl_per_token_logps``, ``ref_kl_per_token_logps``, ``kl_loss_mask``):
+
+``z = max(0, mean_batch(logp(y'|x) - ref_logp(y'|x)))``, detached (Ethayarajh et al. 2024).
+
+- kto: desirable ``desirable_weight * (1 - sigma(beta (r - z)))``, undesirable
+  ``undesirable_weight * (1 - sigma(beta (z - r)))``
+- apo_zero_unpaired: desirable ``1 - sigma(beta r)``, undesirable ``sigma(beta r)``; no KL.
+
+``L = mean over all rows``. ``z`` is this micro-batch's mean: across several processes the loop
+would have to average it before the loss (TRL gathers it); one process needs nothing more.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from ..config import TrainConfig, _bad, field
+from .common import check_beta, sequence_logps
+
+KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
+
+
+def kl_estimate(ops: Any, batch: dict) -> Any:
+    """Detached ``max(0, mean(logp(y'|x) - ref_logp(y'|x)))`` over the mismatched pairs."""
+    mask = batch["kl_loss_mask"]
+    kl = (sequence_logps(ops, batch["kl_per_token_logps"], mask)
+          - sequence_logps(ops, batch["ref_kl_per_token_logps"], mask))
+    return ops.stop_gradient(ops.maximum(ops.mean(kl), 0.0))
+
+
+def kto_loss(ops: Any, per_token_logps: Any, batch: dict, *, beta: float,
+             desirable_weight: float = 1.0, undesirable_weight: float = 1.0,
+             loss_type: str = "kto") -> tuple[Any, dict]:
+    """Mean over rows of the KTO (or apo_zero_unpaired) loss; see the module docstring."""
+    mask = batch["loss_mask"]
+    label = batch["label"]
+    logps = sequence_logps(ops, per_token_logps, mask)
+    ref = sequence_logps(ops, ops.stop_gradient(batch["ref_per_token_logps"]), mask)
+    r = logps - ref
+    metrics: dict[str, Any] = {}
+    if loss_type == "kto":
+        z = kl_estimate(ops, batch)
+        desirable = desirable_weight * (1.0 - ops.sigmoid(beta * (r - z)))
+        undesirable = undesirable_weight * (1.0 - ops.sigmoid(beta * (z - r)))
+        metrics["kl"] = z
+    elif loss_type == "apo_zero_unpaired":
+        desirable = 1.0 - ops.sigmoid(beta * r)
+        undesirable = ops.sigmoid(beta * r)
+    else:
+        raise ValueError(f"unknown KTO loss_type {loss_type!r}")
+    loss = ops.mean(label * desirable + (1.0 - label) * undesirable)
+
+    sg = ops.stop_gradient
+    n_good = ops.maximum(ops.sum(label), 1.0)
+    n_bad = ops.maximum(ops.sum(1.0 - label), 1.0)
+    chosen = ops.sum(sg(beta * r) * label) / n_good
+    rejected = ops.sum(sg(beta * r) * (1.0 - label)) / n_bad
+    metrics.update({
+        f"loss/{loss_type}": sg(loss),
+        "rewards/chosen": chosen,
+        "rewards/rejected": rejected,
+        "rewards/margin": chosen - rejected,
+        "logps/chosen": ops.sum(sg(logps) * label) / n_good,
+        "logps/rejected": ops.sum(sg(logps) * (1.0 - label)) / n_bad,
+    })
+    return loss, metrics
+
+
+@dataclasses.dataclass
+class KTOConfig(TrainConfig):
+    """Kahneman-Tversky Optimization on prompt / completion / label (desirable or not) data."""
+
+    beta: float = field(0.1, "KL strength beta")
+    desirable_weight: float = field(1.0, "lambda_D, weight of desirable completions' loss")
+    undesirable_weight: float = field(1.0, "lambda_U, weight of undesirable completions' loss")
+    loss_type: str = field("kto", "kto; apo_zero_unpaired (no KL estimate)", KTO_LOSS_TYPES)
+
+    def validate(self) -> None:
+        super().validate()
+        check_beta(self)
+        for name in ("desirable_weight", "undesirable_weight"):
+            if getattr(self, name) < 0:
+                _bad(name, getattr(self, name), "must be >= 0")
+
+    @property
+    def needs_kl_batch(self) -> bool:
+        """Whether the batch must carry the mismatched-pair KL log-probs."""
+        return self.loss_type == "kto"
+
+
+def make_loss(cfg: KTOConfig):
+    def loss(ops: Any, per_token_logps: Any, batch: dict) -> tuple[Any, dict]:
+        return kto_loss(ops, per_token_logps, batch, beta=cfg.beta,
+                        desirable_weight=cfg.desirable_weight,
+                        undesirable_weight=cfg.undesirable_weight, loss_type=cfg.loss_type)
+
+    return loss
