@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from ..config import TrainConfig, _bad, field
+from ..config import _bad, field
 from .common import (
     check_beta,
     check_label_smoothing,
@@ -29,6 +29,7 @@ from .common import (
     sequence_logps,
     split_pairs,
 )
+from .config import PreferenceConfig
 
 CPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "simpo")
 SMOOTHED = {"sigmoid", "simpo"}
@@ -67,7 +68,7 @@ def cpo_loss(ops: Any, per_token_logps: Any, batch: dict, *, loss_type: str, bet
 
 
 @dataclasses.dataclass
-class CPOConfig(TrainConfig):
+class CPOConfig(PreferenceConfig):
     """Contrastive Preference Optimization: reference-free preference loss plus NLL on chosen."""
 
     loss_type: str = field("sigmoid", "sigmoid = CPO; hinge; ipo; simpo = CPO-SimPO",
@@ -87,7 +88,7 @@ class CPOConfig(TrainConfig):
 
 
 @dataclasses.dataclass
-class SimPOConfig(TrainConfig):
+class SimPOConfig(PreferenceConfig):
     """SimPO: length-normalised, reference-free preference loss with a target margin gamma."""
 
     beta: float = field(2.5, "reward scale beta (paper range 2-2.5)")

@@ -38,7 +38,7 @@ import dataclasses
 import math
 from typing import Any, NamedTuple
 
-from ..config import TrainConfig, _bad, field
+from ..config import _bad, field
 from .common import (
     check_beta,
     check_label_smoothing,
@@ -49,6 +49,7 @@ from .common import (
     sequence_logps,
     split_pairs,
 )
+from .config import ReferenceConfig
 
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust", "exo_pair", "nca_pair", "bco_pair",
               "sppo_hard", "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop",
@@ -189,7 +190,7 @@ def dpo_loss(ops: Any, per_token_logps: Any, batch: dict, cfg: DPOConfig) -> tup
 
 
 @dataclasses.dataclass
-class DPOConfig(TrainConfig):
+class DPOConfig(ReferenceConfig):
     """Direct Preference Optimization and its variants on prompt / chosen / rejected pairs."""
 
     loss_type: list = field(  # noqa: RUF009 (field() returns a default_factory field)

@@ -19,8 +19,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from ..config import TrainConfig, _bad, field
+from ..config import _bad, field
 from .common import check_beta, sequence_logps
+from .config import ReferenceConfig
 
 KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
 
@@ -72,7 +73,7 @@ def kto_loss(ops: Any, per_token_logps: Any, batch: dict, *, beta: float,
 
 
 @dataclasses.dataclass
-class KTOConfig(TrainConfig):
+class KTOConfig(ReferenceConfig):
     """Kahneman-Tversky Optimization on prompt / completion / label (desirable or not) data."""
 
     beta: float = field(0.1, "KL strength beta")

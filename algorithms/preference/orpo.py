@@ -20,8 +20,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from ..config import TrainConfig, field
+from ..config import field
 from .common import check_beta, log1mexp, masked_nll, pair_metrics, sequence_logps, split_pairs
+from .config import PreferenceConfig
 
 _MAX_MEAN_LOGP = -1e-6
 
@@ -46,7 +47,7 @@ def orpo_loss(ops: Any, per_token_logps: Any, batch: dict, beta: float) -> tuple
 
 
 @dataclasses.dataclass
-class ORPOConfig(TrainConfig):
+class ORPOConfig(PreferenceConfig):
     """Odds Ratio Preference Optimization: NLL on chosen plus an odds-ratio term, no reference."""
 
     beta: float = field(0.1, "weight lambda of the odds-ratio term")
