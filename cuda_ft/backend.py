@@ -176,7 +176,8 @@ class TorchBackend:
 
     # parameters and checkpoints ---------------------------------------------------------------
     def trainable_parameters(self) -> dict[str, np.ndarray]:
-        return {k: p.detach().float().cpu().numpy() for k, p in self.params.items()}
+        # A copy: on CPU, .numpy() of an fp32 tensor would alias the live parameter.
+        return {k: p.detach().float().cpu().numpy().copy() for k, p in self.params.items()}
 
     def save_state(self, directory: str) -> None:
         """Trainable weights (canonical names), AdamW state, and the CPU/CUDA RNG states."""

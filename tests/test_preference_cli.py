@@ -117,3 +117,32 @@ def test_config_errors_before_the_model_loads(tiny_llama_dir, pref_data, tmp_pat
     assert _run("mlx", "dpo", tiny_llama_dir, bad, tmp_path / "c") == 2
     err = capsys.readouterr().err
     assert "bad.jsonl:1" in err and "mlx_ft: device" not in err
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+@pytest.mark.parametrize("algo", ALGOS)
+def test_every_trainable_group_gets_a_gradient(backend, algo, tiny_llama_dir, pref_data,
+                                               tiny_tokenizer):
+    from algorithms.cli import load_backend_class
+    from algorithms.config import build_config
+    from algorithms.loop import collate_step
+    from algorithms.registry import algorithms
+
+    spec = algorithms()[algo]
+    cfg = build_config(spec.config_cls, ["--data", str(pref_data), "--max-length", "48",
+                                         "--fine-tune-type", "dora", "--dtype", "float32"], "t")
+    data = spec.prepare_data(cfg, tiny_tokenizer)
+    backend_obj = load_backend_class(BACKENDS[backend][1])(cfg, tiny_llama_dir, tiny_tokenizer)
+    prepare = spec.make_prepare(cfg, backend_obj, data, tiny_llama_dir)
+    loss_fn = spec.make_loss(cfg)
+    # Also pins a bug: torch's trainable_parameters() once returned views of the live weights,
+    # so "before" silently changed with them.
+    before = backend_obj.trainable_parameters()
+    # Step 1 moves lora_B and the magnitudes (lora_A's gradient is zero while B == 0); step 2 A.
+    for batch in data.train.batches(0)[:2]:
+        (arrays,), _ = collate_step(data.train, [batch], backend_obj, prepare, spec.normaliser)
+        backend_obj.forward_backward(arrays, loss_fn)
+        assert backend_obj.optimizer_step(1e-2, 0.0) > 0
+    after = backend_obj.trainable_parameters()
+    frozen = [k for k in before if np.array_equal(before[k], after[k])]
+    assert not frozen, f"{algo} on {backend}: no gradient reached {frozen[:4]}"
