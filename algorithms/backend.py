@@ -54,6 +54,9 @@ class Backend(Protocol):
     def per_token_logps(self, batch: dict[str, np.ndarray]) -> np.ndarray:
         """log p(targets[b, t] | input_ids[b, :t+1]) as float32 ``[B, T]`` (no gradient)."""
 
+    def per_token_log_sum_sq(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        """``log sum_v p_v^2`` at every position under the policy, no gradient (WPO weights)."""
+
     def reference_per_token_logps(self, batch: dict[str, np.ndarray]) -> np.ndarray:
         """``per_token_logps`` under the reference policy: the base model with adapters disabled
         (LoRA/DoRA, no second copy), a frozen copy of the start (full), or ``cfg.ref_model``."""

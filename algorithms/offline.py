@@ -18,7 +18,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError
 from .registry import PreparedData
 
 KL_KEYS = ("input_ids", "targets", "loss_mask", "segment_ids")
@@ -28,10 +27,6 @@ def data_preparer(kind: str, kl: Callable[[Any], bool] = lambda cfg: False) -> C
     """``prepare_data`` for paired (DPO, CPO, ORPO...) or unpaired (KTO) preference data."""
 
     def prepare_data(cfg: Any, tokenizer: Any) -> PreparedData:
-        if getattr(cfg, "use_weighting", False):
-            raise ConfigError("--use-weighting (WPO): the loss supports it, but training needs "
-                              "per-token log sum_v p_v^2 from the backends, which they do not "
-                              "compute yet; drop the flag")
         from .data.preference import prepare_preference_dataset
         from .data.preference_batching import PreferenceBatchPlan
 
@@ -48,17 +43,20 @@ def data_preparer(kind: str, kl: Callable[[Any], bool] = lambda cfg: False) -> C
 
 def prepare_factory(uses_reference: Callable[[Any], bool]) -> Callable:
     """``make_prepare`` for the registry: adds reference log-probs when ``uses_reference(cfg)``
-    (and ORPO's prompt-included NLL mask when asked); None when a loss needs nothing more."""
+    (and ORPO's prompt-included NLL mask, WPO's per-token normaliser, when asked); None when a loss needs nothing more."""
 
     def make_prepare(cfg: Any, backend: Any, data: PreparedData, model_path: Path):
         with_reference = uses_reference(cfg)
         caches = (_precompute(cfg, backend, data, model_path)
                   if with_reference and cfg.precompute_ref else {})
         nll_with_prompt = getattr(cfg, "nll_include_prompt", False)
-        if not with_reference and not nll_with_prompt:
+        wpo = getattr(cfg, "use_weighting", False)
+        if not (with_reference or nll_with_prompt or wpo):
             return None
 
         def prepare(backend: Any, arrays: dict, batch: Any, plan: Any) -> None:
+            if wpo:  # WPO's per-token normaliser, from the current policy (detached)
+                arrays["wpo_log_norm"] = backend.per_token_log_sum_sq(arrays)
             if nll_with_prompt:  # ORPO's prompt-included NLL variant
                 arrays["nll_loss_mask"] = arrays["loss_mask"] + arrays["prompt_mask"]
             if not with_reference:

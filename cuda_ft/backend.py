@@ -23,7 +23,7 @@ import torch
 from algorithms.backend import LossFn, attention_allowed
 
 from .device import choose_device
-from .logprobs import chunked_token_logps
+from .logprobs import chunked_log_sum_sq, chunked_token_logps
 from .model import canonical_parameters, load_model, set_adapter_training
 from .ops import TorchOps
 from .reference import Reference
@@ -96,22 +96,35 @@ class TorchBackend:
         mask.masked_fill_(torch.from_numpy(~allowed), torch.finfo(dtype).min)
         return mask[:, None].to(self.device)
 
+    def _hidden(self, batch: dict[str, np.ndarray], tensors: dict[str, torch.Tensor],
+                hf_model: torch.nn.Module) -> torch.Tensor:
+        """The decoder's final hidden states ``[B, T, H]`` (packed documents isolated)."""
+        input_ids = tensors["input_ids"]
+        position_ids = torch.arange(input_ids.shape[1], device=self.device).expand_as(input_ids)
+        return hf_model.get_decoder()(
+            input_ids=input_ids,
+            attention_mask=self._attention_mask(batch.get("segment_ids")),
+            position_ids=position_ids,
+            use_cache=False,
+        ).last_hidden_state
+
     def _token_logps(self, batch: dict[str, np.ndarray], tensors: dict[str, torch.Tensor],
                      hf_model: torch.nn.Module | None = None) -> torch.Tensor:
         """Per-token log-probs ``[B, T]`` float32 of ``targets`` (grad follows the context)."""
         hf_model = self.hf_model if hf_model is None else hf_model
-        input_ids = tensors["input_ids"]
-        length = input_ids.shape[1]
-        position_ids = torch.arange(length, device=self.device).expand_as(input_ids)
         with self._autocast():
-            out = hf_model.get_decoder()(
-                input_ids=input_ids,
-                attention_mask=self._attention_mask(batch.get("segment_ids")),
-                position_ids=position_ids,
-                use_cache=False,
-            )
-            return chunked_token_logps(out.last_hidden_state, hf_model.get_output_embeddings(),
+            hidden = self._hidden(batch, tensors, hf_model)
+            return chunked_token_logps(hidden, hf_model.get_output_embeddings(),
                                        tensors["targets"], self.cfg.logprob_chunk_size)
+
+    def per_token_log_sum_sq(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        """``log sum_v p_v^2`` at every position under the policy (WPO), no gradient."""
+        set_adapter_training(self.model, False)
+        with torch.no_grad(), self._autocast():
+            hidden = self._hidden(batch, self._to_tensors(batch), self.hf_model)
+            out = chunked_log_sum_sq(hidden, self.hf_model.get_output_embeddings(),
+                                     self.cfg.logprob_chunk_size)
+        return out.float().cpu().numpy()
 
     def _loss(self, batch: dict[str, np.ndarray], loss_fn: LossFn) -> tuple[torch.Tensor, dict]:
         tensors = self._to_tensors(batch)

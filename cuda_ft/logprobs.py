@@ -58,6 +58,19 @@ def chunked_token_logps(hidden: torch.Tensor, lm_head: nn.Module, targets: torch
     return torch.cat(pieces).reshape(batch, length)
 
 
+@torch.no_grad()
+def chunked_log_sum_sq(hidden: torch.Tensor, lm_head: nn.Module, chunk_size: int) -> torch.Tensor:
+    """``log sum_v p_v^2`` per position (WPO's normaliser), chunk by chunk, no gradient:
+    ``logsumexp(2 z) - 2 logsumexp(z)`` for the logits ``z``."""
+    batch, length, width = hidden.shape
+    flat = hidden.reshape(batch * length, width)
+    pieces = []
+    for start in range(0, batch * length, chunk_size):
+        logits = lm_head(flat[start:start + chunk_size]).float()
+        pieces.append(torch.logsumexp(2 * logits, -1) - 2 * torch.logsumexp(logits, -1))
+    return torch.cat(pieces).reshape(batch, length)
+
+
 def reference_token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Plain ``log_softmax(logits).gather(targets)`` in float32: ``[B, T, V]`` -> ``[B, T]``."""
     logps = logits.float().log_softmax(dim=-1)

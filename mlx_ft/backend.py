@@ -24,7 +24,7 @@ from algorithms.backend import attention_allowed
 
 from . import blas
 from . import model as mlx_model
-from .logprobs import chunked_token_logps, hidden_states
+from .logprobs import chunked_log_sum_sq, chunked_token_logps, hidden_states
 from .ops import MLXOps
 from .reference import Reference
 
@@ -105,6 +105,13 @@ class MLXBackend:
         self.model.eval()
         logps = self._logps(self._to_device(batch))
         return np.array(logps.astype(mx.float32))
+
+    def per_token_log_sum_sq(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        """``log sum_v p_v^2`` at every position under the policy (WPO), no gradient."""
+        self.model.eval()
+        arrays = self._to_device(batch)
+        h = hidden_states(self.model, arrays["input_ids"], arrays["_allowed"])
+        return np.array(chunked_log_sum_sq(self.model, h, self.cfg.logprob_chunk_size))
 
     def reference_per_token_logps(self, batch: dict[str, np.ndarray]) -> np.ndarray:
         """Per-token log-probs under the reference policy (see mlx_ft.reference)."""

@@ -55,6 +55,20 @@ def chunked_token_logps(model: nn.Module, hidden: mx.array, targets: mx.array,
     return mx.concatenate(pieces).reshape(b, t)
 
 
+def chunked_log_sum_sq(model: nn.Module, hidden: mx.array, chunk_size: int) -> mx.array:
+    """``log sum_v p_v^2`` per position (WPO's normaliser), chunk by chunk, no gradient:
+    ``logsumexp(2 z) - 2 logsumexp(z)`` for the logits ``z``."""
+    head, method = lm_head_module(model)
+    b, t, d = hidden.shape
+    flat = mx.stop_gradient(hidden).reshape(b * t, d)
+    pieces = []
+    for i in range(0, b * t, chunk_size):
+        logits = getattr(head, method)(flat[i:i + chunk_size]).astype(mx.float32)
+        pieces.append(mx.logsumexp(2 * logits, axis=-1) - 2 * mx.logsumexp(logits, axis=-1))
+        mx.eval(pieces[-1])  # one chunk of logits alive at a time
+    return mx.concatenate(pieces).reshape(b, t)
+
+
 def reference_token_logps(logits: mx.array, targets: mx.array) -> mx.array:
     """Plain ``log_softmax(logits)[targets]`` from full logits (tests only)."""
     logits = logits.astype(mx.float32)

@@ -55,3 +55,21 @@ def test_greedy_generation_matches(tiny_llama_dir, tiny_tokenizer):
     mlx_reply = MLXBackend(cfg, tiny_llama_dir, tiny_tokenizer).generate("say red", 8)
     torch_reply = TorchBackend(cfg, tiny_llama_dir, tiny_tokenizer).generate("say red", 8)
     assert mlx_reply == torch_reply and len(mlx_reply) > 0
+
+
+def test_wpo_normaliser_matches_full_logits(tiny_llama_dir, tiny_tokenizer):
+    # log sum_v p_v^2 per position, chunked on each backend, against torch's full logits.
+    import torch
+
+    cfg = TrainConfig(data="unused", dtype="float32", logprob_chunk_size=7)
+    rng = np.random.default_rng(3)
+    ids = rng.integers(3, 300, size=(2, 9)).astype(np.int32)
+    batch = {"input_ids": ids, "targets": np.roll(ids, -1, 1), "loss_mask": np.ones((2, 9), np.float32),
+             "segment_ids": np.ones((2, 9), np.int32)}
+    on_torch = TorchBackend(cfg, tiny_llama_dir, tiny_tokenizer)
+    with torch.no_grad():
+        logits = on_torch.hf_model(torch.from_numpy(ids.astype(np.int64))).logits.double()
+    want = (torch.logsumexp(2 * logits.log_softmax(-1), -1)).numpy()
+    np.testing.assert_allclose(on_torch.per_token_log_sum_sq(batch), want, atol=1e-5)
+    got_mlx = MLXBackend(cfg, tiny_llama_dir, tiny_tokenizer).per_token_log_sum_sq(batch)
+    np.testing.assert_allclose(got_mlx, want, atol=1e-5)

@@ -53,17 +53,22 @@ def _records(run_dir, split):
     return [r for r in map(json.loads, lines) if r["split"] == split]
 
 
-@pytest.mark.parametrize("algo", ALGOS)
-def test_same_losses_on_both_backends(algo, tiny_llama_dir, pref_data, tmp_path):
+@pytest.mark.parametrize("algo, extra", [(a, ()) for a in ALGOS] + [
+    ("dpo", ("--use-weighting",)), ("dpo", ("--loss-type", "ipo", "sft", "--loss-weights", "1",
+                                            "0.5", "--ld-alpha", "0.5")),
+    ("orpo", ("--nll-include-prompt",)), ("kto", ("--loss-type", "apo_zero_unpaired"))])
+def test_same_losses_on_both_backends(algo, extra, tiny_llama_dir, pref_data, tmp_path):
     curves = {}
     for backend in BACKENDS:
-        assert _run(backend, algo, tiny_llama_dir, pref_data, tmp_path / backend) == 0
+        assert _run(backend, algo, tiny_llama_dir, pref_data, tmp_path / backend, *extra) == 0
         train = _records(tmp_path / backend, "train")
         assert [r["step"] for r in train] == [1, 2, 3]
         for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margin",
                     "logps/chosen", "grad_norm"):
             if algo == "kto" and key in ("rewards/margin",):
                 continue
+        if "--use-weighting" in extra:
+            assert all(0 < r["wpo/weight"] < 1 for r in train)
             assert all(np.isfinite(r[key]) for r in train), (algo, key)
         assert all(r["grad_norm"] > 0 for r in train)
         valid = _records(tmp_path / backend, "valid")
