@@ -93,6 +93,14 @@ def attention_allowed(segment_ids: np.ndarray) -> np.ndarray | None:
     return (seg[:, :, None] == seg[:, None, :]) & causal[None]
 
 
+def reference_kind(cfg: Any) -> str:
+    """Which reference policy a run uses: ``ref_model`` (``cfg.ref_model`` set),
+    ``frozen_copy`` (full fine-tuning) or ``adapters_disabled`` (LoRA / DoRA: no second copy)."""
+    if getattr(cfg, "ref_model", ""):
+        return "ref_model"
+    return "frozen_copy" if cfg.fine_tune_type == "full" else "adapters_disabled"
+
+
 def lora_a_init(seed: int, module_path: str, in_features: int, rank: int) -> np.ndarray:
     """Initial LoRA ``A`` for one module, ``[rank, in_features]`` float32 (PEFT's layout).
 

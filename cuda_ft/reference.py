@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from algorithms.backend import reference_kind
+
 
 class Reference:
     """Yields the HF model to run as the reference policy (``with reference.model() as m:``)."""
@@ -27,9 +29,7 @@ class Reference:
 
     @property
     def kind(self) -> str:
-        if getattr(self.cfg, "ref_model", ""):
-            return "ref_model"
-        return "frozen_copy" if self.cfg.fine_tune_type == "full" else "adapters_disabled"
+        return reference_kind(self.cfg)
 
     @contextmanager
     def model(self) -> Iterator[torch.nn.Module]:

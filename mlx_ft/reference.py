@@ -17,6 +17,8 @@ from typing import Any
 from mlx import nn
 from mlx.utils import tree_unflatten
 
+from algorithms.backend import reference_kind
+
 
 @contextmanager
 def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
@@ -37,9 +39,7 @@ class Reference:
 
     @property
     def kind(self) -> str:
-        if getattr(self.cfg, "ref_model", ""):
-            return "ref_model"
-        return "frozen_copy" if self.cfg.fine_tune_type == "full" else "adapters_disabled"
+        return reference_kind(self.cfg)
 
     @contextmanager
     def model(self) -> Iterator[nn.Module]:
