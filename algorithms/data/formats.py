@@ -79,6 +79,24 @@ def detect_format(record: Record) -> str:
                       f"message lists; got {kind_of(prompt)} and {kind_of(completion)}")
 
 
+def check_format_and_keys(record: Record, fmt: str, expected: str | None, first_source: str,
+                          format_keys: dict, format_names: dict) -> None:
+    """Rules ``mixed_formats`` (one file holds one format) and ``unknown_key`` (a key that would
+    be ignored), shared by the SFT and preference formats."""
+    if expected is not None and fmt != expected:
+        raise record.fail("mixed_formats", f"this example is {format_names[fmt]} but the file's "
+                          f"first example ({first_source}) is {format_names[expected]}; one file "
+                          "holds one format")
+    allowed = format_keys[fmt] + PASSTHROUGH_KEYS
+    for key in record.data:
+        if key not in allowed:
+            close = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise record.fail("unknown_key", f"unknown key {key!r}{hint} would be ignored; a "
+                              f"{format_names[fmt]} example takes {', '.join(format_keys[fmt])} "
+                              f"(and passes {', '.join(PASSTHROUGH_KEYS)} through unused)")
+
+
 def check_record(record: Record, expected: str | None = None,
                  first_source: str = "") -> str:
     """Validate one example against its format's rules; return the format.
@@ -89,19 +107,8 @@ def check_record(record: Record, expected: str | None = None,
     if record.error is not None:
         raise record.error
     fmt = detect_format(record)
-    if expected is not None and fmt != expected:
-        raise record.fail("mixed_formats", f"this example is {FORMAT_NAMES[fmt]} but the file's "
-                          f"first example ({first_source}) is {FORMAT_NAMES[expected]}; one file "
-                          "holds one format")
+    check_format_and_keys(record, fmt, expected, first_source, FORMAT_KEYS, FORMAT_NAMES)
     data = record.data
-    allowed = FORMAT_KEYS[fmt] + PASSTHROUGH_KEYS
-    for key in data:
-        if key not in allowed:
-            close = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.6)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise record.fail("unknown_key", f"unknown key {key!r}{hint} would be ignored; a "
-                              f"{FORMAT_NAMES[fmt]} example takes {', '.join(FORMAT_KEYS[fmt])} "
-                              f"(and passes {', '.join(PASSTHROUGH_KEYS)} through unused)")
     if fmt == TEXT:
         _check_text(record, data["text"], "text", "empty_text")
     elif fmt == PROMPT_COMPLETION:

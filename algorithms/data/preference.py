@@ -44,7 +44,6 @@ Rules counted by ``--skip-invalid``: those of :mod:`.formats` (``invalid_json``,
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import sys
 from collections import Counter
@@ -57,10 +56,10 @@ import numpy as np
 from .dataset import DatasetReport, unwrap_tokenizer
 from .formats import (
     CHAT_PROMPT_COMPLETION,
-    PASSTHROUGH_KEYS,
     PROMPT_COMPLETION,
     _check_chat_extras,
     _check_messages,
+    check_format_and_keys,
 )
 from .records import DataError, Record, describe, kind_of, load_split, split_path
 from .tokenize import tokenize_record
@@ -328,19 +327,8 @@ def check_preference_record(record: Record, kind: str = "paired", expected: str 
     if kind == "paired" and fmt in UNPAIRED_FORMATS:
         raise record.fail("unpaired_data", f"this is unpaired (KTO) data ({FORMAT_NAMES[fmt]}); "
                           'a paired algorithm needs "chosen" and "rejected"')
-    if expected is not None and fmt != expected:
-        raise record.fail("mixed_formats", f"this example is {FORMAT_NAMES[fmt]} but the file's "
-                          f"first example ({first_source}) is {FORMAT_NAMES[expected]}; one file "
-                          "holds one format")
+    check_format_and_keys(record, fmt, expected, first_source, FORMAT_KEYS, FORMAT_NAMES)
     data = record.data
-    allowed = FORMAT_KEYS[fmt] + PASSTHROUGH_KEYS
-    for key in data:
-        if key not in allowed:
-            close = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.6)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise record.fail("unknown_key", f"unknown key {key!r}{hint} would be ignored; a "
-                              f"{FORMAT_NAMES[fmt]} example takes {', '.join(FORMAT_KEYS[fmt])} "
-                              f"(and passes {', '.join(PASSTHROUGH_KEYS)} through unused)")
     responses = ("completion",) if fmt in UNPAIRED_FORMATS else ("chosen", "rejected")
     if fmt in UNPAIRED_FORMATS and not isinstance(data["label"], bool):
         raise record.fail("wrong_type", '"label" must be true (desirable) or false '
