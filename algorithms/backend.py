@@ -16,6 +16,9 @@ Batch layout (every array is ``[B, T]``, produced by :mod:`algorithms.data`):
   attends only to earlier tokens of its own segment, so packed documents are isolated.
 - ``num_items``   float32 scalar (added by the loop): loss tokens in the whole accumulated step,
   the denominator that makes a token mean over the accumulated batch.
+- ``temperature`` float32 scalar (optional, online RL): every log-prob, entropy and reference
+  log-prob of the batch is taken under ``softmax(logits / temperature)``, the sampling
+  distribution, so the importance ratio is exactly 1 before the first update.
 """
 
 from __future__ import annotations
@@ -53,6 +56,9 @@ class Backend(Protocol):
 
     def per_token_logps(self, batch: dict[str, np.ndarray]) -> np.ndarray:
         """log p(targets[b, t] | input_ids[b, :t+1]) as float32 ``[B, T]`` (no gradient)."""
+
+    def per_token_entropy(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        """Entropy of the next-token distribution at every position, no gradient."""
 
     def per_token_log_sum_sq(self, batch: dict[str, np.ndarray]) -> np.ndarray:
         """``log sum_v p_v^2`` at every position under the policy, no gradient (WPO weights)."""

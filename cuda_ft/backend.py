@@ -23,7 +23,7 @@ import torch
 from algorithms.backend import LossFn, attention_allowed
 
 from .device import choose_device
-from .logprobs import chunked_log_sum_sq, chunked_token_logps
+from .logprobs import chunked_entropy, chunked_log_sum_sq, chunked_token_logps
 from .model import canonical_parameters, load_model, set_adapter_training
 from .ops import TorchOps
 from .reference import Reference
@@ -115,7 +115,8 @@ class TorchBackend:
         with self._autocast():
             hidden = self._hidden(batch, tensors, hf_model)
             return chunked_token_logps(hidden, hf_model.get_output_embeddings(),
-                                       tensors["targets"], self.cfg.logprob_chunk_size)
+                                       tensors["targets"], self.cfg.logprob_chunk_size,
+                                       float(batch.get("temperature", 1.0)))
 
     def per_token_log_sum_sq(self, batch: dict[str, np.ndarray]) -> np.ndarray:
         """``log sum_v p_v^2`` at every position under the policy (WPO), no gradient."""
@@ -124,6 +125,15 @@ class TorchBackend:
             hidden = self._hidden(batch, self._to_tensors(batch), self.hf_model)
             out = chunked_log_sum_sq(hidden, self.hf_model.get_output_embeddings(),
                                      self.cfg.logprob_chunk_size)
+        return out.float().cpu().numpy()
+
+    def per_token_entropy(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        """Entropy of the policy's next-token distribution (at ``batch["temperature"]``)."""
+        set_adapter_training(self.model, False)
+        with torch.no_grad(), self._autocast():
+            hidden = self._hidden(batch, self._to_tensors(batch), self.hf_model)
+            out = chunked_entropy(hidden, self.hf_model.get_output_embeddings(),
+                                  self.cfg.logprob_chunk_size, float(batch.get("temperature", 1.0)))
         return out.float().cpu().numpy()
 
     def _loss(self, batch: dict[str, np.ndarray], loss_fn: LossFn) -> tuple[torch.Tensor, dict]:

@@ -21,22 +21,26 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 
-def _chunk_token_logps(lm_head: nn.Module, hidden: torch.Tensor,
-                       targets: torch.Tensor) -> torch.Tensor:
-    """log p(targets | hidden) for ``hidden [N, H]``, ``targets [N]`` -> float32 ``[N]``."""
+def _chunk_token_logps(lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
+                       temperature: float = 1.0) -> torch.Tensor:
+    """log p(targets | hidden) for ``hidden [N, H]``, ``targets [N]`` -> float32 ``[N]``,
+    under ``softmax(logits / temperature)``."""
     logits = lm_head(hidden).float()
+    if temperature != 1.0:
+        logits = logits / temperature
     target_logits = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     return target_logits - torch.logsumexp(logits, dim=-1)
 
 
 def chunked_token_logps(hidden: torch.Tensor, lm_head: nn.Module, targets: torch.Tensor,
-                        chunk_size: int) -> torch.Tensor:
+                        chunk_size: int, temperature: float = 1.0) -> torch.Tensor:
     """log p(targets[b, t] | hidden[b, t]) as float32 ``[B, T]``, ``chunk_size`` tokens at a time.
 
     ``hidden`` is ``[B, T, H]`` (the decoder's final, normed hidden states), ``lm_head`` the
     output embedding module (``model.get_output_embeddings()``), ``targets`` ``[B, T]`` token ids.
     Targets below zero (an ignore index) are read as token 0; their positions must be masked
-    by the caller. Gradients flow to ``hidden`` and to the lm_head parameters.
+    by the caller. Gradients flow to ``hidden`` and to the lm_head parameters. ``temperature``
+    divides the logits first (online RL scores completions under the sampling distribution).
     """
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
@@ -52,23 +56,41 @@ def chunked_token_logps(hidden: torch.Tensor, lm_head: nn.Module, targets: torch
         t = flat_targets[start:start + chunk_size]
         if needs_grad:
             # Saves (h, t) only; the chunk's logits are rebuilt during backward and freed after.
-            pieces.append(checkpoint(_chunk_token_logps, lm_head, h, t, use_reentrant=False))
+            pieces.append(checkpoint(_chunk_token_logps, lm_head, h, t, temperature,
+                                     use_reentrant=False))
         else:
-            pieces.append(_chunk_token_logps(lm_head, h, t))
+            pieces.append(_chunk_token_logps(lm_head, h, t, temperature))
     return torch.cat(pieces).reshape(batch, length)
 
 
 @torch.no_grad()
+def _chunked_statistic(hidden: torch.Tensor, lm_head: nn.Module, chunk_size: int,
+                       statistic) -> torch.Tensor:
+    """``statistic(float32 logits [N, V]) -> [N]`` at every position, chunk by chunk, no grad."""
+    batch, length, width = hidden.shape
+    flat = hidden.reshape(batch * length, width)
+    pieces = [statistic(lm_head(flat[start:start + chunk_size]).float())
+              for start in range(0, batch * length, chunk_size)]
+    return torch.cat(pieces).reshape(batch, length)
+
+
 def chunked_log_sum_sq(hidden: torch.Tensor, lm_head: nn.Module, chunk_size: int) -> torch.Tensor:
     """``log sum_v p_v^2`` per position (WPO's normaliser), chunk by chunk, no gradient:
     ``logsumexp(2 z) - 2 logsumexp(z)`` for the logits ``z``."""
-    batch, length, width = hidden.shape
-    flat = hidden.reshape(batch * length, width)
-    pieces = []
-    for start in range(0, batch * length, chunk_size):
-        logits = lm_head(flat[start:start + chunk_size]).float()
-        pieces.append(torch.logsumexp(2 * logits, -1) - 2 * torch.logsumexp(logits, -1))
-    return torch.cat(pieces).reshape(batch, length)
+    return _chunked_statistic(hidden, lm_head, chunk_size,
+                              lambda z: torch.logsumexp(2 * z, -1) - 2 * torch.logsumexp(z, -1))
+
+
+def chunked_entropy(hidden: torch.Tensor, lm_head: nn.Module, chunk_size: int,
+                    temperature: float = 1.0) -> torch.Tensor:
+    """Entropy of ``softmax(z / T)`` per position, no gradient:
+    ``H = logsumexp(z') - sum_v softmax(z')_v z'_v`` with ``z' = z / T``."""
+
+    def entropy(z: torch.Tensor) -> torch.Tensor:
+        z = z / temperature
+        return torch.logsumexp(z, -1) - (z.softmax(-1) * z).sum(-1)
+
+    return _chunked_statistic(hidden, lm_head, chunk_size, entropy)
 
 
 def reference_token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

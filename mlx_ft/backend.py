@@ -24,7 +24,7 @@ from algorithms.backend import attention_allowed
 
 from . import blas
 from . import model as mlx_model
-from .logprobs import chunked_log_sum_sq, chunked_token_logps, hidden_states
+from .logprobs import chunked_entropy, chunked_log_sum_sq, chunked_token_logps, hidden_states
 from .ops import MLXOps
 from .reference import Reference
 
@@ -45,6 +45,11 @@ def choose_device(dtype: str) -> tuple[Any, str]:
         if limit and hasattr(mx, "set_wired_limit"):
             mx.set_wired_limit(limit)
     return _DTYPES[resolved], resolved
+
+
+def _temperature(batch: dict) -> float:
+    """The logit temperature a batch is scored at (online RL: the sampling temperature)."""
+    return float(batch["temperature"]) if "temperature" in batch else 1.0
 
 
 class MLXBackend:
@@ -72,7 +77,8 @@ class MLXBackend:
     def _logps(self, batch: dict, model: nn.Module | None = None) -> mx.array:
         model = self.model if model is None else model
         h = hidden_states(model, batch["input_ids"], batch["_allowed"])
-        return chunked_token_logps(model, h, batch["targets"], self.cfg.logprob_chunk_size)
+        return chunked_token_logps(model, h, batch["targets"], self.cfg.logprob_chunk_size,
+                                   _temperature(batch))
 
     def _loss(self, batch: dict, loss_fn: Any):
         loss, metrics = loss_fn(self.ops, self._logps(batch), batch)
@@ -112,6 +118,14 @@ class MLXBackend:
         arrays = self._to_device(batch)
         h = hidden_states(self.model, arrays["input_ids"], arrays["_allowed"])
         return np.array(chunked_log_sum_sq(self.model, h, self.cfg.logprob_chunk_size))
+
+    def per_token_entropy(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        """Entropy of the policy's next-token distribution (at ``batch["temperature"]``)."""
+        self.model.eval()
+        arrays = self._to_device(batch)
+        h = hidden_states(self.model, arrays["input_ids"], arrays["_allowed"])
+        return np.array(chunked_entropy(self.model, h, self.cfg.logprob_chunk_size,
+                                        _temperature(arrays)))
 
     def reference_per_token_logps(self, batch: dict[str, np.ndarray]) -> np.ndarray:
         """Per-token log-probs under the reference policy (see mlx_ft.reference)."""

@@ -36,7 +36,8 @@ def hidden_states(model: nn.Module, input_ids: mx.array, allowed: np.ndarray | N
 
 
 def chunked_token_logps(model: nn.Module, hidden: mx.array, targets: mx.array,
-                        chunk_size: int) -> mx.array:
+                        chunk_size: int, temperature: float = 1.0) -> mx.array:
+    """``log softmax(h W^T / temperature)[target]`` per position, float32 ``[B, T]``."""
     head, method = lm_head_module(model)
     b, t, d = hidden.shape
     flat_h = hidden.reshape(b * t, d)
@@ -45,6 +46,8 @@ def chunked_token_logps(model: nn.Module, hidden: mx.array, targets: mx.array,
     def chunk_logps(params, h, tgt):
         head.update(params)
         logits = getattr(head, method)(h).astype(mx.float32)
+        if temperature != 1.0:
+            logits = logits / temperature
         picked = mx.take_along_axis(logits, mx.stop_gradient(tgt)[:, None], axis=-1)[:, 0]
         return picked - mx.logsumexp(logits, axis=-1)
 
@@ -55,18 +58,37 @@ def chunked_token_logps(model: nn.Module, hidden: mx.array, targets: mx.array,
     return mx.concatenate(pieces).reshape(b, t)
 
 
-def chunked_log_sum_sq(model: nn.Module, hidden: mx.array, chunk_size: int) -> mx.array:
-    """``log sum_v p_v^2`` per position (WPO's normaliser), chunk by chunk, no gradient:
-    ``logsumexp(2 z) - 2 logsumexp(z)`` for the logits ``z``."""
+def _chunked_statistic(model: nn.Module, hidden: mx.array, chunk_size: int,
+                       statistic) -> mx.array:
+    """``statistic(float32 logits [N, V]) -> [N]`` at every position, chunk by chunk, no grad."""
     head, method = lm_head_module(model)
     b, t, d = hidden.shape
     flat = mx.stop_gradient(hidden).reshape(b * t, d)
     pieces = []
     for i in range(0, b * t, chunk_size):
-        logits = getattr(head, method)(flat[i:i + chunk_size]).astype(mx.float32)
-        pieces.append(mx.logsumexp(2 * logits, axis=-1) - 2 * mx.logsumexp(logits, axis=-1))
+        pieces.append(statistic(getattr(head, method)(flat[i:i + chunk_size]).astype(mx.float32)))
         mx.eval(pieces[-1])  # one chunk of logits alive at a time
     return mx.concatenate(pieces).reshape(b, t)
+
+
+def chunked_log_sum_sq(model: nn.Module, hidden: mx.array, chunk_size: int) -> mx.array:
+    """``log sum_v p_v^2`` per position (WPO's normaliser), chunk by chunk, no gradient:
+    ``logsumexp(2 z) - 2 logsumexp(z)`` for the logits ``z``."""
+    return _chunked_statistic(
+        model, hidden, chunk_size,
+        lambda z: mx.logsumexp(2 * z, axis=-1) - 2 * mx.logsumexp(z, axis=-1))
+
+
+def chunked_entropy(model: nn.Module, hidden: mx.array, chunk_size: int,
+                    temperature: float = 1.0) -> mx.array:
+    """Entropy of ``softmax(z / T)`` per position, no gradient:
+    ``H = logsumexp(z') - sum_v softmax(z')_v z'_v`` with ``z' = z / T``."""
+
+    def entropy(z: mx.array) -> mx.array:
+        z = z / temperature
+        return mx.logsumexp(z, axis=-1) - (mx.softmax(z, axis=-1) * z).sum(axis=-1)
+
+    return _chunked_statistic(model, hidden, chunk_size, entropy)
 
 
 def reference_token_logps(logits: mx.array, targets: mx.array) -> mx.array:
