@@ -3,12 +3,14 @@
     python -m converters gguf-to-hf model.gguf out_dir [--dtype bfloat16] [--force]
     python -m converters import-default
 
-A new verb is one `_add_<verb>(subparsers)` function that sets `func` and is listed in VERBS.
+A new verb is one `_add_<verb>(subparsers)` function that sets `func`, listed in the VERBS of
+this module or of one of the `verbs_*` modules named in VERB_MODULES.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Sequence
 
@@ -49,6 +51,7 @@ def _add_import_default(subparsers: argparse._SubParsersAction) -> None:
 
 
 VERBS = (_add_gguf_to_hf, _add_import_default)
+VERB_MODULES = ("verbs_hf_mlx", "verbs_adapters", "verbs_gguf")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     for add in VERBS:
         add(subparsers)
+    for name in VERB_MODULES:
+        for add in importlib.import_module(f"converters.{name}").VERBS:
+            add(subparsers)
     return parser
 
 

@@ -1,0 +1,3 @@
+"""Subcommands of `python -m converters` (see converters/__main__.py)."""
+
+VERBS = ()
