@@ -78,6 +78,20 @@ class Backend(Protocol):
     def generate(self, prompt: str, max_tokens: int) -> str:
         """Greedy reply to one user message, through the tokenizer's chat template."""
 
+    def sample(self, prompts: list[list[int]], params: Any, seed: int) -> list[Any]:
+        """Rollouts: one ``algorithms.rl.sampling.Completion`` per prompt, in order.
+
+        ``prompts`` are token ids (chat template already applied, each repeated as often as
+        completions are wanted); ``params`` is a ``SamplingParams``. Batched with a KV cache,
+        ``params.batch_size`` sequences at a time (0 = all), left padding masked so a prompt
+        samples from the same distribution whatever it is batched with. Filters: temperature,
+        top-k, top-p, min-p (transformers' order). A completion ends at an EOS id
+        (``stop_token_ids``), a stop string or ``max_tokens``, as ``sampling.finish`` rules.
+        The same (prompts, params, seed) gives the same completions on the same backend; the
+        training RNG is not disturbed; the model samples in eval mode, adapters active, and its
+        train/eval mode is restored afterwards.
+        """
+
     def trainable_parameters(self) -> dict[str, np.ndarray]:
         """Trainable parameters by name, as numpy (for tests and checkpoints)."""
 

@@ -73,7 +73,6 @@ def run_training(prog: str, backend_spec: str, algo, cfg):
     from converters.models import resolve_model
 
     from .data import DataError
-    from .loop import train
 
     try:
         model_path = resolve_model(cfg.model)
@@ -97,9 +96,9 @@ def run_training(prog: str, backend_spec: str, algo, cfg):
     started = time.perf_counter()
     backend = load_backend_class(backend_spec)(cfg, model_path, tokenizer)
     prepare = algo.make_prepare(cfg, backend, data, model_path) if algo.make_prepare else None
+    loop = algo.train or offline_train
     try:
-        result = train(cfg, backend, algo.make_loss(cfg), data.train, data.valid, run_dir,
-                       prepare=prepare, normaliser=algo.normaliser)
+        result = loop(cfg, backend, algo.make_loss(cfg), data, run_dir, prepare, algo.normaliser)
     except (FileNotFoundError, ValueError) as e:
         if "--resume" in str(e):
             raise UserError(str(e)) from None
@@ -107,6 +106,14 @@ def run_training(prog: str, backend_spec: str, algo, cfg):
     print(f"{prog}: {result.steps} steps in {time.perf_counter() - started:.1f}s; "
           f"adapters in {run_dir / 'adapters'}", file=sys.stderr)
     return result
+
+
+def offline_train(cfg, backend, loss_fn, data, run_dir, prepare, normaliser):
+    """The shared loop of :mod:`algorithms.loop` over prepared batch plans."""
+    from .loop import train
+
+    return train(cfg, backend, loss_fn, data.train, data.valid, run_dir, prepare=prepare,
+                 normaliser=normaliser)
 
 
 def load_tokenizer(model_path: Path):

@@ -26,7 +26,8 @@ class MetricsLog:
         if self._bar is not None and record.get("split") == "train":
             self._bar.set_postfix_str(_short(record), refresh=False)
         elif record.get("split") == "valid":
-            self.echo(f"step {record['step']}: valid loss {record['loss']:.4f}")
+            shown = "loss" if "loss" in record else "reward"
+            self.echo(f"step {record['step']}: valid {shown} {record[shown]:.4f}")
 
     def advance(self, n: int = 1) -> None:
         if self._bar is not None:
@@ -51,5 +52,6 @@ def _make_bar(total: int, initial: int):
 
 
 def _short(r: dict[str, Any]) -> str:
-    return (f"loss {r['loss']:.4f} lr {r['learning_rate']:.2e} "
+    reward = f"reward {r['reward']:.3f} " if "reward" in r else ""
+    return (f"{reward}loss {r['loss']:.4f} lr {r['learning_rate']:.2e} "
             f"{r['tokens_per_second']:.0f} tok/s mem {r['peak_memory_gb']:.2f}GB")

@@ -16,7 +16,9 @@ class Algorithm:
     """``prepare_data(cfg, tokenizer) -> PreparedData`` runs before any model loads;
     ``make_prepare(cfg, backend, data, model_path)`` returns the loop's per-batch hook (reference
     log-probs...) or is None; ``normaliser`` is what a micro-batch's share of a step counts
-    ("tokens" for token-mean losses, "rows" for losses averaged over sequences or pairs)."""
+    ("tokens" for token-mean losses, "rows" for losses averaged over sequences or pairs);
+    ``train(cfg, backend, loss_fn, data, run_dir, prepare, normaliser)`` is the loop (the
+    offline one of :mod:`algorithms.loop` unless the algorithm generates its own data)."""
 
     name: str
     config_cls: type
@@ -25,15 +27,18 @@ class Algorithm:
     prepare_data: Callable
     make_prepare: Callable | None = None
     normaliser: str = "tokens"
+    train: Callable | None = None
 
 
 @dataclasses.dataclass
 class PreparedData:
-    """Batch plans for the splits, and the per-split reports printed before training."""
+    """Batch plans (or prompt sets) for the splits, the per-split reports printed before
+    training, and whatever else the algorithm prepared before the model loads (``extras``)."""
 
     train: Any
     valid: Any | None
     reports: dict[str, Any]
+    extras: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def scaled_by_micro_fraction(make_loss: Callable) -> Callable:
@@ -56,10 +61,18 @@ def algorithms() -> dict[str, Algorithm]:
     from . import sft
     from .offline import data_preparer, prepare_factory
     from .preference import cpo, dpo, kto, orpo
+    from .rl import config as rl_config
+    from .rl import data as rl_data
+    from .rl import policy_loss
+    from .rl.trainer import train as rl_train
 
     paired = data_preparer("paired")
     reference = prepare_factory(lambda cfg: cfg.needs_reference)
     extras = prepare_factory(lambda cfg: False)
+
+    def online(name, cfg_cls, summary):
+        return Algorithm(name, cfg_cls, policy_loss.make_loss, summary, rl_data.prepare_data,
+                         None, "rows", rl_train)
 
     def preference(name, cfg_cls, module, summary, prepare_data=paired, make_prepare=extras):
         return Algorithm(name, cfg_cls, scaled_by_micro_fraction(module.make_loss), summary,
@@ -81,4 +94,12 @@ def algorithms() -> dict[str, Algorithm]:
                           "desirable / undesirable completions (paired data is unpaired)",
                           data_preparer("unpaired", kl=lambda cfg: cfg.needs_kl_batch),
                           prepare_factory(lambda cfg: True)),
+        "grpo": online("grpo", rl_config.GRPOConfig, "group relative policy optimisation "
+                       "(online RL with verifiable rewards; --loss-type grpo|bnpo|dr_grpo|dapo)"),
+        "dr_grpo": online("dr_grpo", rl_config.DrGRPOConfig,
+                          "Dr. GRPO: GRPO without length and std normalisation"),
+        "dapo": online("dapo", rl_config.DAPOConfig, "DAPO: clip-higher, token-level loss, "
+                       "overlong shaping and filtering, dynamic sampling"),
+        "gspo": online("gspo", rl_config.GSPOConfig,
+                       "GSPO: sequence-level importance ratio and clipping"),
     }

@@ -1,7 +1,9 @@
-"""Regenerate the demo SFT set in scripts/data/sft_example/ (deterministic; the JSONL is committed).
+"""Regenerate the example sets in scripts/data/ (deterministic; the JSONL files are committed).
 
-The assistant "Pip" answers in one recognisable style, so a short fine-tune visibly changes the
-model: it introduces itself as Pip and ends every answer with " -- Pip".
+- ``sft_example/``: the assistant "Pip" answers in one recognisable style, so a short fine-tune
+  visibly changes the model: it introduces itself as Pip and ends every answer with " -- Pip".
+- ``grpo_arith/``: small-number arithmetic prompts with an ``answer`` column, for GRPO with the
+  ``math_answer`` reward (a 135M model gets some right from the start, so rewards can rise).
 """
 
 from __future__ import annotations
@@ -10,7 +12,8 @@ import json
 import random
 from pathlib import Path
 
-OUT = Path(__file__).resolve().parent / "data" / "sft_example"
+DATA = Path(__file__).resolve().parent / "data"
+OUT = DATA / "sft_example"
 
 IDENTITY_Q = ["Who are you?", "What is your name?", "Introduce yourself.", "Are you a person?",
               "What should I call you?", "Tell me about yourself.", "Who made you?",
@@ -52,15 +55,33 @@ def examples(rng: random.Random) -> list[dict]:
     return rows
 
 
-def main() -> None:
-    rows = examples(random.Random(0))
-    OUT.mkdir(parents=True, exist_ok=True)
-    cut = len(rows) - 12
-    for name, part in (("train", rows[:cut]), ("valid", rows[cut:])):
-        with (OUT / f"{name}.jsonl").open("w") as f:
+def arithmetic(rng: random.Random, n: int) -> list[dict]:
+    """Sums and differences of small numbers, asked for a bare number."""
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(1, 9), rng.randint(1, 9)
+        op, value = ("plus", a + b) if rng.random() < 0.6 else ("minus", a - b)
+        rows.append({"prompt": [{"role": "user", "content": f"What is {a} {op} {b}? "
+                                 "Reply with the number only."}],
+                     "answer": str(value)})
+    return rows
+
+
+def write(out: Path, splits: dict[str, list[dict]]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    for name, part in splits.items():
+        with (out / f"{name}.jsonl").open("w") as f:
             for row in part:
                 f.write(json.dumps(row) + "\n")
-        print(f"{name}: {len(part)} examples")
+        print(f"{out.name}/{name}: {len(part)} examples")
+
+
+def main() -> None:
+    rows = examples(random.Random(0))
+    cut = len(rows) - 12
+    write(OUT, {"train": rows[:cut], "valid": rows[cut:]})
+    rng = random.Random(1)
+    write(DATA / "grpo_arith", {"train": arithmetic(rng, 64), "valid": arithmetic(rng, 16)})
 
 
 if __name__ == "__main__":

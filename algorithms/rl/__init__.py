@@ -1,0 +1,1 @@
+"""Online reinforcement learning: rollouts, rewards -> advantages, the GRPO family of losses."""

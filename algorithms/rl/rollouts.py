@@ -1,0 +1,143 @@
+"""One generation batch: sample ``num_generations`` completions per prompt, score, advantages.
+
+DAPO's dynamic sampling (Yu et al. 2025, Sec. 3.2) keeps only groups whose rewards are not all
+equal (``0 < |{correct o_i}| < G`` for a 0/1 reward): such a group has zero advantage everywhere
+and so no policy gradient. Dropped groups are replaced by sampling more prompts until the batch
+holds ``prompts_per_step`` informative groups, for at most ``max_sampling_rounds`` rounds; if the
+cap is reached the batch is topped up with the most recent dropped groups (advantage 0) so the
+step keeps its size, and the counts are logged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import time
+from typing import Any
+
+import numpy as np
+
+from .advantages import group_advantages, zero_std_groups
+from .data import PromptExample, PromptStream
+from .sampling import Completion, SamplingParams
+
+
+@dataclasses.dataclass
+class Rollouts:
+    """A generation batch, ``N = groups * G`` completions, groups contiguous."""
+
+    examples: list[PromptExample]       # the prompt of each completion (repeated G times)
+    completions: list[Completion]
+    rewards: dict[str, np.ndarray]      # reward function name -> [N], NaN = not applicable
+    total: np.ndarray                   # weighted total reward [N]
+    advantages: np.ndarray              # [N]
+    stats: dict[str, float]             # logged with the step
+
+    def __len__(self) -> int:
+        return len(self.completions)
+
+
+def sampling_params(cfg: Any) -> SamplingParams:
+    return SamplingParams(max_tokens=cfg.max_completion_length, temperature=cfg.temperature,
+                          top_p=cfg.top_p, top_k=cfg.top_k, min_p=cfg.min_p,
+                          stop=tuple(cfg.stop), batch_size=cfg.rollout_batch_size)
+
+
+def round_seed(seed: int, step: int, round_index: int) -> int:
+    """The sampling seed of one generation round: a function of (run seed, step, round), so a
+    resumed run samples what an uninterrupted one would."""
+    digest = hashlib.sha256(f"rollout:{seed}:{step}:{round_index}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def reward_view(example: PromptExample, completion: Completion) -> Any:
+    """The completion as reward functions see it: text for a string prompt, an assistant
+    message list for a conversational one (as TRL passes them)."""
+    if isinstance(example.prompt, list):
+        return [{"role": "assistant", "content": completion.text}]
+    return completion.text
+
+
+def score(scorer: Any, examples: list[PromptExample], completions: list[Completion],
+          step: int) -> Any:
+    columns = {key: [e.columns[key] for e in examples] for key in examples[0].columns}
+    return scorer.score([e.prompt for e in examples],
+                        [reward_view(e, c) for e, c in zip(examples, completions)],
+                        [c.ids for c in completions], step=step, columns=columns)
+
+
+@dataclasses.dataclass
+class _Group:
+    examples: list[PromptExample]
+    completions: list[Completion]
+    rewards: dict[str, np.ndarray]
+    total: np.ndarray
+
+
+def generate(cfg: Any, backend: Any, stream: PromptStream, scorer: Any, step: int) -> Rollouts:
+    """Sample, score and normalise one generation batch (see the module docstring)."""
+    g, wanted = cfg.num_generations, cfg.prompts_per_step
+    params = sampling_params(cfg)
+    kept: list[_Group] = []
+    dropped: list[_Group] = []
+    rounds, sampled_groups, flat_groups = 0, 0, 0
+    seconds = {"generation": 0.0, "scoring": 0.0}
+    max_rounds = cfg.max_sampling_rounds if cfg.dynamic_sampling else 1
+    while len(kept) < wanted and rounds < max_rounds:
+        prompts = stream.take(wanted - len(kept))
+        examples = [e for e in prompts for _ in range(g)]
+        start = time.perf_counter()
+        completions = backend.sample([e.prompt_ids for e in examples], params,
+                                     round_seed(cfg.seed, step, rounds))
+        seconds["generation"] += time.perf_counter() - start
+        start = time.perf_counter()
+        scores = score(scorer, examples, completions, step)
+        seconds["scoring"] += time.perf_counter() - start
+        flat = zero_std_groups(scores.total, g)
+        flat_groups += int(np.sum(flat))
+        for i in range(len(prompts)):
+            rows = slice(i * g, (i + 1) * g)
+            group = _Group(examples[rows], completions[rows],
+                           {k: v[rows] for k, v in scores.per_function.items()}, scores.total[rows])
+            (dropped if cfg.dynamic_sampling and flat[i] else kept).append(group)
+        rounds += 1
+        sampled_groups += len(prompts)
+    topped_up = 0
+    while len(kept) < wanted and dropped:
+        kept.append(dropped.pop())
+        topped_up += 1
+    rewards = {k: np.concatenate([grp.rewards[k] for grp in kept]) for k in kept[0].rewards}
+    total = np.concatenate([grp.total for grp in kept])
+    matrix = np.stack([rewards[name] for name in scorer.names], axis=1)
+    advantages, adv_stats = group_advantages(matrix, np.asarray(scorer.weights), g,
+                                             cfg.scale_rewards, cfg.multi_objective_aggregation,
+                                             names=scorer.names)
+    completions = [c for grp in kept for c in grp.completions]
+    lengths = np.array([len(c.ids) for c in completions], dtype=np.float64)
+    stats = {
+        **{f"rewards/{name}/mean": _nan_stat(np.nanmean, v) for name, v in rewards.items()},
+        **{f"rewards/{name}/std": _nan_stat(np.nanstd, v) for name, v in rewards.items()},
+        "reward": _nan_stat(np.nanmean, total), "reward_std": _nan_stat(np.nanstd, total),
+        # over every group sampled this step, before dynamic sampling dropped any
+        "frac_reward_zero_std": flat_groups / sampled_groups,
+        "completions/mean_length": float(lengths.mean()),
+        "completions/max_length": float(lengths.max()),
+        "completions/min_length": float(lengths.min()),
+        "completions/clipped_ratio": float(np.mean([c.truncated for c in completions])),
+        "time/generation": seconds["generation"], "time/scoring": seconds["scoring"],
+    }
+    if cfg.dynamic_sampling:
+        stats.update({"dynamic_sampling/rounds": float(rounds),
+                      "dynamic_sampling/sampled_groups": float(sampled_groups),
+                      "dynamic_sampling/dropped_groups": float(sampled_groups - len(kept)
+                                                               + topped_up),
+                      "dynamic_sampling/topped_up_groups": float(topped_up)})
+    stats.update({k: float(v) for k, v in adv_stats.items() if np.isscalar(v)
+                  and k not in stats})
+    return Rollouts([e for grp in kept for e in grp.examples], completions, rewards, total,
+                    np.asarray(advantages, dtype=np.float32), stats)
+
+
+def _nan_stat(fn: Any, values: np.ndarray) -> float:
+    finite = values[~np.isnan(values)]
+    return float(fn(finite)) if finite.size else float("nan")

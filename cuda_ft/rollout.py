@@ -1,0 +1,112 @@
+"""Batched rollout sampling on torch, through transformers' ``generate`` on the (PEFT) model.
+
+Prompts are cut into chunks of ``params.batch_size`` (all at once when 0). Each chunk is
+left-padded with the pad id and an attention mask of 0 on the padding; ``generate`` derives
+position ids from the mask (``cumsum - 1``), so a padded prompt sees the positions and keys it
+would see alone. Sampling is transformers' own chain (temperature, top-k, top-p, min-p, then
+``torch.multinomial``), set explicitly in a fresh ``GenerationConfig`` so that no default from the
+model's ``generation_config.json`` (a repetition penalty, a top-k of 50...) slips in.
+
+Seeding: the whole call runs inside ``torch.random.fork_rng`` after ``torch.manual_seed(seed)``,
+so the same seed gives the same completions and the training RNG stream is left as it was.
+Stop strings end a row early through a stopping criterion built on the same
+:class:`StopStringWatch` as the MLX backend; :func:`algorithms.rl.sampling.finish` decides where
+each completion ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from algorithms.rl.sampling import (
+    Completion,
+    SamplingParams,
+    StopStringWatch,
+    check_prompts,
+    chunks,
+    finish,
+)
+
+
+def left_pad(prompts: list[list[int]], pad_id: int,
+             device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``input_ids`` and ``attention_mask`` ``[B, T]`` with each prompt flush right."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[row, width - len(p):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def generation_config(params: SamplingParams, eos_ids: Sequence[int], pad_id: int) -> Any:
+    """A ``GenerationConfig`` that samples exactly ``params`` (every filter set explicitly)."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(
+        do_sample=True, num_beams=1, num_return_sequences=1,
+        temperature=float(params.temperature), top_k=int(params.top_k),
+        top_p=float(params.top_p), min_p=float(params.min_p), typical_p=1.0,
+        epsilon_cutoff=0.0, eta_cutoff=0.0, repetition_penalty=1.0, no_repeat_ngram_size=0,
+        min_new_tokens=0, max_new_tokens=int(params.max_tokens),
+        eos_token_id=[int(e) for e in eos_ids], pad_token_id=int(pad_id), use_cache=True,
+    )
+
+
+def _stop_string_criteria(watch: StopStringWatch, prompt_width: int) -> list:
+    """A transformers stopping criterion: a row is done once ``watch`` sees a stop string in its
+    completion (the tokens after the padded prompt)."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class StopStrings(StoppingCriteria):
+        def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+            done = [watch.seen(row[prompt_width:].tolist()) for row in input_ids]
+            return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([StopStrings()]) if watch else StoppingCriteriaList()
+
+
+def _training_modes(model: nn.Module) -> dict[nn.Module, bool]:
+    return {m: m.training for m in model.modules()}
+
+
+def sample(model: nn.Module, tokenizer: Any, prompts: Sequence[Sequence[int]],
+           params: SamplingParams, seed: int, eos_ids: Sequence[int], device: torch.device,
+           autocast: contextlib.AbstractContextManager | None = None) -> list[Completion]:
+    """One :class:`Completion` per prompt, in order (see ``Backend.sample``).
+
+    ``model`` is the model with its adapters (PEFT wrapper or plain HF model); every module is
+    put in eval mode for sampling and given back its previous mode afterwards.
+    """
+    prompts = check_prompts(prompts)
+    if not prompts:
+        return []
+    if not eos_ids:
+        raise ValueError("eos_ids is empty: a completion could only end at max_tokens")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else int(eos_ids[0])
+    config = generation_config(params, eos_ids, pad_id)
+    watch = StopStringWatch(tokenizer, params.stop)
+    modes = _training_modes(model)
+    model.eval()
+    cuda = list(range(torch.cuda.device_count())) if device.type == "cuda" else []
+    sampled: list[list[int]] = []
+    try:
+        with torch.random.fork_rng(devices=cuda), torch.no_grad(), \
+                (autocast or contextlib.nullcontext()):
+            torch.manual_seed(int(seed))
+            for rows in chunks(len(prompts), params.batch_size):
+                ids, mask = left_pad([prompts[i] for i in rows], pad_id, device)
+                out = model.generate(input_ids=ids, attention_mask=mask,
+                                     generation_config=config,
+                                     stopping_criteria=_stop_string_criteria(watch, ids.shape[1]))
+                sampled += out[:, ids.shape[1]:].tolist()
+    finally:
+        for module, mode in modes.items():
+            module.training = mode
+    return [finish(ids, tokenizer, params, eos_ids) for ids in sampled]

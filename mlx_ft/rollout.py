@@ -1,0 +1,103 @@
+"""Batched rollout sampling on MLX, on mlx-lm's ``BatchGenerator`` (continuous batching).
+
+What mlx-lm provides and we use as is: the KV caches (``BatchKVCache``), prompt prefill with
+ragged lengths (prompts are right-padded for the prefill, then the cache is rolled so the padding
+sits on the left, masked, with each row's RoPE offset starting at 0: a padded prompt is computed
+exactly as if it were alone), the decode loop that drops finished rows from the batch, EOS
+handling, and ``params.batch_size`` as the number of rows decoding at once (a finished row's slot
+is refilled by the next waiting prompt).
+
+What we supply: the sampler. mlx-lm's ``make_sampler`` applies top-p / min-p to the untempered
+log-probs; ours applies the chain of :mod:`algorithms.rl.sampling` (temperature, top-k, top-p,
+min-p, in transformers' order, using mlx-lm's filter functions) and draws with explicit keys
+split from ``mx.random.key(seed)``, so the same seed gives the same completions and the global
+RNG (dropout) is untouched. Stop strings end a row early when :class:`StopStringWatch` sees one;
+:func:`algorithms.rl.sampling.finish` decides where each completion ends.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import mlx.core as mx
+from mlx import nn
+
+from algorithms.rl.sampling import (
+    Completion,
+    SamplingParams,
+    StopStringWatch,
+    check_prompts,
+    finish,
+)
+
+
+class FilteredSampler:
+    """``sampler(logprobs [B, V]) -> tokens [B]``: temperature, top-k, top-p, min-p, then a
+    categorical draw with the next key of a chain seeded by ``seed``.
+
+    Each call consumes one key, so a run is reproducible given the same calls in the same order
+    (the same prompts, parameters and ``batch_size``).
+    """
+
+    def __init__(self, params: SamplingParams, seed: int) -> None:
+        self.params = params
+        self.key = mx.random.key(int(seed))
+
+    def filtered_logits(self, logprobs: mx.array) -> mx.array:
+        """Tempered logits with the filtered-out tokens at ``-inf`` (float32)."""
+        from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
+
+        p = self.params
+        logits = logprobs.astype(mx.float32) / p.temperature
+        if 0 < p.top_k < logits.shape[-1]:
+            logits = apply_top_k(logits, p.top_k)
+        if p.top_p < 1.0:
+            logits = apply_top_p(logits, p.top_p)
+        if p.min_p > 0.0:
+            logits = apply_min_p(logits, p.min_p)
+        return logits
+
+    def __call__(self, logprobs: mx.array) -> mx.array:
+        self.key, sub = mx.random.split(self.key)
+        return mx.random.categorical(self.filtered_logits(logprobs), key=sub)
+
+
+def sample(model: nn.Module, tokenizer: Any, prompts: Sequence[Sequence[int]],
+           params: SamplingParams, seed: int, eos_ids: Sequence[int]) -> list[Completion]:
+    """One :class:`Completion` per prompt, in order (see ``Backend.sample``).
+
+    At most ``params.batch_size`` sequences (all when 0) hold a KV cache at any time. The model
+    is put in eval mode (no adapter dropout) and its previous mode is restored afterwards.
+    """
+    from mlx_lm.generate import BatchGenerator
+
+    prompts = check_prompts(prompts)
+    if not prompts:
+        return []
+    if not eos_ids:
+        raise ValueError("eos_ids is empty: a completion could only end at max_tokens")
+    rows = params.batch_size or len(prompts)
+    was_training = model.training
+    model.eval()
+    watch = StopStringWatch(tokenizer, params.stop)
+    generator = BatchGenerator(
+        model, max_tokens=params.max_tokens, stop_tokens=[[int(e)] for e in eos_ids],
+        sampler=FilteredSampler(params, seed), completion_batch_size=rows,
+        prefill_batch_size=rows,
+    )
+    try:
+        uids = generator.insert(prompts)
+        sampled: dict[int, list[int]] = {uid: [] for uid in uids}
+        while responses := generator.next_generated():
+            stopped = []
+            for r in responses:
+                sampled[r.uid].append(int(r.token))
+                if r.finish_reason is None and watch and watch.seen(sampled[r.uid]):
+                    stopped.append(r.uid)
+            if stopped:
+                generator.remove(stopped)
+    finally:
+        generator.close()
+        model.train(was_training)
+    return [finish(sampled[uid], tokenizer, params, eos_ids) for uid in uids]
