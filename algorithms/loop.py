@@ -148,12 +148,15 @@ def train(cfg: Any, backend: Any, loss_fn: Any, train_plan: BatchPlan,
                 raise FloatingPointError(f"step {step}: loss is {last_loss}; lower --learning-rate")
             if step % cfg.log_every == 0 or step == n_steps:
                 epoch = cursor.epoch + cursor.index / train_plan.num_batches
-                log.write(window.flush(step, epoch, lr, grad_norm, backend.peak_memory_bytes()))
+                record = window.flush(step, epoch, lr, grad_norm, backend.peak_memory_bytes())
+                log.write({**record, **memory_stats(backend)})
             log.advance()
             if cfg.eval_every and step % cfg.eval_every == 0 and step < n_steps:
                 valid_loss = run_eval()
+                window.restart()  # evaluation time is not training time
             if cfg.save_every and step % cfg.save_every == 0 and step < n_steps:
                 _save(cfg, backend, run_dir, step, cursor)
+                window.restart()
         valid_loss = run_eval()
         _save(cfg, backend, run_dir, step, cursor)
         ckpt.write_atomically(run_dir / "adapters", lambda d: backend.save_adapters(str(d)))
@@ -165,29 +168,55 @@ def train(cfg: Any, backend: Any, loss_fn: Any, train_plan: BatchPlan,
     return TrainResult(step, last_loss, valid_loss, run_dir, sample)
 
 
+def memory_stats(backend: Any) -> dict[str, float]:
+    """Peak memory by kind (``memory/peak_rss_gb``, ``memory/mlx_peak_gb``,
+    ``memory/cuda_peak_gb``...) from a backend's optional ``memory_stats()`` (bytes)."""
+    stats = getattr(backend, "memory_stats", None)
+    if stats is None:
+        return {}
+    return {f"memory/{kind}_gb": value / 1e9 for kind, value in stats().items()}
+
+
 class _Window:
-    """Accumulates the steps between two log lines; metrics are averaged over them."""
+    """Accumulates the steps between two log lines; metrics are averaged over them.
+
+    ``step_time`` is the mean wall time of the window's steps (with ``--log-every 1``: each
+    step's own time), evaluation and checkpoint time excluded; ``cpu_time`` the process CPU
+    time (all threads) per step, which a busy machine distorts less than wall time.
+    """
 
     def __init__(self) -> None:
         self.start = time.perf_counter()
         self.steps: list[dict[str, float]] = []
         self.tokens = 0
         self.trained_tokens = 0
+        self.paused = 0.0
+        self.cpu_start, self.cpu_paused = time.process_time(), 0.0
+
+    def restart(self) -> None:
+        """Restart the clock (after work that is not training: evaluation, checkpoints)."""
+        if self.steps:  # mid-window: keep the time already spent on its steps
+            self.paused += time.perf_counter() - self.start
+            self.cpu_paused += time.process_time() - self.cpu_start
+        self.start, self.cpu_start = time.perf_counter(), time.process_time()
 
     def add(self, metrics: dict[str, float]) -> None:
         self.steps.append(metrics)
 
     def flush(self, step: int, epoch: float, lr: float, grad_norm: float, peak: int) -> dict:
-        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        elapsed = max(time.perf_counter() - self.start + self.paused, 1e-9)
         means = {k: sum(m[k] for m in self.steps) / len(self.steps) for k in self.steps[0]}
         self.trained_tokens += self.tokens
         record = {
             "split": "train", "step": step, "epoch": round(epoch, 4), **means,
             "learning_rate": lr, "grad_norm": grad_norm,
             "tokens_per_second": self.tokens / elapsed, "tokens": self.trained_tokens,
+            "step_time": elapsed / len(self.steps),
+            "cpu_time": (time.process_time() - self.cpu_start + self.cpu_paused) / len(self.steps),
             "peak_memory_gb": peak / 1e9,
         }
-        self.start, self.steps, self.tokens = time.perf_counter(), [], 0
+        self.start, self.steps, self.tokens, self.paused = time.perf_counter(), [], 0, 0.0
+        self.cpu_start, self.cpu_paused = time.process_time(), 0.0
         return record
 
 

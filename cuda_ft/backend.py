@@ -261,9 +261,28 @@ class TorchBackend:
             )
         return tok.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=True)
 
+    def sample(self, prompts: list[list[int]], params: Any, seed: int) -> list:
+        """Sampled completions (``algorithms.rl.sampling.Completion``), one per prompt, in
+        order; transformers ``generate`` on the adapted model (see cuda_ft.rollout)."""
+        from algorithms.rl.sampling import stop_token_ids
+
+        from .rollout import sample
+
+        eos_ids = stop_token_ids(self.tokenizer, self.model_path)
+        return sample(self.model, self.tokenizer, prompts, params, seed, eos_ids, self.device,
+                      self._autocast())
+
     def peak_memory_bytes(self) -> int:
         """CUDA peak allocated bytes on a GPU, else the process's peak resident set size."""
         if self.device.type == "cuda":
             return int(torch.cuda.max_memory_allocated(self.device))
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return int(peak if sys.platform == "darwin" else peak * 1024)  # macOS: bytes; Linux: KiB
+
+    def memory_stats(self) -> dict[str, int]:
+        """Peak bytes by kind: the process's peak resident set, and torch's CUDA peak allocated."""
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        stats = {"peak_rss": int(peak if sys.platform == "darwin" else peak * 1024)}
+        if self.device.type == "cuda":
+            stats["cuda_peak"] = int(torch.cuda.max_memory_allocated(self.device))
+        return stats

@@ -194,6 +194,21 @@ class MLXBackend:
         wrapper = TokenizerWrapper(self.tokenizer)
         return mlx_generate(self.model, wrapper, prompt=ids, max_tokens=max_tokens, verbose=False)
 
+    def sample(self, prompts: list[list[int]], params: Any, seed: int) -> list:
+        """Sampled completions (``algorithms.rl.sampling.Completion``), one per prompt, in
+        order; batched with a KV cache (see mlx_ft.rollout)."""
+        from algorithms.rl.sampling import stop_token_ids
+
+        from .rollout import sample
+
+        eos_ids = stop_token_ids(self.tokenizer, self.model_path)
+        return sample(self.model, self.tokenizer, prompts, params, seed, eos_ids)
+
     def peak_memory_bytes(self) -> int:
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
         return max(int(mx.get_peak_memory()), rss)
+
+    def memory_stats(self) -> dict[str, int]:
+        """Peak bytes by kind: MLX's allocator peak and the process's peak resident set."""
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+        return {"mlx_peak": int(mx.get_peak_memory()), "peak_rss": int(rss)}
