@@ -7,8 +7,11 @@ same call with the same arguments writes byte-identical files.
 - ``make_tiny_tokenizer(dir)``: ~384 tokens (256 byte alphabet + 3 specials + merges), ChatML
   template (``<|im_start|>{role}\\n{content}<|im_end|>\\n``), eos ``<|im_end|>``, pad
   ``<|endoftext|>``, no BOS. Offsets mapping works (fast tokenizer, untrimmed offsets).
-- ``make_tiny_model(dir, family="llama"|"qwen2")``: an HF model dir loadable by
+- ``make_tiny_model(dir, family="llama"|"qwen2"|...)``: an HF model dir loadable by
   ``transformers.AutoModelForCausalLM`` and ``mlx_lm.load``, with the tokenizer files beside it.
+  Families: llama, qwen2 (the training tests' models) and, for the converter tests, mistral,
+  qwen3 (q_norm / k_norm), gemma and gemma2 (always tied; norm weights stored as offsets w of
+  ``1 + w``), phi3 (fused qkv_proj / gate_up_proj).
 """
 
 from __future__ import annotations
@@ -113,6 +116,38 @@ def _tokenizer_ids(directory: Path) -> tuple[int, int, int]:
     return ids["<|im_end|>"], ids["<|endoftext|>"], vocab
 
 
+FAMILIES = {  # family -> transformers architecture
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "gemma": "GemmaForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+    "phi3": "Phi3ForCausalLM",
+}
+
+
+def _family_config(family: str, layers: int, head_dim: int, pad_id: int) -> dict:
+    """The config.json entries one family adds to the shared ones."""
+    if family == "llama":
+        return {"attention_bias": False, "mlp_bias": False, "pretraining_tp": 1}
+    if family in ("qwen2", "qwen3"):
+        extra = {"use_sliding_window": False, "sliding_window": None, "max_window_layers": layers}
+        return extra if family == "qwen2" else {**extra, "attention_bias": False}
+    if family == "mistral":
+        return {"sliding_window": None}
+    if family == "phi3":
+        return {"pad_token_id": pad_id, "original_max_position_embeddings": 512,
+                "partial_rotary_factor": 1.0, "resid_pdrop": 0.0, "embd_pdrop": 0.0,
+                "sliding_window": None}
+    extra = {"hidden_act": "gelu_pytorch_tanh", "hidden_activation": "gelu_pytorch_tanh",
+             "attention_bias": False}
+    if family == "gemma2":  # windows longer than any test sequence: mlx-lm's gemma2 has none
+        extra.update(query_pre_attn_scalar=head_dim, attn_logit_softcapping=50.0,
+                     final_logit_softcapping=30.0, sliding_window=512)
+    return extra
+
+
 def make_tiny_model(
     directory: str | Path,
     family: str = "llama",
@@ -123,17 +158,24 @@ def make_tiny_model(
     heads: int = 4,
     kv_heads: int = 2,
     intermediate: int = 128,
-    tie_word_embeddings: bool = False,
+    tie_word_embeddings: bool | None = None,
 ) -> Path:
-    """Write a tiny Llama / Qwen2 HF model dir (config, float32 safetensors, tokenizer) from numpy.
+    """Write a tiny HF model dir (config, float32 safetensors, tokenizer) from numpy.
 
     Weights ~ Normal(0, 0.02) from ``np.random.default_rng(seed)`` in a fixed key order; RMSNorm
-    weights are 1 + Normal(0, 0.02) so norms are not exactly the identity (catches shifted norms).
+    weights are 1 + Normal(0, 0.02) so norms are not exactly the identity (catches shifted norms);
+    gemma-style norms store the offset, Normal(0, 0.02). ``tie_word_embeddings=None`` means the
+    family's default: tied for gemma / gemma2 (which cannot be untied), untied otherwise.
     """
     from safetensors.numpy import save_file
 
-    if family not in ("llama", "qwen2"):
-        raise ValueError(f"family must be 'llama' or 'qwen2', got {family!r}")
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {', '.join(FAMILIES)}, got {family!r}")
+    gemma_like = family in ("gemma", "gemma2")
+    if tie_word_embeddings is None:
+        tie_word_embeddings = gemma_like
+    if gemma_like and not tie_word_embeddings:
+        raise ValueError(f"{family} always ties lm_head to embed_tokens")
     directory = Path(directory)
     make_tiny_tokenizer(directory)
     eos_id, pad_id, tok_vocab = _tokenizer_ids(directory)
@@ -147,23 +189,38 @@ def make_tiny_model(
         return rng.normal(0.0, 0.02, size=shape).astype(np.float32)
 
     def norm(n: int) -> np.ndarray:
+        if gemma_like:  # gemma computes x * (1 + w): the stored weight is the offset
+            return rng.normal(0.0, 0.02, size=(n,)).astype(np.float32)
         return (1.0 + rng.normal(0.0, 0.02, size=(n,))).astype(np.float32)
 
     w: dict[str, np.ndarray] = {"model.embed_tokens.weight": normal(vocab, hidden_size)}
     for i in range(layers):
         p = f"model.layers.{i}."
         w[p + "input_layernorm.weight"] = norm(hidden_size)
-        w[p + "self_attn.q_proj.weight"] = normal(heads * head_dim, hidden_size)
-        w[p + "self_attn.k_proj.weight"] = normal(kv_heads * head_dim, hidden_size)
-        w[p + "self_attn.v_proj.weight"] = normal(kv_heads * head_dim, hidden_size)
+        if family == "phi3":
+            w[p + "self_attn.qkv_proj.weight"] = normal((heads + 2 * kv_heads) * head_dim,
+                                                        hidden_size)
+        else:
+            w[p + "self_attn.q_proj.weight"] = normal(heads * head_dim, hidden_size)
+            w[p + "self_attn.k_proj.weight"] = normal(kv_heads * head_dim, hidden_size)
+            w[p + "self_attn.v_proj.weight"] = normal(kv_heads * head_dim, hidden_size)
+        if family == "qwen3":
+            w[p + "self_attn.q_norm.weight"] = norm(head_dim)
+            w[p + "self_attn.k_norm.weight"] = norm(head_dim)
         if family == "qwen2":
             w[p + "self_attn.q_proj.bias"] = normal(heads * head_dim)
             w[p + "self_attn.k_proj.bias"] = normal(kv_heads * head_dim)
             w[p + "self_attn.v_proj.bias"] = normal(kv_heads * head_dim)
         w[p + "self_attn.o_proj.weight"] = normal(hidden_size, heads * head_dim)
         w[p + "post_attention_layernorm.weight"] = norm(hidden_size)
-        w[p + "mlp.gate_proj.weight"] = normal(intermediate, hidden_size)
-        w[p + "mlp.up_proj.weight"] = normal(intermediate, hidden_size)
+        if family == "gemma2":
+            w[p + "pre_feedforward_layernorm.weight"] = norm(hidden_size)
+            w[p + "post_feedforward_layernorm.weight"] = norm(hidden_size)
+        if family == "phi3":
+            w[p + "mlp.gate_up_proj.weight"] = normal(2 * intermediate, hidden_size)
+        else:
+            w[p + "mlp.gate_proj.weight"] = normal(intermediate, hidden_size)
+            w[p + "mlp.up_proj.weight"] = normal(intermediate, hidden_size)
         w[p + "mlp.down_proj.weight"] = normal(hidden_size, intermediate)
     w["model.norm.weight"] = norm(hidden_size)
     if not tie_word_embeddings:
@@ -171,7 +228,7 @@ def make_tiny_model(
     save_file(w, str(directory / "model.safetensors"), metadata={"format": "pt"})
 
     config = {
-        "architectures": ["LlamaForCausalLM" if family == "llama" else "Qwen2ForCausalLM"],
+        "architectures": [FAMILIES[family]],
         "model_type": family,
         "vocab_size": vocab,
         "hidden_size": hidden_size,
@@ -194,9 +251,6 @@ def make_tiny_model(
         "initializer_range": 0.02,
         "use_cache": True,
     }
-    if family == "llama":
-        config.update(attention_bias=False, mlp_bias=False, pretraining_tp=1)
-    else:
-        config.update(use_sliding_window=False, sliding_window=None, max_window_layers=layers)
+    config.update(_family_config(family, layers, head_dim, pad_id))
     (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return directory
