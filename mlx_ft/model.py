@@ -9,6 +9,7 @@ layout is the transpose, and ``canonical_name`` / ``to_canonical`` map between t
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,13 @@ LORA_LEAVES = {"lora_a": "lora_A", "lora_b": "lora_B", "m": "magnitude"}
 def load_model(path: Path, dtype: Any) -> tuple[nn.Module, dict]:
     from mlx_lm.utils import load_model as mlx_lm_load_model
 
-    model, config = mlx_lm_load_model(Path(path))
+    from converters.keymaps import flat_rope
+
+    # transformers 5 saves rope settings only under "rope_parameters", which several mlx-lm
+    # families do not read (they would silently use rope_theta 10000): pass the flat keys.
+    saved = json.loads((Path(path) / "config.json").read_text())
+    overrides = {k: v for k, v in flat_rope(saved).items() if saved.get(k) is None}
+    model, config = mlx_lm_load_model(Path(path), model_config=overrides)
     if dtype is not None:
         # Cast floating weights only; quantised weights (uint32) and their scales stay as stored.
         model.update(_cast_floats(model.parameters(), dtype))

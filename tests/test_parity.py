@@ -97,3 +97,27 @@ def test_temperature_logps_and_entropy_match_full_logits(tiny_llama_dir, tiny_to
     # Temperature matters: at T = 1 the log-probs differ.
     plain = {k: v for k, v in batch.items() if k != "temperature"}
     assert np.abs(on_mlx.per_token_logps(plain) - want_logps.numpy()).max() > 1e-2
+
+
+def test_transformers5_saved_rope_settings_reach_mlx(tiny_tokenizer, tmp_path):
+    # transformers 5 writes rope_theta only inside "rope_parameters"; mlx-lm's llama reads the
+    # flat key, so without help MLX would silently run rope_theta 10000.
+    import json
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, rope_theta=1000.0,
+                         tie_word_embeddings=False)
+    LlamaForCausalLM(config).save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert "rope_theta" not in saved and saved["rope_parameters"]["rope_theta"] == 1000.0
+    cfg = TrainConfig(data="unused", dtype="float32")
+    ids = np.random.default_rng(5).integers(3, 300, size=(1, 40)).astype(np.int32)
+    batch = {"input_ids": ids, "targets": np.roll(ids, -1, 1), "loss_mask": np.ones((1, 40), np.float32),
+             "segment_ids": np.ones((1, 40), np.int32)}
+    want = TorchBackend(cfg, tmp_path, tiny_tokenizer).per_token_logps(batch)
+    got = MLXBackend(cfg, tmp_path, tiny_tokenizer).per_token_logps(batch)
+    np.testing.assert_allclose(got, want, atol=1e-5)
