@@ -152,7 +152,7 @@ def _tokenize(record: Record, tokenizer: Any, budget: int) -> PromptExample:
             text = tokenizer.apply_chat_template(prompt, tokenize=False,
                                                  add_generation_prompt=not continues,
                                                  continue_final_message=continues)
-        except Exception as e:  # templates raise anything (jinja errors, ValueError...)
+        except Exception as e:  # noqa: BLE001 - jinja errors, raise_exception() in templates
             raise record.fail("template_error", f"the chat template failed: {e}") from None
         ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
     if len(ids) > budget:
