@@ -1,7 +1,7 @@
 """`python -m converters <verb> ...`: one subcommand per conversion direction.
 
-    python -m converters gguf-to-hf model.gguf out_dir [--dtype bfloat16] [--force]
     python -m converters import-default
+    python -m converters gguf-to-hf model.gguf out_dir     (the GGUF verbs: verbs_gguf.py)
 
 A new verb is one `_add_<verb>(subparsers)` function that sets `func`, listed in the VERBS of
 this module or of one of the `verbs_*` modules named in VERB_MODULES.
@@ -14,28 +14,9 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from .gguf_to_hf import DTYPES, gguf_to_hf
 from .models import resolve_model
 
 DEFAULT_MODEL = "smollm2-135m"
-
-
-def _gguf_to_hf(args: argparse.Namespace) -> int:
-    out = gguf_to_hf(args.src, args.out, dtype=args.dtype, force=args.force)
-    print(out)
-    return 0
-
-
-def _add_gguf_to_hf(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "gguf-to-hf", help="import a llama GGUF file as a Hugging Face model directory",
-        description="Dequantise a llama GGUF and write config, safetensors and tokenizer files.")
-    parser.add_argument("src", help="the .gguf file")
-    parser.add_argument("out", help="output directory (must not exist unless --force)")
-    parser.add_argument("--dtype", choices=DTYPES, default="float32",
-                        help="weight dtype in model.safetensors (default: %(default)s)")
-    parser.add_argument("--force", action="store_true", help="replace an existing output dir")
-    parser.set_defaults(func=_gguf_to_hf)
 
 
 def _import_default(args: argparse.Namespace) -> int:
@@ -50,7 +31,7 @@ def _add_import_default(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=_import_default)
 
 
-VERBS = (_add_gguf_to_hf, _add_import_default)
+VERBS = (_add_import_default,)
 VERB_MODULES = ("verbs_hf_mlx", "verbs_adapters", "verbs_gguf")
 
 

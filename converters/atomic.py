@@ -86,3 +86,34 @@ def _move_into_place(tmp: Path, out_dir: Path, force: bool) -> None:
         raise FileExistsError(f"{out_dir}: could not be replaced ({error})") from error
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def atomic_output_file(out_file: str | os.PathLike, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling path to write; on success it becomes `out_file`, on failure it
+    is deleted. An existing `out_file` is an error unless `force` (then replaced at the end).
+
+    For single-file outputs (a GGUF); `atomic_output_dir` is the directory version.
+    """
+    out_file = Path(out_file)
+    if out_file.exists() and not force:
+        raise FileExistsError(f"{out_file}: already exists (pass force=True / --force to replace it)")
+    if out_file.is_dir():
+        raise IsADirectoryError(f"{out_file}: is a directory, not a file")
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out_file.parent.glob(f".{out_file.name}.tmp-*-*"):
+        pid = stale.name[len(f".{out_file.name}.tmp-"):].split("-")[0]
+        if stale.is_file() and pid.isdigit() and not _process_exists(int(pid)):
+            stale.unlink(missing_ok=True)
+    tmp = out_file.parent / f".{out_file.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        yield tmp
+        if not tmp.is_file():
+            raise FileNotFoundError(f"{tmp}: the converter wrote no output file")
+        if out_file.exists() and not force:  # someone else finished first
+            raise FileExistsError(f"{out_file}: appeared while converting; not replaced")
+        os.replace(tmp, out_file)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+

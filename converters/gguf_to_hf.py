@@ -1,249 +1,175 @@
-"""GGUF file -> Hugging Face model directory (direction: GGUF -> HF; llama architecture).
+"""GGUF file -> Hugging Face model directory (direction: GGUF -> HF; llama and qwen2).
 
     gguf_to_hf("SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2-hf")   # -> Path("smollm2-hf")
 
-writes `config.json` (LlamaForCausalLM), `generation_config.json`, `model.safetensors` and the
-tokenizer files, loadable by `transformers.AutoModelForCausalLM` / `AutoTokenizer` and
-`mlx_lm.load`. Every tensor is dequantised with the `gguf` library (whatever quant types it
-implements) and stored in `dtype`.
+writes `config.json` (LlamaForCausalLM / Qwen2ForCausalLM), `generation_config.json`, the
+weights (`model.safetensors`, or `model-0000i-of-0000n.safetensors` + index past
+`max_shard_bytes`) and the tokenizer files, loadable by `transformers.AutoModelForCausalLM` /
+`AutoTokenizer` and `mlx_lm.load`. Every tensor (F32, F16, BF16, Q8_0, Q4_0, Q4_1, the K-quants,
+whatever the installed `gguf` library implements) is dequantised with `gguf.quants.dequantize`,
+its q/k rows un-permuted (see converters/gguf_read.py), and stored in `dtype`.
 
-Two things llama.cpp's `convert_hf_to_gguf.py` does to llama weights are undone here:
-
-- GGUF lists dimensions fastest-first (`ne0, ne1`), the reverse of numpy / torch order;
-- q_proj and k_proj rows are permuted within each head, from HF's "rotate half" rotary layout to
-  llama.cpp's interleaved pairs: `w.reshape(n_head, 2, head_dim // 2, dim).swapaxes(1, 2)`.
-  `unpermute_rotary` is its exact inverse (k_proj uses the kv head count).
+Streaming: the safetensors header is computed from the GGUF's tensor table first, then each
+tensor is dequantised, written and dropped, so peak memory is about one float32 tensor (the
+GGUF itself is memory-mapped). bfloat16 is rounded in numpy (round to nearest even), no torch.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any
 
-import gguf
 import numpy as np
 
 from .atomic import atomic_output_dir, check_output_dir
-from .gguf_tokenizer import tokenizer_files
+from .gguf_read import (
+    CHUNK_VALUES,
+    SUPPORTED_ARCHITECTURES,
+    GGUFModel,
+    dequantize,
+    hf_tensor_name,
+    open_gguf,
+    open_gguf_model,
+    read_metadata,
+    unpermute_rotary,
+)
 
-SUPPORTED_ARCHITECTURES = ("llama",)
+__all__ = ["DTYPES", "SUPPORTED_ARCHITECTURES", "PlannedTensor", "gguf_to_hf", "hf_tensor_name",
+           "open_gguf", "read_metadata", "save_weights", "unpermute_rotary", "write_model_files"]
+
 DTYPES = ("float32", "float16", "bfloat16")
-
-# GGUF name (without .weight / .bias) -> HF name. Both maps are one-to-one, so they invert.
-LLAMA_GLOBAL_NAMES = {
-    "token_embd": "model.embed_tokens",
-    "output_norm": "model.norm",
-    "output": "lm_head",
-}
-# blk.{i}.<gguf> -> model.layers.{i}.<hf>
-LLAMA_BLOCK_NAMES = {
-    "attn_norm": "input_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_norm": "post_attention_layernorm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
+SAFETENSORS_DTYPE = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "uint32": "U32"}
+_ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2, "U32": 4}
+DEFAULT_SHARD_BYTES = 5 * 2**30
 
 
-def hf_tensor_name(gguf_name: str) -> str | None:
-    """The HF name for a llama GGUF tensor name, or None when it has none."""
-    stem, dot, suffix = gguf_name.rpartition(".")
-    if not dot or suffix not in ("weight", "bias"):
-        return None
-    if stem in LLAMA_GLOBAL_NAMES:
-        return f"{LLAMA_GLOBAL_NAMES[stem]}.{suffix}"
-    parts = stem.split(".")
-    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in LLAMA_BLOCK_NAMES:
-        return f"model.layers.{int(parts[1])}.{LLAMA_BLOCK_NAMES[parts[2]]}.{suffix}"
-    return None
+@dataclass(frozen=True)
+class PlannedTensor:
+    """A tensor to write: its name, safetensors dtype and shape are known before its values."""
+
+    name: str
+    dtype: str  # F32 | F16 | BF16 | U32
+    shape: tuple[int, ...]
+    produce: Callable[[], np.ndarray]
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * _ITEMSIZE[self.dtype]
 
 
-def unpermute_rotary(weight: np.ndarray, n_head: int) -> np.ndarray:
-    """Inverse of llama.cpp's q/k permute: interleaved rotary pairs back to HF's rotate-half rows."""
-    head_dim = weight.shape[0] // n_head
-    rest = weight.shape[1:]
-    return weight.reshape(n_head, head_dim // 2, 2, *rest).swapaxes(1, 2).reshape(weight.shape)
+def float32_to_bfloat16_bits(values: np.ndarray) -> np.ndarray:
+    """bfloat16 bit patterns (uint16) of float32 values, rounded to nearest even.
+
+    bits16 = (bits32 + 0x7FFF + ((bits32 >> 16) & 1)) >> 16; NaN stays a (quiet) NaN.
+    """
+    bits = np.ascontiguousarray(values, np.float32).view(np.uint32)
+    rounded = (bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))) >> 16
+    nan = (bits & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
+    return np.where(nan, (bits >> 16) | np.uint32(0x40), rounded).astype(np.uint16)
 
 
-def read_metadata(reader: gguf.GGUFReader) -> dict[str, Any]:
-    """Every key-value field of a GGUF as plain Python values (arrays as lists)."""
-    return {key: field.contents() for key, field in reader.fields.items()
-            if not key.startswith("GGUF.")}
+def _encode(item: PlannedTensor, values: np.ndarray) -> np.ndarray:
+    """The bytes of `values` (some rows of the tensor) as `item.dtype`."""
+    if item.dtype == "BF16":
+        return float32_to_bfloat16_bits(values)
+    if item.dtype == "U32":
+        if values.dtype != np.uint32:
+            raise ValueError(f"tensor {item.name}: produced {values.dtype}, planned uint32")
+        return np.ascontiguousarray(values)
+    out = np.ascontiguousarray(values, np.float16 if item.dtype == "F16" else np.float32)
+    if item.dtype == "F16" and not np.isfinite(out).all() and np.isfinite(values).all():
+        raise ValueError(f"tensor {item.name} overflows float16; use dtype bfloat16 or float32")
+    return out
 
 
-def _shape(tensor: gguf.ReaderTensor) -> tuple[int, ...]:
-    return tuple(int(n) for n in reversed(tensor.shape))  # GGUF lists dims fastest-first
+def write_safetensors(path: Path, items: list[PlannedTensor],
+                      metadata: dict[str, str] | None = None) -> None:
+    """One safetensors file, written tensor by tensor (header first, from the plan)."""
+    header: dict[str, object] = {"__metadata__": metadata or {"format": "pt"}}
+    offset = 0
+    for item in items:
+        header[item.name] = {"dtype": item.dtype, "shape": list(item.shape),
+                             "data_offsets": [offset, offset + item.nbytes]}
+        offset += item.nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as out:
+        out.write(len(text).to_bytes(8, "little"))
+        out.write(text)
+        for item in items:
+            values = item.produce()
+            if tuple(values.shape) != item.shape:
+                raise ValueError(f"tensor {item.name}: produced shape {list(values.shape)}, "
+                                 f"planned {list(item.shape)}")
+            rows = values.reshape(-1, values.shape[-1]) if values.ndim > 1 else values[None]
+            step = max(1, CHUNK_VALUES // max(1, rows.shape[1]))
+            out.writelines(memoryview(_encode(item, rows[start:start + step])).cast("B")
+                           for start in range(0, rows.shape[0], step))  # a chunk at a time
+            del values, rows
 
 
-def _short_float(value: float) -> float:
-    """GGUF stores float32: 9.999999747e-06 -> 1e-05, as the source config wrote it."""
-    return float(str(np.float32(value)))
+def save_weights(items: list[PlannedTensor], out_dir: Path,
+                 max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> list[str]:
+    """model.safetensors, or shards of at most `max_shard_bytes` plus the HF index file."""
+    shards: list[list[PlannedTensor]] = [[]]
+    size = 0
+    for item in items:
+        if shards[-1] and size + item.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(item)
+        size += item.nbytes
+    if len(shards) == 1:
+        write_safetensors(out_dir / "model.safetensors", shards[0])
+        return ["model.safetensors"]
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for name, shard in zip(names, shards):
+        write_safetensors(out_dir / name, shard)
+    index = {"metadata": {"total_size": sum(item.nbytes for item in items)},
+             "weight_map": {item.name: name for name, shard in zip(names, shards) for item in shard}}
+    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return names
 
 
-def llama_config(source: Path, meta: dict[str, Any], shapes: dict[str, tuple[int, ...]],
-                 dtype: str) -> dict[str, Any]:
-    """config.json for LlamaForCausalLM from llama.* metadata and the tensor shapes."""
-    def need(key: str) -> Any:
-        if f"llama.{key}" not in meta:
-            raise ValueError(f"{source}: metadata key llama.{key} is missing")
-        value = meta[f"llama.{key}"]
-        if np.ndim(value) != 0:
-            raise ValueError(f"{source}: llama.{key} varies per layer; not supported")
-        return value
-
-    if int(meta.get("llama.expert_count", 0) or 0) > 0:
-        raise ValueError(f"{source}: llama.expert_count = {meta['llama.expert_count']} "
-                         "(mixture of experts) is not supported")
-    if "rope_freqs.weight" in shapes:
-        raise ValueError(f"{source}: tensor rope_freqs.weight (llama3 rope scaling) is not supported")
-    if "token_embd.weight" not in shapes:
-        raise ValueError(f"{source}: tensor token_embd.weight is missing")
-
-    hidden, heads = int(need("embedding_length")), int(need("attention.head_count"))
-    kv_heads = int(meta.get("llama.attention.head_count_kv", heads))
-    head_dim = int(meta.get("llama.attention.key_length", hidden // heads))
-    rope_dim = int(meta.get("llama.rope.dimension_count", head_dim))
-    if rope_dim != head_dim:
-        raise ValueError(f"{source}: llama.rope.dimension_count = {rope_dim} differs from the "
-                         f"head size {head_dim} (partial rotary is not llama)")
-    rope_scaling = None
-    scaling = meta.get("llama.rope.scaling.type", "none")
-    if scaling == "linear":
-        rope_scaling = {"rope_type": "linear", "factor": float(need("rope.scaling.factor"))}
-    elif scaling != "none":
-        raise ValueError(f"{source}: llama.rope.scaling.type = {scaling!r} is not supported")
-
-    config = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "vocab_size": shapes["token_embd.weight"][0],
-        "hidden_size": hidden,
-        "intermediate_size": int(need("feed_forward_length")),
-        "num_hidden_layers": int(need("block_count")),
-        "num_attention_heads": heads,
-        "num_key_value_heads": kv_heads,
-        "head_dim": head_dim,
-        "hidden_act": "silu",
-        "max_position_embeddings": int(need("context_length")),
-        "rms_norm_eps": _short_float(meta.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
-        "rope_theta": _short_float(meta.get("llama.rope.freq_base", 10000.0)),
-        "rope_scaling": rope_scaling,
-        "attention_bias": "blk.0.attn_q.bias" in shapes,
-        "mlp_bias": "blk.0.ffn_up.bias" in shapes,
-        "tie_word_embeddings": "output.weight" not in shapes,
-        "initializer_range": 0.02,
-        "use_cache": True,
-        "torch_dtype": dtype,
-    }
-    for name in ("bos", "eos", "pad"):
-        key = f"tokenizer.ggml.{'padding' if name == 'pad' else name}_token_id"
-        config[f"{name}_token_id"] = int(meta[key]) if key in meta else None
-    return config
+def write_model_files(out_dir: Path, model: GGUFModel, config: dict) -> None:
+    """config.json, generation_config.json and the tokenizer files."""
+    generation = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+                  if config.get(k) is not None}
+    files = dict(model.tokenizer_files)
+    files["config.json"] = json.dumps(config, indent=2) + "\n"
+    files["generation_config.json"] = json.dumps(generation, indent=2) + "\n"
+    for name, text in files.items():
+        (out_dir / name).write_text(text, encoding="utf-8")
 
 
-def _dequantize(source: Path, tensor: gguf.ReaderTensor) -> np.ndarray:
-    try:
-        values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
-    except NotImplementedError as error:
-        raise ValueError(f"{source}: tensor {tensor.name} has type {tensor.tensor_type.name}, which "
-                         "the installed gguf library cannot dequantise") from error
-    return np.asarray(values, dtype=np.float32).reshape(_shape(tensor))
-
-
-def _check_dtype(dtype: str) -> None:
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype = {dtype!r} is not supported (choose from {', '.join(DTYPES)})")
-    if dtype == "bfloat16":
-        try:
-            import safetensors.torch  # noqa: F401
-            import torch  # noqa: F401
-        except ImportError as error:
-            raise ImportError("dtype='bfloat16' needs torch (numpy has no bfloat16): "
-                              "pip install torch, or use dtype='float32' / 'float16'") from error
-
-
-def save_weights(tensors: dict[str, np.ndarray], path: Path, dtype: str) -> None:
-    """model.safetensors in `dtype` from float32 numpy arrays."""
-    metadata = {"format": "pt"}
-    if dtype == "bfloat16":
-        import torch
-        from safetensors.torch import save_file as save_torch
-
-        save_torch({k: torch.from_numpy(np.array(v, dtype=np.float32)).to(torch.bfloat16)
-                    for k, v in tensors.items()}, str(path), metadata=metadata)
-        return
-    from safetensors.numpy import save_file
-
-    out = {}
-    for name, value in tensors.items():
-        cast = np.ascontiguousarray(value, dtype=np.float16 if dtype == "float16" else np.float32)
-        if dtype == "float16" and not np.isfinite(cast).all():
-            raise ValueError(f"tensor {name} overflows float16; use dtype='bfloat16' or 'float32'")
-        out[name] = cast
-    save_file(out, str(path), metadata=metadata)
-
-
-def _convert_tensors(source: Path, reader: gguf.GGUFReader,
-                     config: dict[str, Any]) -> dict[str, np.ndarray]:
-    heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
-    tensors: dict[str, np.ndarray] = {}
-    for tensor in reader.tensors:
-        hf_name = hf_tensor_name(tensor.name)
-        if hf_name is None:
-            raise ValueError(f"{source}: tensor {tensor.name} has no Hugging Face llama name")
-        value = _dequantize(source, tensor)
-        role = tensor.name.split(".")[-2]
-        if role in heads:
-            value = unpermute_rotary(value, heads[role])
-        tensors[hf_name] = value
-    expected = {"model.embed_tokens.weight", "model.norm.weight"}
-    if not config["tie_word_embeddings"]:
-        expected.add("lm_head.weight")
-    for i in range(config["num_hidden_layers"]):
-        expected.update(f"model.layers.{i}.{name}.weight" for name in LLAMA_BLOCK_NAMES.values())
-    missing = sorted(expected - set(tensors))
-    if missing:
-        raise ValueError(f"{source}: {len(missing)} tensors missing, e.g. {missing[:3]}")
-    return tensors
+def check_dtype(dtype: str, allowed: tuple[str, ...] = DTYPES) -> None:
+    if dtype not in allowed:
+        raise ValueError(f"dtype = {dtype!r} is not supported (choose from {', '.join(allowed)})")
 
 
 def gguf_to_hf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike,
-               dtype: str = "float32", force: bool = False) -> Path:
-    """Import a llama GGUF as a Hugging Face model directory at `out_dir`; returns `out_dir`.
+               dtype: str = "float32", force: bool = False,
+               max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+    """Import a llama / qwen2 GGUF as a Hugging Face model directory at `out_dir`; returns it.
 
-    Nothing is written until the file has been checked; then the directory appears all at once
+    Nothing is written until the whole file has been checked (architecture, metadata, every
+    tensor's name, shape and type, the tokenizer); then the directory appears all at once
     (written to a temporary sibling and renamed), so a failure never leaves a partial model.
     An existing `out_dir` is an error unless `force`.
     """
     source, out_dir = Path(gguf_path), Path(out_dir)
-    _check_dtype(dtype)
+    check_dtype(dtype)
     if not source.is_file():
         raise FileNotFoundError(f"{source}: no such GGUF file")
     check_output_dir(out_dir, force)
-    try:
-        reader = gguf.GGUFReader(source)
-    except (ValueError, OSError) as error:
-        raise ValueError(f"{source}: not a readable GGUF file ({error})") from error
-    meta = read_metadata(reader)
-    arch = meta.get("general.architecture")
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise ValueError(f"{source}: general.architecture = {arch!r} is not supported "
-                         f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
-    config = llama_config(source, meta, {t.name: _shape(t) for t in reader.tensors}, dtype)
-    files = tokenizer_files(str(source), meta, config["max_position_embeddings"])
-    generation = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
-                  if config[k] is not None}
-    files["config.json"] = json.dumps(config, indent=2) + "\n"
-    files["generation_config.json"] = json.dumps(generation, indent=2) + "\n"
-
+    model = open_gguf_model(source, dtype)
+    planned = [PlannedTensor(t.hf_name, SAFETENSORS_DTYPE[dtype], t.shape,
+                             partial(dequantize, source, t)) for t in model.tensors]
     with atomic_output_dir(out_dir, force) as tmp:
-        save_weights(_convert_tensors(source, reader, config), tmp / "model.safetensors", dtype)
-        for name, text in files.items():
-            (tmp / name).write_text(text, encoding="utf-8")
+        save_weights(planned, tmp, max_shard_bytes)
+        write_model_files(tmp, model, model.config)
     return out_dir

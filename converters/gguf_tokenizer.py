@@ -1,4 +1,6 @@
-"""Rebuild a Hugging Face tokenizer from a GGUF file's metadata (direction: GGUF -> HF).
+"""Tokenizers between GGUF metadata and Hugging Face files, in both directions.
+
+GGUF -> HF: `tokenizer_files(source, meta)`. HF -> GGUF: `gguf_tokenizer_fields(model_dir, ...)`.
 
 A GGUF carries no `tokenizer.json`: llama.cpp stores the vocabulary (`tokenizer.ggml.tokens`),
 the BPE merges (`tokenizer.ggml.merges`), a type per token (`tokenizer.ggml.token_type`), the
@@ -7,7 +9,7 @@ module turns those back into the three files `transformers.AutoTokenizer` reads:
 `tokenizer.json`, `tokenizer_config.json` and `special_tokens_map.json`.
 
 Only byte-level BPE (`tokenizer.ggml.model == "gpt2"`, the GPT-2 / Llama-3 / Qwen / SmolLM family)
-is supported so far. The split rules come from llama.cpp's `llama-vocab.cpp`, keyed by
+is supported so far; SentencePiece-style ("llama": Llama-2, Mistral, TinyLlama) is refused by name. The split rules come from llama.cpp's `llama-vocab.cpp`, keyed by
 `tokenizer.ggml.pre`, because the merges only reproduce the original ids when the text is cut
 into words the same way they were learned.
 """
@@ -15,6 +17,7 @@ into words the same way they were learned.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
@@ -170,3 +173,109 @@ def tokenizer_files(
         "tokenizer_config.json": json.dumps(config, indent=2, ensure_ascii=False) + "\n",
         "special_tokens_map.json": json.dumps(special_map, indent=2, ensure_ascii=False) + "\n",
     }
+
+
+# ------------------------------------------------------------------ HF -> GGUF (the inverse)
+
+
+def _pre_tokenizer_json(name: str) -> Any:
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = _pre_tokenizer(name, {"tokenizer.ggml.pre": name})[0]
+    return _without_trim(json.loads(tokenizer.to_str())["pre_tokenizer"])
+
+
+def _without_trim(node: Any) -> Any:
+    """trim_offsets only moves offsets, never the split: ignore it when comparing."""
+    if isinstance(node, dict):
+        return {k: _without_trim(v) for k, v in node.items() if k != "trim_offsets"}
+    if isinstance(node, list):
+        return [_without_trim(v) for v in node]
+    return node
+
+
+def pre_tokenizer_name(path: Path, pre_tokenizer: Any) -> str:
+    """The `tokenizer.ggml.pre` name whose split rules equal tokenizer.json's pre_tokenizer."""
+    wanted = _without_trim(pre_tokenizer)
+    for name in PRE_TOKENIZERS:  # canonical names come first in the table
+        if _pre_tokenizer_json(name) == wanted:
+            return name
+    raise ValueError(f"{path}: pre_tokenizer {json.dumps(pre_tokenizer)[:200]} matches none of "
+                     f"the llama.cpp pre-tokenizers this converter knows "
+                     f"({', '.join(sorted(set(PRE_TOKENIZERS)))})")
+
+
+def _special(config: dict[str, Any], key: str) -> str | None:
+    value = config.get(key)
+    return value.get("content") if isinstance(value, dict) else value
+
+
+def _adds_special(post_processor: Any, position: int) -> bool:
+    """Whether a TemplateProcessing post-processor puts a special token first (0) / last (-1)."""
+    if not isinstance(post_processor, dict):
+        return False
+    if post_processor.get("type") == "Sequence":
+        return any(_adds_special(p, position) for p in post_processor.get("processors", []))
+    single = post_processor.get("single") or []
+    return post_processor.get("type") == "TemplateProcessing" and bool(single) \
+        and "SpecialToken" in single[position]
+
+
+def gguf_tokenizer_fields(model_dir: Path, vocab_size: int,
+                          config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """tokenizer.* metadata (llama.cpp's names, see gguf.Keys.Tokenizer) for an HF model dir.
+
+    Byte-level BPE only: tokens padded with UNUSED "[PAD<i>]" up to `vocab_size` rows,
+    added tokens CONTROL (special) or USER_DEFINED, merges as "a b".
+    """
+    path = model_dir / "tokenizer.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing (a fast tokenizer.json is needed; a "
+                                "SentencePiece tokenizer.model alone is not supported)")
+    data = json.loads(path.read_text(encoding="utf-8"))
+    model = data.get("model") or {}
+    if model.get("type") != "BPE" or model.get("byte_fallback"):
+        kind = "SentencePiece-style BPE" if model.get("byte_fallback") else model.get("type")
+        raise ValueError(f"{path}: model {kind!r} is not supported (supported: byte-level BPE, "
+                         "written as tokenizer.ggml.model 'gpt2')")
+    normalizer = (data.get("normalizer") or {}).get("type")
+    if normalizer not in (None, "NFC"):
+        raise ValueError(f"{path}: normalizer {normalizer!r} is not supported (none or NFC)")
+    pre = pre_tokenizer_name(path, data.get("pre_tokenizer"))
+    ids = {token: int(i) for token, i in model["vocab"].items()}
+    added = {int(t["id"]): t for t in data.get("added_tokens", [])}
+    ids.update({t["content"]: i for i, t in added.items()})
+    if max(ids.values()) >= vocab_size:
+        raise ValueError(f"{path}: token id {max(ids.values())} does not fit the model's "
+                         f"vocab_size {vocab_size}")
+    tokens, types = [f"[PAD{i}]" for i in range(vocab_size)], [UNUSED] * vocab_size
+    for token, i in ids.items():
+        tokens[i], types[i] = token, NORMAL
+    for i, entry in added.items():
+        types[i] = CONTROL if entry.get("special") else USER_DEFINED
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+
+    config_path = model_dir / "tokenizer_config.json"
+    tok_config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    fields: dict[str, Any] = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": pre,
+                              "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": types,
+                              "tokenizer.ggml.merges": merges}
+    model_config = config or {}
+    for name, key in (("bos", "bos_token_id"), ("eos", "eos_token_id"),
+                      ("unk", "unknown_token_id"), ("pad", "padding_token_id")):
+        token = _special(tok_config, f"{name}_token")
+        token_id = ids.get(token) if token is not None else model_config.get(f"{name}_token_id")
+        if isinstance(token_id, list):
+            token_id = token_id[0] if token_id else None
+        if token_id is not None:
+            fields[f"tokenizer.ggml.{key}"] = int(token_id)
+    post = data.get("post_processor")
+    for flag, position in (("add_bos_token", 0), ("add_eos_token", -1)):
+        value = tok_config.get(flag)
+        fields[f"tokenizer.ggml.{flag}"] = bool(_adds_special(post, position)
+                                                if value is None else value)
+    template = tok_config.get("chat_template")
+    if template is None and (model_dir / "chat_template.jinja").is_file():
+        template = (model_dir / "chat_template.jinja").read_text(encoding="utf-8")
+    if template:
+        fields["tokenizer.chat_template"] = template
+    return fields

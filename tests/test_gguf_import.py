@@ -225,8 +225,11 @@ def test_tied_embeddings_and_half_dtypes(tmp_path):
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
-    ({"arch": "mamba"}, r"m\.gguf: general\.architecture = 'mamba' is not supported"),
+    ({"arch": "mamba"}, (r"m\.gguf: general\.architecture = 'mamba' is not supported "
+                         r"\(supported: llama, qwen2\)")),
     ({"tokenizer": "llama"}, r"m\.gguf: tokenizer\.ggml\.model = 'llama' is not supported"),
+    ({"extra": {"blk.0.attn_q.bias": np.zeros(63, np.float32)}},  # checked before any writing
+     r"m\.gguf: tensor blk\.0\.attn_q\.bias has shape \[63\], the config implies \[64\]"),
 ])
 def test_unsupported_metadata_fails_before_writing(tmp_path, kwargs, message):
     write_tiny_gguf(tmp_path / "m.gguf", **kwargs)
@@ -236,7 +239,7 @@ def test_unsupported_metadata_fails_before_writing(tmp_path, kwargs, message):
 
 
 def test_unsupported_tensor_type_names_file_tensor_and_type(tmp_path):
-    # Fails while writing (i32 is met mid-import): the temporary directory must be removed.
+    # Every tensor's type is checked before the output directory is created.
     write_tiny_gguf(tmp_path / "m.gguf", extra={"blk.0.attn_q.bias": np.zeros(64, np.int32)})
     with pytest.raises(ValueError, match=r"m\.gguf: tensor blk\.0\.attn_q\.bias has type I32"):
         gguf_to_hf(tmp_path / "m.gguf", tmp_path / "out")
