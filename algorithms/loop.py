@@ -117,7 +117,7 @@ def train(cfg: Any, backend: Any, loss_fn: Any, train_plan: BatchPlan,
     n_steps = total_steps(cfg, train_plan.num_batches)
     step, cursor = 0, Cursor()
     if cfg.resume:
-        step, cursor = _resume(cfg, backend, run_dir)
+        step, cursor = resume(cfg, backend, run_dir)
     log = MetricsLog(run_dir, n_steps, step, cfg.progress)
     stream = micro_batch_stream(train_plan, cursor)
     window = _Window()
@@ -155,10 +155,10 @@ def train(cfg: Any, backend: Any, loss_fn: Any, train_plan: BatchPlan,
                 valid_loss = run_eval()
                 window.restart()  # evaluation time is not training time
             if cfg.save_every and step % cfg.save_every == 0 and step < n_steps:
-                _save(cfg, backend, run_dir, step, cursor)
+                save(cfg, backend, run_dir, step, cursor)
                 window.restart()
         valid_loss = run_eval()
-        _save(cfg, backend, run_dir, step, cursor)
+        save(cfg, backend, run_dir, step, cursor)
         ckpt.write_atomically(run_dir / "adapters", lambda d: backend.save_adapters(str(d)))
     finally:
         log.close()
@@ -220,13 +220,16 @@ class _Window:
         return record
 
 
-def _save(cfg: Any, backend: Any, run_dir: Path, step: int, cursor: Cursor) -> None:
+def save(cfg: Any, backend: Any, run_dir: Path, step: int, cursor: Cursor) -> None:
+    """A checkpoint of the run at ``step`` with its data ``cursor`` (every loop's format)."""
     state = {"step": step, "cursor": dataclasses.asdict(cursor), "config": cfg.to_dict(),
              "backend": backend.name}
     ckpt.save_checkpoint(run_dir, step, backend, state)
 
 
-def _resume(cfg: Any, backend: Any, run_dir: Path) -> tuple[int, Cursor]:
+def resume(cfg: Any, backend: Any, run_dir: Path) -> tuple[int, Cursor]:
+    """Load the latest checkpoint into ``backend``; its step and data cursor. Refuses another
+    backend's checkpoint or a changed run-shaping setting."""
     latest = ckpt.latest_checkpoint(run_dir)
     if latest is None:
         raise FileNotFoundError(f"--resume: no checkpoint under {run_dir / 'checkpoints'}")

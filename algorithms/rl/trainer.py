@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from .. import checkpoint as ckpt
-from ..loop import TrainResult, combine
+from ..loop import Cursor, TrainResult, combine, resume, save
 from ..metrics import MetricsLog
 from ..schedule import learning_rate
 from .batches import micro_batches
@@ -188,19 +188,9 @@ def _save_period(cfg: Any) -> int:
 
 
 def _save(cfg: Any, backend: Any, run_dir: Path, step: int, stream: PromptStream) -> None:
-    state = {"step": step, "cursor": stream.cursor, "config": cfg.to_dict(),
-             "backend": backend.name}
-    ckpt.save_checkpoint(run_dir, step, backend, state)
+    save(cfg, backend, run_dir, step, Cursor(stream.epoch, stream.index))
 
 
 def _resume(cfg: Any, backend: Any, run_dir: Path, dataset: Any) -> tuple[int, PromptStream]:
-    latest = ckpt.latest_checkpoint(run_dir)
-    if latest is None:
-        raise FileNotFoundError(f"--resume: no checkpoint under {run_dir / 'checkpoints'}")
-    state = ckpt.read_trainer_state(latest)
-    if state.get("backend") != backend.name:
-        raise ValueError(f"--resume: {latest} was written by the {state.get('backend')} backend; "
-                         f"this is the {backend.name} backend")
-    ckpt.check_resume_config(state["config"], cfg.to_dict(), latest)
-    backend.load_state(str(latest))
-    return state["step"], PromptStream(dataset, cfg.seed, **state["cursor"])
+    step, cursor = resume(cfg, backend, run_dir)
+    return step, PromptStream(dataset, cfg.seed, cursor.epoch, cursor.index)
