@@ -18,14 +18,12 @@ that needs one imports it when it runs.
 """
 
 from .adapters import mlx_adapter_to_peft, peft_to_mlx_adapter
-from .fuse import fuse
 from .gguf_to_hf import gguf_to_hf
-from .gguf_to_mlx import gguf_to_mlx
 from .hf_mlx import hf_to_mlx, mlx_to_hf
-from .hf_to_gguf import hf_to_gguf
 from .inspect import describe
 from .models import KNOWN_MODELS, resolve_model
 
-__all__ = ["KNOWN_MODELS", "describe", "fuse", "gguf_to_hf", "gguf_to_mlx", "hf_to_gguf",
-           "hf_to_mlx", "mlx_adapter_to_peft", "mlx_to_hf", "peft_to_mlx_adapter",
-           "resolve_model"]
+# `fuse`, `gguf_to_mlx` and `hf_to_gguf` share their module's name; import them from it
+# (`from converters.fuse import fuse`) so `converters.fuse` stays the module.
+__all__ = ["KNOWN_MODELS", "describe", "gguf_to_hf", "hf_to_mlx", "mlx_adapter_to_peft",
+           "mlx_to_hf", "peft_to_mlx_adapter", "resolve_model"]

@@ -16,6 +16,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tiny import make_tiny_model, make_tiny_tokenizer
 
+import mlx_ft  # noqa: F401 - loads the system OpenBLAS before any test imports mlx.core
+
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dir(tmp_path_factory) -> Path:

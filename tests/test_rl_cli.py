@@ -155,7 +155,7 @@ def test_loss_and_gradient_match_across_backends(variant, tiny_llama_dir, tiny_t
     for key in g_mlx:  # 1e-5 absolute, and fp32-rounding close relative to the tensor's norm
         np.testing.assert_allclose(g_mlx[key], g_torch[key], atol=1e-5, rtol=0, err_msg=key)
         error = np.linalg.norm(g_mlx[key] - g_torch[key]) / np.linalg.norm(g_torch[key])
-        assert error < 1e-4, (key, error)
+        assert error < 1e-3, (key, error)
     assert all(np.abs(g).max() > 0 for g in g_mlx.values())
 
 
