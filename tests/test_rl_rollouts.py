@@ -115,3 +115,38 @@ def test_micro_batches_layout(mask_truncated):
     assert float(first["temperature"]) == pytest.approx(0.7)
     order = np.concatenate([a["advantages"] for a in arrays])
     assert sorted(order.tolist()) == sorted(rollouts.advantages.tolist())
+
+
+class StatsBackend(ScriptedBackend):
+    """Counts the no-gradient passes the loop asks for."""
+
+    def __init__(self):
+        super().__init__()
+        self.passes = []
+
+    def per_token_entropy(self, arrays):
+        self.passes.append("entropy")
+        return np.full(arrays["loss_mask"].shape, 2.0, np.float32)
+
+    def per_token_logps(self, arrays):
+        self.passes.append("old")
+        return np.zeros(arrays["loss_mask"].shape, np.float32)
+
+    def reference_per_token_logps(self, arrays):
+        self.passes.append("reference")
+        return np.zeros(arrays["loss_mask"].shape, np.float32)
+
+
+@pytest.mark.parametrize("beta, mu, wanted", [(0.0, 1, set()), (0.04, 1, {"reference"}),
+                                              (0.0, 2, {"old"}), (0.04, 2, {"old", "reference"})])
+def test_reference_only_with_kl_and_old_logps_only_off_policy(beta, mu, wanted):
+    from algorithms.rl.trainer import _prepare_batches
+
+    backend = StatsBackend()
+    cfg = _cfg(beta=beta, num_iterations=mu)
+    rollouts = generate(cfg, backend, PromptStream(_dataset(["mixed", "flat"]), seed=0),
+                        RewardScorer([reward_b]), step=0)
+    arrays, stats = _prepare_batches(cfg, backend, rollouts, pad_id=0)
+    assert set(backend.passes) - {"entropy"} == wanted
+    assert ("ref_logps" in arrays[0]) == (beta > 0) and ("old_logps" in arrays[0]) == (mu > 1)
+    assert stats["entropy"] == pytest.approx(2.0)
