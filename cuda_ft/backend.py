@@ -22,8 +22,15 @@ import torch
 
 from algorithms.backend import LossFn, attention_allowed
 
+from . import varlen
 from .device import choose_device
-from .logprobs import chunked_entropy, chunked_log_sum_sq, chunked_token_logps
+from .logprobs import (
+    chunked_entropy,
+    chunked_log_sum_sq,
+    chunked_token_logps,
+    frozen_head_weight,
+    fused_token_logps,
+)
 from .model import canonical_parameters, load_model, set_adapter_training
 from .ops import TorchOps
 from .reference import Reference
@@ -109,14 +116,40 @@ class TorchBackend:
         ).last_hidden_state
 
     def _token_logps(self, batch: dict[str, np.ndarray], tensors: dict[str, torch.Tensor],
-                     hf_model: torch.nn.Module | None = None) -> torch.Tensor:
-        """Per-token log-probs ``[B, T]`` float32 of ``targets`` (grad follows the context)."""
+                     hf_model: torch.nn.Module | None = None, train: bool = False) -> torch.Tensor:
+        """Per-token log-probs ``[B, T]`` float32 of ``targets`` (grad follows the context).
+
+        Padding-free (:mod:`cuda_ft.varlen`) where the model family allows: only real tokens
+        are run, padding positions get 0. ``train`` (the pass whose gradient is taken) allows
+        the fused head (:func:`cuda_ft.logprobs.fused_token_logps`) when the head is frozen.
+        """
         hf_model = self.hf_model if hf_model is None else hf_model
+        head = hf_model.get_output_embeddings()
+        temperature = float(batch.get("temperature", 1.0))
+        weight = frozen_head_weight(head) if train else None
         with self._autocast():
-            hidden = self._hidden(batch, tensors, hf_model)
-            return chunked_token_logps(hidden, hf_model.get_output_embeddings(),
-                                       tensors["targets"], self.cfg.logprob_chunk_size,
-                                       float(batch.get("temperature", 1.0)))
+            if not varlen.enable(hf_model):
+                hidden = self._hidden(batch, tensors, hf_model)
+                if weight is None:
+                    return chunked_token_logps(hidden, head, tensors["targets"],
+                                               self.cfg.logprob_chunk_size, temperature)
+                b, t, h = hidden.shape
+                return fused_token_logps(hidden.reshape(b * t, h), weight,
+                                         tensors["targets"].reshape(b * t),
+                                         self.cfg.logprob_chunk_size, temperature).reshape(b, t)
+            ids, positions, targets, spans, where = varlen.flatten(batch, self.device)
+            hidden = hf_model.get_decoder()(input_ids=ids, position_ids=positions,
+                                            use_cache=False,
+                                            posttrain_spans=spans).last_hidden_state[0]
+            if weight is None:
+                flat = chunked_token_logps(hidden[None], head, targets[None],
+                                           self.cfg.logprob_chunk_size, temperature)[0]
+            else:
+                flat = fused_token_logps(hidden, weight, targets, self.cfg.logprob_chunk_size,
+                                         temperature)
+        out = torch.zeros(tuple(np.asarray(batch["input_ids"]).shape), dtype=flat.dtype,
+                          device=self.device)
+        return out.index_put(where, flat)
 
     def per_token_log_sum_sq(self, batch: dict[str, np.ndarray]) -> np.ndarray:
         """``log sum_v p_v^2`` at every position under the policy (WPO), no gradient."""
@@ -136,11 +169,12 @@ class TorchBackend:
                                   self.cfg.logprob_chunk_size, float(batch.get("temperature", 1.0)))
         return out.float().cpu().numpy()
 
-    def _loss(self, batch: dict[str, np.ndarray], loss_fn: LossFn) -> tuple[torch.Tensor, dict]:
+    def _loss(self, batch: dict[str, np.ndarray], loss_fn: LossFn,
+              train: bool = False) -> tuple[torch.Tensor, dict]:
         tensors = self._to_tensors(batch)
         if "num_items" in tensors:
             tensors["num_items"] = tensors["num_items"].reshape(())
-        logps = self._token_logps(batch, tensors)
+        logps = self._token_logps(batch, tensors, train=train)
         return loss_fn(self.ops, logps, tensors)
 
     def _metrics(self, loss: torch.Tensor, metrics: dict) -> dict[str, float]:
@@ -150,7 +184,7 @@ class TorchBackend:
     def forward_backward(self, batch: dict[str, np.ndarray], loss_fn: LossFn) -> dict[str, float]:
         """Loss of one micro-batch; its gradients are added to those already accumulated."""
         set_adapter_training(self.model, True)
-        loss, metrics = self._loss(batch, loss_fn)
+        loss, metrics = self._loss(batch, loss_fn, train=True)
         loss.backward()
         return self._metrics(loss, metrics)
 

@@ -12,9 +12,15 @@ chunk's hidden states and targets for backward and recomputes the chunk's logits
 most one ``[chunk_size, V]`` block of logits exists at a time, forward or backward.
 
 ``reference_token_logps`` is the plain full-logits formula the chunked path is tested against.
+
+When the output projection is frozen (LoRA / DoRA), training uses :func:`fused_token_logps`
+instead: the gradient w.r.t. the hidden states is formed in the forward pass, so backward
+needs neither the logits nor their recomputation.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 from torch import nn
@@ -61,6 +67,55 @@ def chunked_token_logps(hidden: torch.Tensor, lm_head: nn.Module, targets: torch
         else:
             pieces.append(_chunk_token_logps(lm_head, h, t, temperature))
     return torch.cat(pieces).reshape(batch, length)
+
+
+class _FusedChunk(torch.autograd.Function):
+    """log-probs of one chunk and, in the same pass, their gradient w.r.t. the hidden states."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, temperature):
+        logits = (hidden @ weight.t()).float()
+        if temperature != 1.0:
+            logits = logits / temperature
+        lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+        logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse.squeeze(-1)
+        probs = torch.exp(logits.sub_(lse))  # logits are not needed after this
+        grad = weight[targets].float() - (probs.to(weight.dtype) @ weight).float()
+        if temperature != 1.0:
+            grad = grad / temperature
+        ctx.save_for_backward(grad.to(hidden.dtype))
+        return logps
+
+    @staticmethod
+    def backward(ctx, grad_logps):
+        (grad,) = ctx.saved_tensors
+        return grad_logps.unsqueeze(-1).to(grad.dtype) * grad, None, None, None
+
+
+def frozen_head_weight(lm_head: nn.Module) -> torch.Tensor | None:
+    """The ``[V, H]`` weight of a frozen, bias-free ``nn.Linear`` head (LoRA / DoRA), else None
+    (then the checkpointed path runs). ``POSTTRAIN_TORCH_FUSED_HEAD=0`` turns it off."""
+    if os.environ.get("POSTTRAIN_TORCH_FUSED_HEAD", "1") == "0" \
+            or type(lm_head) is not nn.Linear or lm_head.bias is not None \
+            or lm_head.weight.requires_grad:
+        return None
+    return lm_head.weight
+
+
+def fused_token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                      chunk_size: int, temperature: float = 1.0) -> torch.Tensor:
+    """``log softmax(h W^T / T)[target]`` for ``hidden [N, H]`` and a FROZEN ``weight [V, H]``.
+
+    Per chunk: ``log p = z[t] - logsumexp(z)`` and ``d log p / d h = (W[t] - softmax(z) W) / T``
+    in one pass over the chunk's logits ``z``; backward scales the saved ``[N, H]`` gradient by
+    the incoming one. Compared with the checkpointed path it skips recomputing the logits
+    (one ``[chunk, V] x [V, H]`` matmul fewer per token). No gradient reaches ``weight``.
+    """
+    targets = targets.long().clamp(min=0)
+    pieces = [_FusedChunk.apply(hidden[i:i + chunk_size], weight, targets[i:i + chunk_size],
+                                temperature)
+              for i in range(0, hidden.shape[0], chunk_size)]
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
 
 @torch.no_grad()

@@ -25,6 +25,7 @@ into ``num_items``).
 from __future__ import annotations
 
 import bisect
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -148,3 +149,20 @@ def position_ids(segment_ids: np.ndarray) -> np.ndarray:
     starts = np.concatenate([np.ones_like(seg[:, :1], dtype=bool), seg[:, 1:] != seg[:, :-1]], 1)
     first = np.maximum.accumulate(np.where(starts, t, 0), axis=1)
     return (t - first).astype(np.int32)
+
+
+def document_spans(segment_ids: np.ndarray) -> list[tuple[int, int, int]]:
+    """``(row, start, length)`` of every document in a batch, row by row, in position order.
+
+    What the padding-free paths of both backends run: only these tokens, attention inside each
+    span, rotary positions ``start .. start + length - 1`` (the positions the padded path uses).
+    """
+    seg = np.asarray(segment_ids)
+    spans = []
+    for r in range(seg.shape[0]):
+        row = seg[r]
+        edges = np.flatnonzero(np.diff(row, prepend=0, append=0))
+        for a, b in itertools.pairwise(edges):
+            if row[a] > 0:
+                spans.append((r, int(a), int(b - a)))
+    return spans

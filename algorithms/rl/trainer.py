@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from .. import checkpoint as ckpt
-from ..loop import Cursor, TrainResult, combine, resume, save
+from ..loop import Cursor, TrainResult, combine, memory_stats, resume, save
 from ..metrics import MetricsLog
 from ..schedule import learning_rate
 from .batches import micro_batches
@@ -86,7 +86,9 @@ def train(cfg: Any, backend: Any, loss_fn: Any, data: Any, run_dir: Path,
                 log.write({"split": "train", "step": step,
                            "epoch": round(stream.fractional_epoch, 4), **_mean(window),
                            "learning_rate": lr, "tokens_per_second": window_tokens / elapsed,
-                           "peak_memory_gb": backend.peak_memory_bytes() / 1e9})
+                           "step_time": elapsed / len(window),
+                           "peak_memory_gb": backend.peak_memory_bytes() / 1e9,
+                           **memory_stats(backend)})
                 window, window_start, window_tokens = [], time.perf_counter(), 0
             log.advance()
             at_boundary = step % cfg.num_iterations == 0

@@ -1,0 +1,81 @@
+"""``--compare trl``: the recipe through TRL's ``SFTTrainer`` + PEFT LoRA (where TRL is installed).
+
+TRL is not a dependency of this project: when ``import trl`` fails in a probe subprocess the
+run is reported as skipped with the ``pip install`` line. The trainer script is
+:mod:`scripts.benchkit.trl_entry`, fed a JSON spec generated from the recipe.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from . import proc
+from .measure import Run, memory_from_metrics, read_jsonl, steps_from_metrics
+from .recipe import Recipe, block_linear_names, data_fingerprint, resolved_dtype
+from .run_ours import normalise_targets
+
+SUPPORTED = ("sft",)
+
+
+def trl_version() -> str | None:
+    probe = subprocess.run([sys.executable, "-c", "import trl, peft; print(trl.__version__)"],
+                           check=False, capture_output=True, text=True,
+                           env=proc.child_env())
+    return probe.stdout.strip() if probe.returncode == 0 else None
+
+
+def run_trl(device: str, recipe: Recipe, model: Path, data: Path, out: Path,
+            timeout: float | None = None) -> Run:
+    name = f"trl-{device}"
+    run_dir = out / "runs" / name
+    run = Run(name, "trl", "torch", device, run_dir=str(run_dir))
+    version = trl_version()
+    if version is None:
+        run.status, run.message = "skipped", ("TRL is not importable here; to compare with it: "
+                                              "pip install trl  (not a dependency of posttrain)")
+        return run
+    if recipe.algorithm not in SUPPORTED or recipe.fine_tune_type != "lora":
+        run.status, run.message = "skipped", ("--compare trl supports LoRA sft; the recipe is "
+                                              f"{recipe.fine_tune_type} {recipe.algorithm}")
+        return run
+    run_dir.mkdir(parents=True, exist_ok=True)
+    targets = normalise_targets(recipe.target_modules, model) if recipe.target_modules \
+        else block_linear_names(model)
+    spec = {"model": str(model), "data": str(data), "out": str(run_dir),
+            "batch_size": recipe.batch_size, "max_length": recipe.max_length,
+            "steps": recipe.steps, "learning_rate": recipe.learning_rate, "seed": recipe.seed,
+            "lora_rank": recipe.lora_rank, "lora_alpha": recipe.lora_alpha,
+            "target_modules": sorted({t.rsplit(".", 1)[-1] for t in targets}),
+            "dtype": resolved_dtype(recipe, device), "device": device}
+    (run_dir / "spec.json").write_text(json.dumps(spec, indent=2) + "\n")
+    metrics = run_dir / "metrics.jsonl"
+    metrics.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "scripts.benchkit.trl_entry", str(run_dir / "spec.json")]
+    env = {"CUDA_VISIBLE_DEVICES": ""} if device == "cpu" else {}
+    run.command, run.env = cmd, env
+    result = proc.run(cmd, run_dir, f"{name} (TRL {version})", metrics, recipe.steps, env,
+                      timeout)
+    run.wall_s, run.cpu_s = result.wall_s, result.cpu_s
+    records = read_jsonl(metrics)
+    run.steps = steps_from_metrics(records)
+    run.memory = {**memory_from_metrics(records), "peak_rss": result.peak_rss_bytes / 1e9}
+    if result.returncode != 0 or not run.steps:
+        run.status = "failed"
+        run.message = result.failure()
+        return run
+    run.settings = read_settings(run_dir / "settings.json")
+    return run
+
+
+def read_settings(path: Path) -> dict:
+    cfg = json.loads(path.read_text())
+    model = Path(cfg["model"]).resolve()
+    return {**{k: cfg[k] for k in ("fine_tune_type", "lora_rank", "batch_size", "max_length",
+                                   "steps", "dtype")},
+            "model": str(model), "data": data_fingerprint(Path(cfg["data"])),
+            "lora_alpha": float(cfg["lora_alpha"]),
+            "target_modules": normalise_targets(cfg["target_modules"], model),
+            "learning_rate": float(cfg["learning_rate"])}
