@@ -127,3 +127,17 @@ def summarize(steps: list[dict], warmup: int) -> dict[str, Any]:
     if split:
         out["time_split"] = split
     return out
+
+
+def record_outcome(run: Run, result: Any, metrics: Path) -> bool:
+    """Fill ``run`` with what its finished subprocess measured (times, steps, memory); False,
+    with ``run.status = "failed"`` and the reason, when it failed or logged no step."""
+    run.wall_s, run.cpu_s = result.wall_s, result.cpu_s
+    records = read_jsonl(metrics)
+    run.steps = steps_from_metrics(records)
+    run.memory = {**memory_from_metrics(records), "peak_rss": result.peak_rss_bytes / 1e9}
+    if result.returncode != 0 or not run.steps:
+        run.status = "failed"
+        run.message = result.failure()
+        return False
+    return True

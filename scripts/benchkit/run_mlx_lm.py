@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 
 from . import proc
-from .measure import Run, memory_from_metrics, read_jsonl, steps_from_metrics
+from .measure import Run, record_outcome
 from .recipe import Recipe, block_linear_names, data_fingerprint, stored_dtype
 from .run_ours import normalise_targets
 
@@ -65,13 +65,7 @@ def run_mlx_lm(device: str, recipe: Recipe, model: Path, data: Path, out: Path,
            *(["--mlx-cpu"] if force_cpu else []), "--", "--config", str(config)]
     run.command = cmd
     result = proc.run(cmd, run_dir, name, metrics, recipe.steps, timeout=timeout)
-    run.wall_s, run.cpu_s = result.wall_s, result.cpu_s
-    records = read_jsonl(metrics)
-    run.steps = steps_from_metrics(records)
-    run.memory = {**memory_from_metrics(records), "peak_rss": result.peak_rss_bytes / 1e9}
-    if result.returncode != 0 or not run.steps:
-        run.status = "failed"
-        run.message = result.failure()
+    if not record_outcome(run, result, metrics):
         return run
     run.settings = read_settings(run_dir / "adapters" / "adapter_config.json")
     return run

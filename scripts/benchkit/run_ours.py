@@ -14,7 +14,7 @@ from pathlib import Path
 
 from . import proc
 from .backends import Target
-from .measure import Run, memory_from_metrics, read_jsonl, steps_from_metrics
+from .measure import Run, record_outcome
 from .recipe import Recipe, block_linear_names, data_fingerprint, our_flags, resolved_dtype
 
 
@@ -41,13 +41,7 @@ def run_ours(t: Target, recipe: Recipe, model: Path, data: Path, out: Path, vari
               run_dir=str(run_dir))
     metrics = run_dir / "train" / "metrics.jsonl"
     result = proc.run(cmd, run_dir, name, metrics, recipe.steps, env, timeout)
-    run.wall_s, run.cpu_s = result.wall_s, result.cpu_s
-    records = read_jsonl(metrics)
-    run.steps = steps_from_metrics(records)
-    run.memory = {**memory_from_metrics(records), "peak_rss": result.peak_rss_bytes / 1e9}
-    if result.returncode != 0 or not run.steps:
-        run.status = "failed"
-        run.message = result.failure()
+    if not record_outcome(run, result, metrics):
         return run
     run.settings = read_settings(run_dir / "train" / "config.json", result.log)
     return run

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from . import proc
-from .measure import Run, memory_from_metrics, read_jsonl, steps_from_metrics
+from .measure import Run, record_outcome
 from .recipe import Recipe, block_linear_names, data_fingerprint, resolved_dtype
 from .run_ours import normalise_targets
 
@@ -58,13 +58,7 @@ def run_trl(device: str, recipe: Recipe, model: Path, data: Path, out: Path,
     run.command, run.env = cmd, env
     result = proc.run(cmd, run_dir, f"{name} (TRL {version})", metrics, recipe.steps, env,
                       timeout)
-    run.wall_s, run.cpu_s = result.wall_s, result.cpu_s
-    records = read_jsonl(metrics)
-    run.steps = steps_from_metrics(records)
-    run.memory = {**memory_from_metrics(records), "peak_rss": result.peak_rss_bytes / 1e9}
-    if result.returncode != 0 or not run.steps:
-        run.status = "failed"
-        run.message = result.failure()
+    if not record_outcome(run, result, metrics):
         return run
     run.settings = read_settings(run_dir / "settings.json")
     return run
