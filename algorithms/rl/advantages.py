@@ -130,14 +130,15 @@ def group_advantages(rewards: np.ndarray, weights: Sequence[float] | np.ndarray,
         raise ValueError(f"{len(names)} names for {rewards.shape[1]} reward functions")
     stats: dict[str, float] = {}
     for name, column in zip(names, rewards.T):
-        stats[f"rewards/{name}/mean"], stats[f"rewards/{name}/std"] = _mean_std(column)
-    stats["reward"], stats["reward_std"] = _mean_std(total)
+        stats[f"rewards/{name}/mean"], stats[f"rewards/{name}/std"] = nan_mean_std(column)
+    stats["reward"], stats["reward_std"] = nan_mean_std(total)
     stats["frac_reward_zero_std"] = float(np.mean(zero_std_groups(total, num_generations)))
     stats["advantages/abs_mean"] = float(np.mean(np.abs(adv)))
     return adv, stats
 
 
-def _mean_std(values: np.ndarray) -> tuple[float, float]:
+def nan_mean_std(values: np.ndarray) -> tuple[float, float]:
+    """Mean and population std of the non-NaN values (NaN, NaN when there are none)."""
     finite = values[~np.isnan(values)]
     if not finite.size:
         return float("nan"), float("nan")

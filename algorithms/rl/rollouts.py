@@ -115,9 +115,7 @@ def generate(cfg: Any, backend: Any, stream: PromptStream, scorer: Any, step: in
     completions = [c for grp in kept for c in grp.completions]
     lengths = np.array([len(c.ids) for c in completions], dtype=np.float64)
     stats = {
-        **{f"rewards/{name}/mean": _nan_stat(np.nanmean, v) for name, v in rewards.items()},
-        **{f"rewards/{name}/std": _nan_stat(np.nanstd, v) for name, v in rewards.items()},
-        "reward": _nan_stat(np.nanmean, total), "reward_std": _nan_stat(np.nanstd, total),
+        **adv_stats,  # reward mean / std per function and of the total, advantages/abs_mean
         # over every group sampled this step, before dynamic sampling dropped any
         "frac_reward_zero_std": flat_groups / sampled_groups,
         "completions/mean_length": float(lengths.mean()),
@@ -132,12 +130,6 @@ def generate(cfg: Any, backend: Any, stream: PromptStream, scorer: Any, step: in
                       "dynamic_sampling/dropped_groups": float(sampled_groups - len(kept)
                                                                + topped_up),
                       "dynamic_sampling/topped_up_groups": float(topped_up)})
-    stats.update({k: float(v) for k, v in adv_stats.items() if np.isscalar(v)
-                  and k not in stats})
     return Rollouts([e for grp in kept for e in grp.examples], completions, rewards, total,
                     np.asarray(advantages, dtype=np.float32), stats)
 
-
-def _nan_stat(fn: Any, values: np.ndarray) -> float:
-    finite = values[~np.isnan(values)]
-    return float(fn(finite)) if finite.size else float("nan")

@@ -32,6 +32,7 @@ from .. import checkpoint as ckpt
 from ..loop import Cursor, TrainResult, combine, memory_stats, resume, save
 from ..metrics import MetricsLog
 from ..schedule import learning_rate
+from .advantages import nan_mean_std
 from .batches import micro_batches
 from .data import PromptStream
 from .rollouts import Rollouts, generate, reward_view, round_seed, sampling_params, score
@@ -140,13 +141,10 @@ def evaluate_rewards(cfg: Any, backend: Any, dataset: Any, scorer: Any, step: in
     completions = backend.sample([e.prompt_ids for e in examples], sampling_params(cfg),
                                  round_seed(cfg.seed, -1, 0))
     scores = score(scorer, examples, completions, step)
-    record = {"split": "valid", "step": step,
-              "reward": float(np.nanmean(scores.total)) if np.isfinite(scores.total).any()
-              else float("nan"),
+    record = {"split": "valid", "step": step, "reward": nan_mean_std(scores.total)[0],
               "completions/mean_length": float(np.mean([len(c.ids) for c in completions]))}
     for name, values in scores.per_function.items():
-        finite = values[~np.isnan(values)]
-        record[f"rewards/{name}/mean"] = float(finite.mean()) if finite.size else float("nan")
+        record[f"rewards/{name}/mean"] = nan_mean_std(values)[0]
     return record
 
 
