@@ -308,15 +308,13 @@ class TorchBackend:
 
     def peak_memory_bytes(self) -> int:
         """CUDA peak allocated bytes on a GPU, else the process's peak resident set size."""
-        if self.device.type == "cuda":
-            return int(torch.cuda.max_memory_allocated(self.device))
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return int(peak if sys.platform == "darwin" else peak * 1024)  # macOS: bytes; Linux: KiB
+        stats = self.memory_stats()
+        return stats.get("cuda_peak", stats["peak_rss"])
 
     def memory_stats(self) -> dict[str, int]:
         """Peak bytes by kind: the process's peak resident set, and torch's CUDA peak allocated."""
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        stats = {"peak_rss": int(peak if sys.platform == "darwin" else peak * 1024)}
+        stats = {"peak_rss": int(peak if sys.platform == "darwin" else peak * 1024)}  # KiB on Linux
         if self.device.type == "cuda":
             stats["cuda_peak"] = int(torch.cuda.max_memory_allocated(self.device))
         return stats

@@ -211,8 +211,8 @@ class MLXBackend:
         return sample(self.model, self.tokenizer, prompts, params, seed, eos_ids)
 
     def peak_memory_bytes(self) -> int:
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-        return max(int(mx.get_peak_memory()), rss)
+        """The larger of MLX's allocator peak and the process's peak resident set."""
+        return max(self.memory_stats().values())
 
     def memory_stats(self) -> dict[str, int]:
         """Peak bytes by kind: MLX's allocator peak and the process's peak resident set."""
