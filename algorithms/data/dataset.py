@@ -10,13 +10,12 @@ no chat template for chat data, ``--train-on completion`` on text) always raise.
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .formats import FORMAT_NAMES, TEXT, check_record
-from .records import DataError, load_split, split_path
+from .records import DataError, Record, load_split, nothing_usable, split_path, validate_records
 from .tokenize import TRAIN_ON, Example, tokenize_record
 
 
@@ -91,28 +90,21 @@ def prepare_dataset(path: str | Path, split: str, tokenizer: Any,
     tokenizer = unwrap_tokenizer(tokenizer)
     fmt, first_source = None, ""
     examples: list[Example] = []
-    skipped: Counter[str] = Counter()
-    messages: list[str] = []
-    for record in records:
-        try:
-            record_format = check_record(record, fmt, first_source)
-            if fmt is None:
-                fmt, first_source = record_format, record.source
-                if train_on == "completion" and fmt == TEXT:
-                    raise DataError(f"{file}: --train-on completion needs prompt/completion or "
-                                    "messages data; this file is text (use --train-on auto or "
-                                    "all)", source=file)
-            examples.append(tokenize_record(record, record_format, tokenizer, train_on,
-                                            max_length))
-        except DataError as e:
-            if not skip_invalid or e.rule == "file":
-                raise
-            skipped[e.rule] += 1
-            messages.append(str(e))
+
+    def handle(record: Record) -> None:
+        nonlocal fmt, first_source
+        record_format = check_record(record, fmt, first_source)
+        if fmt is None:
+            fmt, first_source = record_format, record.source
+            if train_on == "completion" and fmt == TEXT:
+                raise DataError(f"{file}: --train-on completion needs prompt/completion or "
+                                "messages data; this file is text (use --train-on auto or "
+                                "all)", source=file)
+        examples.append(tokenize_record(record, record_format, tokenizer, train_on, max_length))
+
+    skipped, messages = validate_records(records, handle, skip_invalid)
     if not examples:
-        why = f"; all {sum(skipped.values())} were invalid, the first: {messages[0]}" if skipped \
-            else ""
-        raise DataError(f"{file}: no usable examples{why}", source=file)
+        raise nothing_usable(file, skipped, messages)
     report = DatasetReport(
         path=file, format=fmt or "", max_length=max_length, n_examples=len(examples),
         n_skipped_by_rule=dict(sorted(skipped.items())),
@@ -121,11 +113,15 @@ def prepare_dataset(path: str | Path, split: str, tokenizer: Any,
         n_loss_tokens=sum(e.num_loss_tokens for e in examples),
         skipped=messages,
     )
-    eos_id = tokenizer.eos_token_id
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
-    if pad_id is None:
+    return TokenizedDataset(examples, report, pad_token_id(tokenizer), tokenizer.eos_token_id)
+
+
+def pad_token_id(tokenizer: Any) -> int:
+    """The id batches are padded with: the tokenizer's pad token, else its EOS token."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
         raise DataError("the tokenizer has neither a pad nor an eos token; cannot pad batches")
-    return TokenizedDataset(examples, report, int(pad_id), eos_id)
+    return int(pad)
 
 
 def render_prompt(tokenizer: Any, user_message: str) -> list[int]:

@@ -46,14 +46,13 @@ from __future__ import annotations
 
 import hashlib
 import sys
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .dataset import DatasetReport, unwrap_tokenizer
+from .dataset import DatasetReport, pad_token_id, unwrap_tokenizer
 from .formats import CHAT_PROMPT_COMPLETION, PROMPT_COMPLETION
 from .preference_formats import (
     CHAT,
@@ -66,7 +65,7 @@ from .preference_formats import (
     detect_preference_format,
     split_record,
 )
-from .records import DataError, Record, load_split, split_path
+from .records import DataError, Record, load_split, nothing_usable, split_path, validate_records
 from .tokenize import tokenize_record
 
 
@@ -198,33 +197,27 @@ def prepare_preference_dataset(path: str | Path, split: str, tokenizer: Any, cfg
     fmt, first_source = None, ""
     pairs: list[PreferenceExample] = []
     unpaired: list[UnpairedExample] = []
-    skipped: Counter[str] = Counter()
-    messages: list[str] = []
-    for record in records:
-        try:
-            record_format = check_preference_record(record, kind, fmt, first_source)
-            if fmt is None:
-                fmt, first_source = record_format, record.source
-            sides = split_record(record, record_format)
-            seqs = [_tokenize_side(record, name, prompt, response, record_format, tokenizer,
-                                   max_length, max_prompt) for name, prompt, response in sides]
-            if record_format in UNPAIRED_FORMATS:
-                unpaired.append(UnpairedExample(seqs[0], record.data["label"], record.source))
-            else:
-                pairs.append(PreferenceExample(seqs[0], seqs[1], record.source))
-        except DataError as e:
-            if not skip_invalid or e.rule == "file":
-                raise
-            skipped[e.rule] += 1
-            messages.append(str(e))
+
+    def handle(record: Record) -> None:
+        nonlocal fmt, first_source
+        record_format = check_preference_record(record, kind, fmt, first_source)
+        if fmt is None:
+            fmt, first_source = record_format, record.source
+        sides = split_record(record, record_format)
+        seqs = [_tokenize_side(record, name, prompt, response, record_format, tokenizer,
+                               max_length, max_prompt) for name, prompt, response in sides]
+        if record_format in UNPAIRED_FORMATS:
+            unpaired.append(UnpairedExample(seqs[0], record.data["label"], record.source))
+        else:
+            pairs.append(PreferenceExample(seqs[0], seqs[1], record.source))
+
+    skipped, messages = validate_records(records, handle, skip_invalid)
     if kind == "unpaired" and pairs:
         examples: list = unpair(pairs)
     else:
         examples = pairs if kind == "paired" else unpaired
     if not examples:
-        why = f"; all {sum(skipped.values())} were invalid, the first: {messages[0]}" if skipped \
-            else ""
-        raise DataError(f"{file}: no usable examples{why}", source=file)
+        raise nothing_usable(file, skipped, messages)
     seqs = [s for e in examples for s in _sequences(e)]
     report = PreferenceReport(
         path=file, format=fmt or "", max_length=max_length, n_examples=len(examples),
@@ -236,11 +229,8 @@ def prepare_preference_dataset(path: str | Path, split: str, tokenizer: Any, cfg
         n_desirable=sum(getattr(e, "label", False) is True for e in examples),
         n_undesirable=sum(getattr(e, "label", True) is False for e in examples),
     )
-    eos_id = tokenizer.eos_token_id
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
-    if pad_id is None:
-        raise DataError("the tokenizer has neither a pad nor an eos token; cannot pad batches")
-    return PreferenceDataset(examples, report, kind, int(pad_id), eos_id, max_length, max_prompt)
+    return PreferenceDataset(examples, report, kind, pad_token_id(tokenizer),
+                             tokenizer.eos_token_id, max_length, max_prompt)
 
 
 def unpair(pairs: list[PreferenceExample]) -> list[UnpairedExample]:

@@ -9,6 +9,8 @@ are skipped silently; every other line must be a JSON object. A line that is not
 from __future__ import annotations
 
 import json
+from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -132,3 +134,29 @@ def load_split(path: str | Path, split: str) -> list[Record] | None:
     """The records of ``split`` (``train`` / ``valid`` / ``test``); None if the split is absent."""
     file = split_path(path, split)
     return None if file is None else read_jsonl(file)
+
+
+def validate_records(records: Iterable[Record], handle: Callable[[Record], None],
+                     skip_invalid: bool) -> tuple[Counter[str], list[str]]:
+    """Call ``handle(record)`` on every record. A :class:`DataError` it raises stops the load,
+    or, with ``skip_invalid``, is counted by rule and kept as a message; file-level errors
+    (rule ``file``) always stop it. Returns (skipped count by rule, skipped messages)."""
+    skipped: Counter[str] = Counter()
+    messages: list[str] = []
+    for record in records:
+        try:
+            handle(record)
+        except DataError as e:
+            if not skip_invalid or e.rule == "file":
+                raise
+            skipped[e.rule] += 1
+            messages.append(str(e))
+    return skipped, messages
+
+
+def nothing_usable(file: str, skipped: Counter[str], messages: list[str],
+                   what: str = "examples") -> DataError:
+    """The error for a split that kept no example: why, when everything was skipped."""
+    why = f"; all {sum(skipped.values())} were invalid, the first: {messages[0]}" if skipped \
+        else ""
+    return DataError(f"{file}: no usable {what}{why}", source=file)

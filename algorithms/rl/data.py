@@ -23,7 +23,6 @@ Rules (``--skip-invalid`` counts them by name): ``invalid_json``, ``not_an_objec
 from __future__ import annotations
 
 import dataclasses
-from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,15 @@ from typing import Any
 from ..data.batching import epoch_rng
 from ..data.dataset import unwrap_tokenizer
 from ..data.formats import _check_messages
-from ..data.records import DataError, Record, describe, load_split, split_path
+from ..data.records import (
+    DataError,
+    Record,
+    describe,
+    load_split,
+    nothing_usable,
+    split_path,
+    validate_records,
+)
 
 RESERVED_COLUMNS = ("prompts", "completions", "completion_ids", "step")
 
@@ -84,25 +91,19 @@ def prepare_prompt_dataset(path: str | Path, split: str, tokenizer: Any,
         raise DataError(f"--max-length {cfg.max_length} leaves no room for a prompt with "
                         f"--max-completion-length {cfg.max_completion_length}; raise --max-length")
     examples: list[PromptExample] = []
-    skipped: Counter[str] = Counter()
-    messages: list[str] = []
     first: Record | None = None
-    for record in records:
-        try:
-            if record.error is not None:
-                raise record.error
-            _check_prompt_record(record, first)
-            first = first or record
-            examples.append(_tokenize(record, tokenizer, budget))
-        except DataError as e:
-            if not getattr(cfg, "skip_invalid", False) or e.rule == "file":
-                raise
-            skipped[e.rule] += 1
-            messages.append(str(e))
+
+    def handle(record: Record) -> None:
+        nonlocal first
+        if record.error is not None:
+            raise record.error
+        _check_prompt_record(record, first)
+        first = first or record
+        examples.append(_tokenize(record, tokenizer, budget))
+
+    skipped, messages = validate_records(records, handle, getattr(cfg, "skip_invalid", False))
     if not examples:
-        why = f"; all {sum(skipped.values())} were invalid, the first: {messages[0]}" \
-            if skipped else ""
-        raise DataError(f"{file}: no usable prompts{why}", source=file)
+        raise nothing_usable(file, skipped, messages, "prompts")
     report = PromptReport(file, len(examples), dict(sorted(skipped.items())),
                           sorted(examples[0].columns),
                           max(len(e.prompt_ids) for e in examples), messages)

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from .. import checkpoint as ckpt
+from ..data.dataset import pad_token_id
 from ..loop import Cursor, TrainResult, combine, memory_stats, resume, save
 from ..metrics import MetricsLog
 from ..schedule import learning_rate
@@ -50,7 +51,7 @@ def train(cfg: Any, backend: Any, loss_fn: Any, data: Any, run_dir: Path,
           prepare: Any = None, normaliser: str = "rows") -> TrainResult:
     run_dir = Path(run_dir)
     scorer = build_scorer(cfg, data.extras["rewards"], backend)
-    pad_id = _pad_id(backend.tokenizer)
+    pad_id = pad_token_id(backend.tokenizer)
     n_steps = total_steps(cfg, len(data.train))
     step, stream = 0, PromptStream(data.train, cfg.seed)
     if cfg.resume:
@@ -173,13 +174,6 @@ def _write_completions(run_dir: Path, step: int, rollouts: Rollouts, group: int,
 
 def _json_float(x: float) -> float | None:
     return None if np.isnan(x) else float(x)
-
-
-def _pad_id(tokenizer: Any) -> int:
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad is None:
-        raise ValueError("the tokenizer has neither a pad nor an eos token; cannot pad batches")
-    return int(pad)
 
 
 def _save_period(cfg: Any) -> int:
