@@ -50,6 +50,7 @@ import numpy as np
 
 from .atomic import atomic_output_dir, check_output_dir
 from .fuse import Stored, read_tensors, write_tensors
+from .jsonfile import read_json_object
 
 MLX_WEIGHTS, PEFT_WEIGHTS = "adapters.safetensors", "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
@@ -128,10 +129,7 @@ def _load_config(directory: Path) -> dict:
     path = directory / CONFIG
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing (an adapter dir holds {CONFIG} and its weights)")
-    try:
-        return json.loads(path.read_text())
-    except ValueError as error:
-        raise ValueError(f"{path}: not valid JSON ({error})") from error
+    return read_json_object(path)
 
 
 def _weights(directory: Path, name: str) -> Path:

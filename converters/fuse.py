@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 
 from .atomic import atomic_output_dir, check_output_dir
+from .jsonfile import read_json_object
 
 if TYPE_CHECKING:
     from .adapters import Adapter
@@ -164,10 +165,7 @@ def read_base_model(directory: str | Path, fmt: str | None = None) -> BaseModel:
     path = directory / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing (expected a model directory)")
-    try:
-        config = json.loads(path.read_text())
-    except ValueError as error:
-        raise ValueError(f"{path}: not valid JSON ({error})") from error
+    config = read_json_object(path)
     if fmt == "hf" and ("quantization" in config or "quantization_config" in config):
         raise ValueError(f"{path}: a quantised model; fuse HF models unquantised, or an MLX "
                          "quantised model with --format mlx")

@@ -35,6 +35,7 @@ from typing import Any
 
 from . import keymaps
 from .atomic import atomic_output_dir, check_output_dir
+from .jsonfile import read_json_object
 from .shards import (
     DEFAULT_MAX_SHARD_BYTES,
     FLOAT_DTYPES,
@@ -107,13 +108,7 @@ def read_config(model_dir: Path) -> tuple[Path, dict[str, Any]]:
         raise FileNotFoundError(f"{model_dir}: no such model directory")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing (a model directory needs config.json)")
-    try:
-        config = json.loads(path.read_text())
-    except ValueError as error:
-        raise ValueError(f"{path}: not valid JSON ({error})") from error
-    if not isinstance(config, dict):
-        raise ValueError(f"{path}: not a JSON object")  # noqa: TRY004 (CLI reports ValueError)
-    return path, config
+    return path, read_json_object(path)
 
 
 def _check_dtype(dtype: str | None) -> None:

@@ -32,6 +32,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from .jsonfile import read_json_object
 from .keymaps import FAMILIES
 from .shards import FLOAT_DTYPES, TensorInfo, read_header, read_layout
 
@@ -59,16 +60,6 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
         return _describe_model(path)
     raise ValueError(f"{path}: not a model dir (config.json), an adapter dir "
                      "(adapter_config.json), a GGUF file or a safetensors file")
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except ValueError as error:
-        raise ValueError(f"{path}: not valid JSON ({error})") from error
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: not a JSON object")  # noqa: TRY004 (CLI reports ValueError)
-    return data
 
 
 def _dtype_summary(tensors: dict[str, TensorInfo]) -> dict[str, Any]:
@@ -99,7 +90,7 @@ def _quantised_params(tensors: dict[str, TensorInfo], entry: dict[str, Any] | No
 
 
 def _describe_model(path: Path) -> dict[str, Any]:
-    config = _read_json(path / "config.json")
+    config = read_json_object(path / "config.json")
     tensors = read_layout(path)
     first_file = next(iter(tensors.values())).file if tensors else None
     metadata = read_header(first_file)[0] if first_file else {}
@@ -142,7 +133,7 @@ def _adapter_tensors(path: Path, names: tuple[str, ...]) -> tuple[Path, dict[str
 
 
 def _describe_adapter(path: Path) -> dict[str, Any]:
-    config = _read_json(path / "adapter_config.json")
+    config = read_json_object(path / "adapter_config.json")
     peft = (path / "adapter_model.safetensors").is_file() or (
         "peft_type" in config and not (path / "adapters.safetensors").is_file())
     file, tensors = _adapter_tensors(
