@@ -1,12 +1,25 @@
 """The backend boundary: what the algorithm layer asks of ``mlx_ft`` and ``cuda_ft``.
 
-A backend owns a model (with its adapters), an optimiser and their state. The algorithm layer
-hands it numpy batches and a loss function written against the array-ops shim
-(:mod:`algorithms.ops`); the backend computes per-token log-probs, evaluates the loss, and does
-the update. Numbers must agree across backends, so the few choices that affect them (LoRA init,
-attention masks, the batch layout) are made here, once, in numpy.
+A backend owns a model (with its adapters and, for PPO, a value head), an optimiser and their
+state. The algorithm layer hands it numpy batches and a :class:`Loss`; the backend runs the
+model ONCE per micro-batch, computes the outputs the loss declared (and only those), evaluates
+the loss, and does the update. Numbers must agree across backends, so the few choices that
+affect them (LoRA and value-head init, attention masks, the batch layout) are made here, once,
+in numpy. ``docs/ARCHITECTURE.md`` draws the whole picture.
 
-Batch layout (every array is ``[B, T]``, produced by :mod:`algorithms.data`):
+Model outputs (:data:`OUTPUTS`), each ``[B, T]`` float32, position ``t`` scoring ``targets[t]``:
+
+- ``logps``       ``log p(targets[t] | input_ids[:t+1])``, under ``softmax(z / temperature)``.
+- ``entropy``     ``H_t = -sum_v p_v log p_v`` of the same next-token distribution.
+- ``log_sum_sq``  ``log sum_v p_v^2`` (WPO's per-token normaliser).
+- ``values``      ``V_t = w . h_t + b``: the value head on the final hidden state ``h_t`` (PPO).
+
+A :class:`Loss` names the outputs it reads and whether each needs a gradient; everything comes
+from one decoder pass and one chunked pass over the vocabulary (the ``[B, T, V]`` logits never
+exist). Backends compute nothing a loss did not ask for.
+
+Batch keys: one vocabulary for every algorithm (:data:`BATCH_KEYS`). Inputs, ``[B, T]``, from
+:mod:`algorithms.data` or :mod:`algorithms.rl.batches`:
 
 - ``input_ids``   int32: tokens fed to the model.
 - ``targets``     int32: the token each position predicts (``input_ids`` shifted left by one
@@ -14,23 +27,43 @@ Batch layout (every array is ``[B, T]``, produced by :mod:`algorithms.data`):
 - ``loss_mask``   float32: 1 where ``targets`` carries loss.
 - ``segment_ids`` int32: document index inside the row, 1-based; 0 marks padding. A token
   attends only to earlier tokens of its own segment, so packed documents are isolated.
-- ``num_items``   float32 scalar (added by the loop): loss tokens in the whole accumulated step,
-  the denominator that makes a token mean over the accumulated batch.
-- ``temperature`` float32 scalar (optional, online RL): every log-prob, entropy and reference
-  log-prob of the batch is taken under ``softmax(logits / temperature)``, the sampling
-  distribution, so the importance ratio is exactly 1 before the first update.
+
+Step-level scalars added by the loops: ``num_items`` (loss tokens in the whole optimiser step,
+the denominator of token means), ``micro_fraction`` (this micro-batch's share of the step's
+rows or tokens), ``temperature`` (online RL: every output of the batch is taken under the
+sampling distribution, so the importance ratio is exactly 1 before the first update).
+
+Per-token arrays from earlier no-grad passes, ``[B, T]``: ``old_per_token_logps`` (the
+sampling policy), ``ref_per_token_logps`` (the reference policy), ``old_values`` (the value
+head at rollout time), and for KTO's mismatched rows ``kl_per_token_logps`` /
+``ref_kl_per_token_logps``. Per-row or per-token targets of online RL: ``advantages``
+(``[B]`` or ``[B, T]``), ``returns`` and ``entropy_mask`` (``[B, T]``).
+
+Keys starting with ``_`` are a backend's own and never reach a loss.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
-# A loss function: (ops, per_token_logps [B, T], batch) -> (scalar loss, {name: scalar}).
-LossFn = Callable[[Any, Any, dict], tuple[Any, dict]]
+OUTPUTS = ("logps", "entropy", "log_sum_sq", "values")
+
+BATCH_KEYS = (
+    "input_ids", "targets", "loss_mask", "segment_ids", "num_items", "micro_fraction",
+    "temperature", "old_per_token_logps", "ref_per_token_logps", "old_values",
+    "kl_per_token_logps", "ref_kl_per_token_logps", "advantages", "returns", "entropy_mask",
+)
+
+# The value head's file beside the adapters (both backends, and what the converters carry):
+# safetensors with ``v_head.weight`` float32 [1, hidden] and ``v_head.bias`` float32 [1].
+VALUE_HEAD_FILE = "value_head.safetensors"
+VALUE_HEAD_KEYS = ("v_head.weight", "v_head.bias")
 
 # Linear layers of a transformer block adapted by default (llama / qwen / mistral / gemma / phi3
 # names). Backends adapt every linear layer inside the blocks; this list only documents them.
@@ -38,42 +71,91 @@ COMMON_LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_
                        "down_proj", "qkv_proj", "gate_up_proj", "dense", "fc1", "fc2")
 
 
+@dataclasses.dataclass(frozen=True)
+class Loss:
+    """A loss and the model outputs it reads.
+
+    ``fn(ops, outputs, batch) -> (scalar loss, {name: scalar metric})`` with ``outputs`` a dict
+    of the requested :data:`OUTPUTS` (``[B, T]`` arrays of the backend's framework);
+    ``outputs`` maps each name to whether the loss differentiates through it.
+    """
+
+    fn: Callable[[Any, dict, dict], tuple[Any, dict]]
+    outputs: Mapping[str, bool] = dataclasses.field(default_factory=lambda: {"logps": True})
+
+    def __post_init__(self) -> None:
+        unknown = set(self.outputs) - set(OUTPUTS)
+        if unknown:
+            raise ValueError(f"unknown model outputs {sorted(unknown)}; known: {OUTPUTS}")
+
+    def __call__(self, ops: Any, outputs: Any, batch: dict) -> tuple[Any, dict]:
+        """``outputs`` is the dict of model outputs, or the per-token log-probs alone (then
+        they are the ``logps`` output: how tests call a loss on hand-made log-probs)."""
+        if not isinstance(outputs, Mapping):
+            outputs = {"logps": outputs}
+        return self.fn(ops, outputs, batch)
+
+    def scaled(self, key: str) -> Loss:
+        """This loss times ``batch[key]`` (e.g. ``micro_fraction``: a mean over the sequences
+        or pairs of a micro-batch, scaled by its share, sums to the step's mean)."""
+
+        def fn(ops: Any, outputs: dict, batch: dict) -> tuple[Any, dict]:
+            value, metrics = self.fn(ops, outputs, batch)
+            return value * batch[key], metrics
+
+        return Loss(fn, self.outputs)
+
+
+def logps_loss(fn: Callable[[Any, Any, dict], tuple[Any, dict]]) -> Loss:
+    """A :class:`Loss` from ``fn(ops, per_token_logps, batch)``: the common case, log-probs with
+    gradient and nothing else."""
+    return Loss(lambda ops, outputs, batch: fn(ops, outputs["logps"], batch), {"logps": True})
+
+
+def as_loss(loss: Loss | Callable) -> Loss:
+    """``loss`` itself, or a plain ``(ops, per_token_logps, batch)`` function as a Loss."""
+    return loss if isinstance(loss, Loss) else logps_loss(loss)
+
+
+def loss_view(batch: dict) -> dict:
+    """The batch as a loss sees it: backend-private ``_`` keys removed."""
+    return {k: v for k, v in batch.items() if not k.startswith("_")}
+
+
 class Backend(Protocol):
-    """What the shared training loop needs from a backend."""
+    """What the training loops need from a backend (``mlx_ft.MLXBackend``,
+    ``cuda_ft.TorchBackend``); ``tests/test_backend_conformance.py`` holds every property."""
 
     name: str
     ops: Any          # the array-ops shim (algorithms.ops.ArrayOps)
     tokenizer: Any    # a Hugging Face tokenizer (the same on every backend)
 
-    def forward_backward(self, batch: dict[str, np.ndarray], loss_fn: LossFn) -> dict[str, float]:
-        """Loss and gradients of one micro-batch; gradients are summed until optimizer_step."""
+    def forward_backward(self, batch: dict[str, np.ndarray], loss: Loss) -> dict[str, float]:
+        """One pass computing ``loss.outputs``, the loss and its gradients; gradients are
+        summed until ``optimizer_step``. Adapter dropout is on."""
 
-    def evaluate(self, batch: dict[str, np.ndarray], loss_fn: LossFn) -> dict[str, float]:
-        """Loss metrics of one micro-batch without gradients or dropout."""
+    def evaluate(self, batch: dict[str, np.ndarray], loss: Loss) -> dict[str, float]:
+        """The loss and its metrics of one micro-batch without gradients or dropout."""
+
+    def forward(self, batch: dict[str, np.ndarray], outputs: Iterable[str],
+                reference: bool = False) -> dict[str, np.ndarray]:
+        """The named outputs, float32 ``[B, T]`` numpy, without gradients or dropout, under the
+        policy or (``reference=True``) the reference policy: the base model with adapters
+        disabled (LoRA/DoRA, no second copy), a frozen copy of the start (full), or
+        ``cfg.reference_model``. The reference has no value head."""
 
     def optimizer_step(self, learning_rate: float, max_grad_norm: float) -> float:
         """Clip the summed gradients by global norm, apply AdamW, zero them; returns the norm."""
 
-    def per_token_logps(self, batch: dict[str, np.ndarray]) -> np.ndarray:
-        """log p(targets[b, t] | input_ids[b, :t+1]) as float32 ``[B, T]`` (no gradient)."""
-
-    def per_token_entropy(self, batch: dict[str, np.ndarray]) -> np.ndarray:
-        """Entropy of the next-token distribution at every position, no gradient."""
-
-    def per_token_log_sum_sq(self, batch: dict[str, np.ndarray]) -> np.ndarray:
-        """``log sum_v p_v^2`` at every position under the policy, no gradient (WPO weights)."""
-
-    def reference_per_token_logps(self, batch: dict[str, np.ndarray]) -> np.ndarray:
-        """``per_token_logps`` under the reference policy: the base model with adapters disabled
-        (LoRA/DoRA, no second copy), a frozen copy of the start (full), or ``cfg.ref_model``."""
-
     def save_state(self, directory: str) -> None:
-        """Trainable weights, optimiser state and RNG, enough for ``load_state`` to resume."""
+        """Trainable weights (value head included), optimiser state and RNG: enough for
+        ``load_state`` to resume bit for bit."""
 
     def load_state(self, directory: str) -> None: ...
 
     def save_adapters(self, directory: str) -> None:
-        """The artefact a user takes away (MLX adapter dir, PEFT dir, or a full model dir)."""
+        """The artefact a user takes away (MLX adapter dir, PEFT dir, or a full model dir),
+        plus :data:`VALUE_HEAD_FILE` when the run has a value head."""
 
     def generate(self, prompt: str, max_tokens: int) -> str:
         """Greedy reply to one user message, through the tokenizer's chat template."""
@@ -93,9 +175,32 @@ class Backend(Protocol):
         """
 
     def trainable_parameters(self) -> dict[str, np.ndarray]:
-        """Trainable parameters by name, as numpy (for tests and checkpoints)."""
+        """Trainable parameters by canonical name (PEFT's layout; ``v_head.*``), as numpy."""
 
     def peak_memory_bytes(self) -> int: ...
+
+
+class ForwardShortcuts:
+    """``per_token_logps`` / ``reference_per_token_logps``: the most used ``forward`` calls,
+    written once for both backends."""
+
+    def per_token_logps(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        return self.forward(batch, ("logps",))["logps"]
+
+    def reference_per_token_logps(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        return self.forward(batch, ("logps",), reference=True)["logps"]
+
+
+def check_outputs(outputs: Iterable[str], has_value_head: bool) -> tuple[str, ...]:
+    """``outputs`` as a tuple, refusing unknown names and ``values`` without a value head."""
+    wanted = tuple(dict.fromkeys(outputs))
+    unknown = [o for o in wanted if o not in OUTPUTS]
+    if unknown:
+        raise ValueError(f"unknown model outputs {unknown}; known: {', '.join(OUTPUTS)}")
+    if "values" in wanted and not has_value_head:
+        raise ValueError("'values' asked of a model without a value head (only runs whose "
+                         "advantage estimator is gae have one)")
+    return wanted
 
 
 def attention_allowed(segment_ids: np.ndarray) -> np.ndarray | None:
@@ -114,11 +219,48 @@ def attention_allowed(segment_ids: np.ndarray) -> np.ndarray | None:
 
 
 def reference_kind(cfg: Any) -> str:
-    """Which reference policy a run uses: ``ref_model`` (``cfg.ref_model`` set),
+    """Which reference policy a run uses: ``ref_model`` (``cfg.reference_model`` set),
     ``frozen_copy`` (full fine-tuning) or ``adapters_disabled`` (LoRA / DoRA: no second copy)."""
-    if getattr(cfg, "ref_model", ""):
+    if cfg.reference_model:
         return "ref_model"
     return "frozen_copy" if cfg.fine_tune_type == "full" else "adapters_disabled"
+
+
+def save_value_head(directory: str | Path, weights: dict[str, np.ndarray]) -> Path:
+    """Write :data:`VALUE_HEAD_FILE` (float32 ``v_head.weight`` [1, H], ``v_head.bias`` [1])."""
+    from safetensors.numpy import save_file
+
+    missing = [k for k in VALUE_HEAD_KEYS if k not in weights]
+    if missing:
+        raise ValueError(f"value head weights lack {missing}")
+    path = Path(directory) / VALUE_HEAD_FILE
+    save_file({k: np.ascontiguousarray(weights[k], dtype=np.float32) for k in VALUE_HEAD_KEYS},
+              str(path), metadata={"format": "posttrain-value-head"})
+    return path
+
+
+def load_value_head(directory: str | Path) -> dict[str, np.ndarray] | None:
+    """The value head saved beside an adapter, or None when there is none; an error naming
+    the file when it is not one."""
+    from safetensors.numpy import load_file
+
+    path = Path(directory) / VALUE_HEAD_FILE
+    if not path.is_file():
+        return None
+    try:
+        weights = load_file(str(path))
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+    if set(weights) != set(VALUE_HEAD_KEYS) or weights["v_head.weight"].ndim != 2 \
+            or weights["v_head.weight"].shape[0] != 1 or weights["v_head.bias"].shape != (1,):
+        raise ValueError(f"{path}: not a value head (want v_head.weight [1, H] and "
+                         f"v_head.bias [1]; got {({k: v.shape for k, v in weights.items()})})")
+    return weights
+
+
+def _keyed_rng(*key: Any) -> np.random.Generator:
+    digest = hashlib.sha256(":".join(map(str, key)).encode()).digest()
+    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
 
 
 def lora_a_init(seed: int, module_path: str, in_features: int, rank: int) -> np.ndarray:
@@ -128,7 +270,21 @@ def lora_a_init(seed: int, module_path: str, in_features: int, rank: int) -> np.
     backends start from identical adapters whatever order they visit modules in. ``B`` starts at
     zero, so the adapted model equals the base model at step 0.
     """
-    digest = hashlib.sha256(f"{seed}:{module_path}".encode()).digest()
-    rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
     bound = 1.0 / np.sqrt(in_features)
-    return rng.uniform(-bound, bound, size=(rank, in_features)).astype(np.float32)
+    return _keyed_rng(seed, module_path).uniform(
+        -bound, bound, size=(rank, in_features)).astype(np.float32)
+
+
+def value_head_init(seed: int, hidden_size: int) -> dict[str, np.ndarray]:
+    """The value head ``V(h) = w . h + b`` at step 0: ``w ~ Normal(0, 1 / hidden_size)``
+    (std ``1/sqrt(hidden)``, scaled by 1/sqrt(hidden) again), ``b = 0``.
+
+    The final hidden states of a normed decoder have entries of order 1, so ``w . h`` starts
+    with a spread of ``~ 1/sqrt(hidden)``: values start near 0, the return of a reward in
+    [-1, 1] is reachable within a few clipped updates (``--cliprange-value``), and GAE's first
+    advantages are the rewards themselves rather than noise. Keyed by the run's seed, so both
+    backends start from the same head.
+    """
+    std = 1.0 / hidden_size
+    weight = _keyed_rng(seed, "v_head").normal(0.0, std, size=(1, hidden_size))
+    return {"v_head.weight": weight.astype(np.float32), "v_head.bias": np.zeros(1, np.float32)}

@@ -95,10 +95,8 @@ def run_training(prog: str, backend_spec: str, algo, cfg):
 
     started = time.perf_counter()
     backend = load_backend_class(backend_spec)(cfg, model_path, tokenizer)
-    prepare = algo.make_prepare(cfg, backend, data, model_path) if algo.make_prepare else None
-    loop = algo.train or offline_train
     try:
-        result = loop(cfg, backend, algo.make_loss(cfg), data, run_dir, prepare, algo.normaliser)
+        result = algo.train(cfg, backend, data, run_dir, model_path)
     except (FileNotFoundError, ValueError) as e:
         if "--resume" in str(e):
             raise UserError(str(e)) from None
@@ -106,14 +104,6 @@ def run_training(prog: str, backend_spec: str, algo, cfg):
     print(f"{prog}: {result.steps} steps in {time.perf_counter() - started:.1f}s; "
           f"adapters in {run_dir / 'adapters'}", file=sys.stderr)
     return result
-
-
-def offline_train(cfg, backend, loss_fn, data, run_dir, prepare, normaliser):
-    """The shared loop of :mod:`algorithms.loop` over prepared batch plans."""
-    from .loop import train
-
-    return train(cfg, backend, loss_fn, data.train, data.valid, run_dir, prepare=prepare,
-                 normaliser=normaliser)
 
 
 def load_tokenizer(model_path: Path):

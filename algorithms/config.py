@@ -23,11 +23,15 @@ class ConfigError(ValueError):
     """A flag, YAML key or value broke a rule; the message names it and the rule."""
 
 
-def field(default: Any, help: str, choices: Sequence[Any] | None = None, **kw) -> Any:
-    """A dataclass field carrying its CLI help text (and allowed values)."""
-    meta = {"help": help}
+def field(default: Any, help: str, choices: Sequence[Any] | None = None,
+          aliases: Sequence[str] = (), **kw) -> Any:
+    """A dataclass field carrying its CLI help text (and allowed values, and other names the
+    field answers to: the names TRL gives the same option, e.g. ``kl_coef`` for ``beta``)."""
+    meta: dict[str, Any] = {"help": help}
     if choices is not None:
         meta["choices"] = tuple(choices)
+    if aliases:
+        meta["aliases"] = tuple(aliases)
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta, **kw)
@@ -119,6 +123,17 @@ class TrainConfig:
             if choices and getattr(self, f.name) not in choices:
                 _bad(f.name, getattr(self, f.name), f"must be one of {', '.join(map(str, choices))}")
 
+    @property
+    def reference_model(self) -> str:
+        """The ``--ref-model`` of algorithms that have one; "" = the starting model is the
+        reference (what ``forward(reference=True)`` runs for every other algorithm)."""
+        return ""
+
+    @property
+    def uses_value_head(self) -> bool:
+        """Whether the backend builds a value head (PPO's GAE estimator needs one)."""
+        return False
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -188,19 +203,25 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 def build_config(cls: type, argv: Sequence[str], prog: str) -> TrainConfig:
     """Parse ``argv`` (flags and an optional ``--config``) into a validated ``cls`` instance."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    names = {alias: f.name for f in fields.values() for alias in f.metadata.get("aliases", ())}
+    names.update({name: name for name in fields})
     parser = make_parser(cls, prog)
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         flag = unknown[0].split("=")[0]
         raise ConfigError(
-            f"unknown flag {flag}{_nearest(flag, [_flag(n) for n in fields] + ['--config'])}"
+            f"unknown flag {flag}{_nearest(flag, [_flag(n) for n in names] + ['--config'])}"
         )
     values: dict[str, Any] = {}
     if args.config:
         for key, value in load_yaml(args.config).items():
-            name = str(key).replace("-", "_")
-            if name not in fields:
-                raise ConfigError(f"{args.config}: unknown key {key!r}{_nearest(name, list(fields))}")
+            name = names.get(str(key).replace("-", "_"))
+            if name is None:
+                raise ConfigError(f"{args.config}: unknown key {key!r}"
+                                  f"{_nearest(str(key).replace('-', '_'), list(names))}")
+            if name in values:
+                raise ConfigError(f"{args.config}: {key!r} sets --{name.replace('_', '-')} a "
+                                  "second time (it is another name of the same option)")
             values[name] = _coerce(cls, fields[name], value, args.config)
     for name, f in fields.items():
         value = getattr(args, name)
@@ -219,18 +240,20 @@ def make_parser(cls: type, prog: str) -> argparse.ArgumentParser:
     for f in dataclasses.fields(cls):
         kind = _field_type(cls, f)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        helptext = f"{f.metadata.get('help', '')} (default: {default!r})"
+        aliases = [_flag(a) for a in f.metadata.get("aliases", ())]
+        also = f" (also {', '.join(aliases)})" if aliases else ""
+        helptext = f"{f.metadata.get('help', '')} (default: {default!r}){also}"
         kw: dict[str, Any] = {"dest": f.name, "default": None, "help": helptext}
         if "choices" in f.metadata:
             kw["choices"] = f.metadata["choices"]
         if kind is bool:
-            parser.add_argument(_flag(f.name), action="store_const", const=True, **kw)
+            parser.add_argument(_flag(f.name), *aliases, action="store_const", const=True, **kw)
             parser.add_argument("--no-" + f.name.replace("_", "-"), action="store_const",
                                 const=False, dest=f.name, help=argparse.SUPPRESS)
         elif kind is list:
-            parser.add_argument(_flag(f.name), nargs="*", **kw)
+            parser.add_argument(_flag(f.name), *aliases, nargs="*", **kw)
         else:
-            parser.add_argument(_flag(f.name), type=str, **kw)
+            parser.add_argument(_flag(f.name), *aliases, type=str, **kw)
     return parser
 
 

@@ -1,15 +1,16 @@
 """Offline preference algorithms (DPO family, CPO / SimPO, ORPO, KTO): data and per-batch inputs.
 
 The losses live in :mod:`algorithms.preference`; this module gives the shared loop what they need
-beyond the policy's log-probs, through its ``prepare`` hook:
+beyond the policy's own outputs, through its ``prepare`` hook:
 
 - ``ref_per_token_logps`` when the loss uses a reference: from the ``--precompute-ref`` cache
   (:mod:`algorithms.ref_cache`) or computed on the fly by the backend (adapters disabled for
   LoRA/DoRA, a frozen copy for full fine-tuning, ``--ref-model``);
-- for KTO's batch KL estimate, the policy's (detached) and the reference's log-probs of the
-  mismatched ``kl_*`` rows: ``kl_per_token_logps`` and ``ref_kl_per_token_logps``. The KL rows
-  pair each prompt with another example's completion, which changes with the batch, so they are
-  never cached.
+- for KTO, the KL anchor of the whole optimiser step, ``kl_estimate`` =
+  ``max(0, mean_i log pi(y'_i|x_i) - log ref(y'_i|x_i))`` over mismatched pairs built across
+  every example of the step (:meth:`PreferenceBatchPlan.kl_rows`), so 1 micro-batch of 4 and 2
+  of 2 see the same estimate. The KL rows change with the batch, so they are never cached;
+- ORPO with ``--nll-include-prompt``: ``nll_loss_mask`` = prompt + chosen tokens.
 """
 
 from __future__ import annotations
@@ -18,9 +19,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .registry import PreparedData
+import numpy as np
 
-KL_KEYS = ("input_ids", "targets", "loss_mask", "segment_ids")
+from .data import PreparedData
+
+KL_KEYS = ("input_ids", "targets", "loss_mask", "segment_ids")  # of the mismatched rows
+
+# prepare(backend, arrays, batches, plan): adds keys to the micro-batches of one step in place.
+Prepare = Callable[[Any, list, list, Any], None]
 
 
 def data_preparer(kind: str, kl: Callable[[Any], bool] = lambda cfg: False) -> Callable:
@@ -41,40 +47,65 @@ def data_preparer(kind: str, kl: Callable[[Any], bool] = lambda cfg: False) -> C
     return prepare_data
 
 
-def prepare_factory(uses_reference: Callable[[Any], bool]) -> Callable:
-    """``make_prepare`` for the registry: adds reference log-probs when ``uses_reference(cfg)``
-    (and ORPO's prompt-included NLL mask, WPO's per-token normaliser, when asked); None when a loss needs nothing more."""
+def reference_prepare(cfg: Any, backend: Any, data: PreparedData,
+                      model_path: Path) -> Prepare | None:
+    """``make_prepare`` of DPO / KTO: reference log-probs (cached with ``--precompute-ref``) and
+    KTO's KL rows; None when the loss needs no reference (``cfg.needs_reference``)."""
+    if not cfg.needs_reference:
+        return None
+    caches = _precompute(cfg, backend, data, model_path) if cfg.precompute_ref else {}
 
-    def make_prepare(cfg: Any, backend: Any, data: PreparedData, model_path: Path):
-        with_reference = uses_reference(cfg)
-        caches = (_precompute(cfg, backend, data, model_path)
-                  if with_reference and cfg.precompute_ref else {})
-        nll_with_prompt = getattr(cfg, "nll_include_prompt", False)
-        wpo = getattr(cfg, "use_weighting", False)
-        if not (with_reference or nll_with_prompt or wpo):
-            return None
-
-        def prepare(backend: Any, arrays: dict, batch: Any, plan: Any) -> None:
-            if wpo:  # WPO's per-token normaliser, from the current policy (detached)
-                arrays["wpo_log_norm"] = backend.per_token_log_sum_sq(arrays)
-            if nll_with_prompt:  # ORPO's prompt-included NLL variant
-                arrays["nll_loss_mask"] = arrays["loss_mask"] + arrays["prompt_mask"]
-            if not with_reference:
-                return
+    def prepare(backend: Any, arrays: list[dict], batches: list, plan: Any) -> None:
+        for a, batch in zip(arrays, batches):
             cache = caches.get(id(plan))
             if cache is not None:
                 keys = cache.row_keys(list(batch.indices), plan.dataset.kind == "paired")
-                arrays["ref_per_token_logps"] = cache.rows(keys, arrays["input_ids"].shape[1])
+                a["ref_per_token_logps"] = cache.rows(keys, a["input_ids"].shape[1])
             else:
-                arrays["ref_per_token_logps"] = backend.reference_per_token_logps(arrays)
-            if "kl_input_ids" in arrays:
-                kl = {k: arrays[f"kl_{k}"] for k in KL_KEYS}
-                arrays["kl_per_token_logps"] = backend.per_token_logps(kl)
-                arrays["ref_kl_per_token_logps"] = backend.reference_per_token_logps(kl)
+                a["ref_per_token_logps"] = backend.reference_per_token_logps(a)
+        if plan.kl:
+            z = step_kl_estimate(backend, plan, batches)
+            for a in arrays:
+                a["kl_estimate"] = z
+                for key in [k for k in a if k.startswith("kl_") and k != "kl_estimate"]:
+                    del a[key]
 
-        return prepare
+    return prepare
 
-    return make_prepare
+
+def step_kl_estimate(backend: Any, plan: Any, batches: list) -> np.float32:
+    """KTO's ``z = max(0, mean_i [log pi(y'_i|x_i) - log ref(y'_i|x_i)])`` over the mismatched
+    rows of the whole step (policy detached), computed ``plan.batch_size`` rows at a time."""
+    rows = plan.kl_rows(batches)
+    total, count = 0.0, 0
+    for start in range(0, len(rows["input_ids"]), plan.batch_size):
+        chunk = {k: rows[k][start:start + plan.batch_size] for k in KL_KEYS}
+        chunk = _trim(chunk)
+        mask = chunk["loss_mask"]
+        policy = backend.per_token_logps(chunk)
+        reference = backend.reference_per_token_logps(chunk)
+        total += float(((policy - reference) * mask).sum(dtype=np.float64))
+        count += len(mask)
+    return np.float32(max(total / max(count, 1), 0.0))
+
+
+def _trim(chunk: dict) -> dict:
+    """Drop the all-padding columns a chunk of a wider array carries."""
+    width = int((chunk["segment_ids"] > 0).sum(axis=1).max(initial=1))
+    return {k: v[:, :width] for k, v in chunk.items()}
+
+
+def orpo_prepare(cfg: Any, backend: Any, data: PreparedData, model_path: Path) -> Prepare | None:
+    """``make_prepare`` of ORPO: with ``--nll-include-prompt`` the NLL term covers prompt +
+    chosen tokens (``nll_loss_mask``); None otherwise."""
+    if not cfg.nll_include_prompt:
+        return None
+
+    def prepare(backend: Any, arrays: list[dict], batches: list, plan: Any) -> None:
+        for a in arrays:
+            a["nll_loss_mask"] = a["loss_mask"] + a["prompt_mask"]
+
+    return prepare
 
 
 def _precompute(cfg: Any, backend: Any, data: PreparedData, model_path: Path) -> dict:

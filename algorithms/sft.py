@@ -1,4 +1,4 @@
-"""Supervised fine-tuning losses (ALGORITHMS.md section 1), written once over per-token log-probs.
+"""Supervised fine-tuning losses (docs/ALGORITHMS.md section 2), written once over per-token log-probs.
 
 With ``m_t`` the loss mask, ``log p_t`` the log-probability of target token ``t`` and ``N`` the
 number of loss tokens in the whole gradient-accumulated batch (``batch["num_items"]``):
@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from .backend import Loss, logps_loss
 from .config import TrainConfig, field
 
 
@@ -45,14 +46,13 @@ class SFTConfig(TrainConfig):
                            list(LOSSES))
 
 
-def make_loss(cfg: SFTConfig):
-    return LOSSES[cfg.loss_type]
+def make_loss(cfg: SFTConfig) -> Loss:
+    return logps_loss(LOSSES[cfg.loss_type])
 
 
 def prepare_data(cfg: TrainConfig, tokenizer: Any):
     """Tokenised train/valid splits (every example validated) and their batch plans."""
-    from .data import BatchPlan, prepare_dataset
-    from .registry import PreparedData
+    from .data import BatchPlan, PreparedData, prepare_dataset
 
     sets = {split: prepare_dataset(cfg.data, split, tokenizer, cfg) for split in ("train", "valid")}
     plans = {split: BatchPlan(ds, cfg.batch_size, cfg.max_length, cfg.packing, cfg.seed)

@@ -344,16 +344,39 @@ def mlx_config(adapter: Adapter, base_layers: int | None, base: str | None) -> d
 
 
 # --- the two verbs --------------------------------------------------------------------------
+def read_value_head(adapter_dir: str | Path, hidden_size: int | None = None) -> dict | None:
+    """The PPO value head saved beside an adapter (``value_head.safetensors``: the same file
+    for mlx-lm and PEFT adapters), checked against the base's hidden size when known; None when
+    the adapter has none."""
+    from algorithms.backend import VALUE_HEAD_FILE, load_value_head
+
+    head = load_value_head(adapter_dir)
+    if head is not None and hidden_size is not None \
+            and head["v_head.weight"].shape[1] != hidden_size:
+        raise ValueError(f"{Path(adapter_dir) / VALUE_HEAD_FILE}: a value head for hidden size "
+                         f"{head['v_head.weight'].shape[1]}, the base has {hidden_size}")
+    return head
+
+
+def write_value_head(directory: Path, head: dict | None) -> None:
+    """Carry a value head into an output dir (nothing when there is none)."""
+    if head is not None:
+        from algorithms.backend import save_value_head
+
+        save_value_head(directory, head)
+
+
 def _convert(src, out, base, force, reader, fmt, weights_name, make_config) -> Path:
     check_output_dir(Path(out), force)
     adapter = reader(src)
-    base_layers = None
+    base_layers = hidden = None
     if base is not None:
         from .fuse import read_base_model
 
         model = read_base_model(base)
         model.check_adapter(adapter)
-        base_layers = model.num_layers
+        base_layers, hidden = model.num_layers, model.config.get("hidden_size")
+    head = read_value_head(src, hidden)
     config = make_config(adapter, base_layers, str(base) if base is not None else None)
     tensors = {join_key(path, leaf, fmt): adapter.oriented(path, leaf.name, fmt)
                for path, parts in adapter.modules.items() for leaf in LEAVES if leaf.name in parts}
@@ -361,6 +384,7 @@ def _convert(src, out, base, force, reader, fmt, weights_name, make_config) -> P
     with atomic_output_dir(out, force) as tmp:
         write_tensors(tmp / weights_name, tensors, metadata)
         (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        write_value_head(tmp, head)
     return Path(out)
 
 

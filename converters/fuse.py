@@ -268,12 +268,13 @@ def fuse(base: str | Path, adapter_dir: str | Path, out: str | Path, *, fmt: str
         raise ValueError(f"--quantize {quantize_bits}: bits must be one of {QUANT_BITS}")
     if group_size is not None and group_size not in GROUP_SIZES:
         raise ValueError(f"--group-size {group_size}: must be one of {GROUP_SIZES}")
-    from .adapters import read_adapter
+    from .adapters import read_adapter, read_value_head, write_value_head
 
     check_output_dir(Path(out), force)
     model = read_base_model(base, fmt)
     adapter = read_adapter(adapter_dir)
     model.check_adapter(adapter)
+    head = read_value_head(adapter_dir, model.config.get("hidden_size"))
     new_q = None if quantize_bits is None else {
         "group_size": group_size or 64, "bits": quantize_bits, "mode": "affine"}
 
@@ -332,6 +333,7 @@ def fuse(base: str | Path, adapter_dir: str | Path, out: str | Path, *, fmt: str
             shutil.copy2(model.directory / "config.json", tmp / "config.json")
         else:
             (tmp / "config.json").write_text(json.dumps(config, indent=4, sort_keys=True) + "\n")
+        write_value_head(tmp, head)
     return Path(out)
 
 

@@ -14,23 +14,28 @@ from __future__ import annotations
 import contextlib
 import resource
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from algorithms.backend import LossFn, attention_allowed
+from algorithms.backend import (
+    VALUE_HEAD_KEYS,
+    ForwardShortcuts,
+    Loss,
+    as_loss,
+    attention_allowed,
+    check_outputs,
+    loss_view,
+    save_value_head,
+    value_head_init,
+)
 
 from . import varlen
 from .device import choose_device
-from .logprobs import (
-    chunked_entropy,
-    chunked_log_sum_sq,
-    chunked_token_logps,
-    frozen_head_weight,
-    fused_token_logps,
-)
+from .logprobs import head_outputs
 from .model import canonical_parameters, load_model, set_adapter_training
 from .ops import TorchOps
 from .reference import Reference
@@ -40,8 +45,8 @@ _OPTIMIZER = "optimizer.pt"
 _RNG = "rng.pt"
 
 
-class TorchBackend:
-    """A transformers causal LM with its adapters and AdamW, on CUDA or the CPU."""
+class TorchBackend(ForwardShortcuts):
+    """A transformers causal LM with its adapters (and value head) and AdamW, on CUDA or CPU."""
 
     name = "torch"
 
@@ -57,12 +62,26 @@ class TorchBackend:
         # the HF model inside the PEFT wrapper (PEFT swaps layers in place, so it holds them)
         self.hf_model = self.model if cfg.fine_tune_type == "full" else self.model.get_base_model()
         self.params = canonical_parameters(self.model)
+        self.value_head = self._make_value_head() if cfg.uses_value_head else None
         self.reference = Reference(self.model, self.hf_model, cfg, self.model_path, self.choice)
         self.optimizer = torch.optim.AdamW(
             list(self.params.values()), lr=cfg.learning_rate,
             betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
             weight_decay=cfg.weight_decay,
         )
+
+    def _make_value_head(self) -> torch.nn.Linear:
+        """``V(h) = w . h + b`` on the final hidden state, float32, initialised from the seed
+        like the MLX backend's (algorithms.backend.value_head_init); trained with the policy."""
+        hidden_size = self.hf_model.get_output_embeddings().weight.shape[1]
+        head = torch.nn.Linear(hidden_size, 1)
+        init = value_head_init(self.cfg.seed, hidden_size)
+        with torch.no_grad():
+            head.weight.copy_(torch.from_numpy(init["v_head.weight"]))
+            head.bias.copy_(torch.from_numpy(init["v_head.bias"]))
+        head.to(self.device)
+        self.params["v_head.weight"], self.params["v_head.bias"] = head.weight, head.bias
+        return head
 
     # forward --------------------------------------------------------------------------------
     def _autocast(self) -> contextlib.AbstractContextManager:
@@ -115,97 +134,73 @@ class TorchBackend:
             use_cache=False,
         ).last_hidden_state
 
-    def _token_logps(self, batch: dict[str, np.ndarray], tensors: dict[str, torch.Tensor],
-                     hf_model: torch.nn.Module | None = None, train: bool = False) -> torch.Tensor:
-        """Per-token log-probs ``[B, T]`` float32 of ``targets`` (grad follows the context).
+    def _outputs(self, batch: dict[str, np.ndarray], tensors: dict[str, torch.Tensor],
+                 wanted: dict[str, bool], hf_model: torch.nn.Module | None = None,
+                 ) -> dict[str, torch.Tensor]:
+        """The ``wanted`` outputs (name -> with gradient), float32 ``[B, T]``, from one decoder
+        pass and one chunked pass over the vocabulary (:func:`cuda_ft.logprobs.head_outputs`).
 
         Padding-free (:mod:`cuda_ft.varlen`) where the model family allows: only real tokens
-        are run, padding positions get 0. ``train`` (the pass whose gradient is taken) allows
-        the fused head (:func:`cuda_ft.logprobs.fused_token_logps`) when the head is frozen.
+        are run, padding positions get 0.
         """
         hf_model = self.hf_model if hf_model is None else hf_model
         head = hf_model.get_output_embeddings()
         temperature = float(batch.get("temperature", 1.0))
-        weight = frozen_head_weight(head) if train else None
+        shape = tuple(np.asarray(batch["input_ids"]).shape)
         with self._autocast():
-            if not varlen.enable(hf_model):
-                hidden = self._hidden(batch, tensors, hf_model)
-                if weight is None:
-                    return chunked_token_logps(hidden, head, tensors["targets"],
-                                               self.cfg.logprob_chunk_size, temperature)
-                b, t, h = hidden.shape
-                return fused_token_logps(hidden.reshape(b * t, h), weight,
-                                         tensors["targets"].reshape(b * t),
-                                         self.cfg.logprob_chunk_size, temperature).reshape(b, t)
-            ids, positions, targets, spans, where = varlen.flatten(batch, self.device)
-            hidden = hf_model.get_decoder()(input_ids=ids, position_ids=positions,
-                                            use_cache=False,
-                                            posttrain_spans=spans).last_hidden_state[0]
-            if weight is None:
-                flat = chunked_token_logps(hidden[None], head, targets[None],
-                                           self.cfg.logprob_chunk_size, temperature)[0]
+            if varlen.enable(hf_model):
+                ids, positions, targets, spans, where = varlen.flatten(batch, self.device)
+                hidden = hf_model.get_decoder()(input_ids=ids, position_ids=positions,
+                                                use_cache=False,
+                                                posttrain_spans=spans).last_hidden_state[0]
             else:
-                flat = fused_token_logps(hidden, weight, targets, self.cfg.logprob_chunk_size,
-                                         temperature)
-        out = torch.zeros(tuple(np.asarray(batch["input_ids"]).shape), dtype=flat.dtype,
-                          device=self.device)
-        return out.index_put(where, flat)
+                hidden = self._hidden(batch, tensors, hf_model)
+                hidden = hidden.reshape(-1, hidden.shape[-1])
+                targets, where = tensors["targets"].reshape(-1), None
+            flat = head_outputs(hidden, head, targets, self.cfg.logprob_chunk_size,
+                                temperature, wanted)
+        if "values" in wanted:
+            values = self.value_head(hidden.float()).squeeze(-1)
+            flat["values"] = values if wanted["values"] else values.detach()
+        if where is None:
+            return {k: v.reshape(shape) for k, v in flat.items()}
+        return {k: torch.zeros(shape, dtype=v.dtype, device=self.device).index_put(where, v)
+                for k, v in flat.items()}
 
-    def per_token_log_sum_sq(self, batch: dict[str, np.ndarray]) -> np.ndarray:
-        """``log sum_v p_v^2`` at every position under the policy (WPO), no gradient."""
-        set_adapter_training(self.model, False)
-        with torch.no_grad(), self._autocast():
-            hidden = self._hidden(batch, self._to_tensors(batch), self.hf_model)
-            out = chunked_log_sum_sq(hidden, self.hf_model.get_output_embeddings(),
-                                     self.cfg.logprob_chunk_size)
-        return out.float().cpu().numpy()
-
-    def per_token_entropy(self, batch: dict[str, np.ndarray]) -> np.ndarray:
-        """Entropy of the policy's next-token distribution (at ``batch["temperature"]``)."""
-        set_adapter_training(self.model, False)
-        with torch.no_grad(), self._autocast():
-            hidden = self._hidden(batch, self._to_tensors(batch), self.hf_model)
-            out = chunked_entropy(hidden, self.hf_model.get_output_embeddings(),
-                                  self.cfg.logprob_chunk_size, float(batch.get("temperature", 1.0)))
-        return out.float().cpu().numpy()
-
-    def _loss(self, batch: dict[str, np.ndarray], loss_fn: LossFn,
-              train: bool = False) -> tuple[torch.Tensor, dict]:
+    def _loss(self, batch: dict[str, np.ndarray], loss: Loss) -> tuple[torch.Tensor, dict]:
         tensors = self._to_tensors(batch)
         if "num_items" in tensors:
             tensors["num_items"] = tensors["num_items"].reshape(())
-        logps = self._token_logps(batch, tensors, train=train)
-        return loss_fn(self.ops, logps, tensors)
+        outputs = self._outputs(batch, tensors, dict(loss.outputs))
+        return loss(self.ops, outputs, loss_view(tensors))
 
     def _metrics(self, loss: torch.Tensor, metrics: dict) -> dict[str, float]:
         return {"loss": self.ops.to_float(loss),
                 **{k: self.ops.to_float(v) for k, v in metrics.items()}}
 
-    def forward_backward(self, batch: dict[str, np.ndarray], loss_fn: LossFn) -> dict[str, float]:
+    def forward_backward(self, batch: dict[str, np.ndarray], loss: Loss) -> dict[str, float]:
         """Loss of one micro-batch; its gradients are added to those already accumulated."""
         set_adapter_training(self.model, True)
-        loss, metrics = self._loss(batch, loss_fn, train=True)
-        loss.backward()
-        return self._metrics(loss, metrics)
+        value, metrics = self._loss(batch, as_loss(loss))
+        value.backward()
+        return self._metrics(value, metrics)
 
-    def evaluate(self, batch: dict[str, np.ndarray], loss_fn: LossFn) -> dict[str, float]:
+    def evaluate(self, batch: dict[str, np.ndarray], loss: Loss) -> dict[str, float]:
         set_adapter_training(self.model, False)
         with torch.no_grad():
-            loss, metrics = self._loss(batch, loss_fn)
-        return self._metrics(loss, metrics)
+            value, metrics = self._loss(batch, as_loss(loss))
+        return self._metrics(value, metrics)
 
-    def per_token_logps(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+    def forward(self, batch: dict[str, np.ndarray], outputs: Iterable[str],
+                reference: bool = False) -> dict[str, np.ndarray]:
+        """The named outputs without gradients or dropout (see algorithms.backend)."""
+        names = check_outputs(outputs, self.value_head is not None and not reference)
         set_adapter_training(self.model, False)
-        with torch.no_grad():
-            logps = self._token_logps(batch, self._to_tensors(batch))
-        return logps.float().cpu().numpy()
-
-    def reference_per_token_logps(self, batch: dict[str, np.ndarray]) -> np.ndarray:
-        """Per-token log-probs under the reference policy (see cuda_ft.reference)."""
-        set_adapter_training(self.model, False)
-        with torch.no_grad(), self.reference.model() as ref:
-            logps = self._token_logps(batch, self._to_tensors(batch), ref)
-        return logps.float().cpu().numpy()
+        with torch.no_grad(), contextlib.ExitStack() as stack:
+            model = stack.enter_context(self.reference.model()) if reference else None
+            out = self._outputs(batch, self._to_tensors(batch), dict.fromkeys(names, False),
+                                model)
+        return {k: v.float().cpu().numpy() for k, v in out.items()}
 
     # optimiser ------------------------------------------------------------------------------
     def optimizer_step(self, learning_rate: float, max_grad_norm: float) -> float:
@@ -270,12 +265,16 @@ class TorchBackend:
             torch.cuda.set_rng_state_all(rng["cuda"])
 
     def save_adapters(self, directory: str) -> None:
-        """PEFT adapter dir for lora/dora; a full HF model dir (with tokenizer) for full."""
+        """PEFT adapter dir for lora/dora; a full HF model dir (with tokenizer) for full; the
+        value head beside it when the run has one."""
         path = Path(directory)
         path.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(str(path))
         if self.cfg.fine_tune_type == "full":
             self.tokenizer.save_pretrained(str(path))
+        if self.value_head is not None:
+            params = self.trainable_parameters()
+            save_value_head(path, {k: params[k] for k in VALUE_HEAD_KEYS})
 
     # generation and memory ---------------------------------------------------------------------
     def generate(self, prompt: str, max_tokens: int) -> str:

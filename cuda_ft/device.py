@@ -1,6 +1,6 @@
 """Choose the torch device and compute dtype once, and say which and why.
 
-The rule (STYLE.md: backends are chosen, not guessed silently): a CUDA GPU when torch sees one,
+The rule (backends are chosen, not guessed silently): a CUDA GPU when torch sees one,
 else the CPU. ``dtype="auto"`` means bfloat16 on a GPU (the native training precision of modern
 NVIDIA cards) and float32 on the CPU (CPU bf16 matmuls are slow and the CPU path is where parity
 with MLX is tested). An explicit dtype is honoured everywhere. The choice is printed to stderr

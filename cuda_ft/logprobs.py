@@ -1,21 +1,27 @@
-"""Per-token log-probabilities without materialising the full ``[B, T, V]`` logits.
+"""Per-token outputs of the output head without materialising the full ``[B, T, V]`` logits.
 
 The lm_head matmul followed by a float32 log-softmax is the memory wall of LLM training: for a
 150k vocabulary, 8 rows of 4k tokens are 19 GB of float32 logits, and autograd keeps them (and
-their gradient) alive until the backward pass. Here the ``B*T`` tokens are cut into chunks of
-``chunk_size``; for each chunk
+their gradient) alive until the backward pass. Here the ``N`` tokens are cut into chunks of
+``chunk_size``; for each chunk the logits ``z = (W h) / T`` exist once, in float32, and give
+every statistic a loss asked for (:data:`HEAD_OUTPUTS`):
 
-    log p(t | h) = (W h)[t] - logsumexp(W h)
+    logps       z[t] - lse(z)                       (lse = logsumexp over the vocabulary)
+    entropy     -sum_v p_v log p_v,  p = softmax(z)
+    log_sum_sq  log sum_v p_v^2
 
-is computed in float32 under ``torch.utils.checkpoint`` (non-reentrant), which keeps only the
-chunk's hidden states and targets for backward and recomputes the chunk's logits there. So at
-most one ``[chunk_size, V]`` block of logits exists at a time, forward or backward.
+Three paths, the same numbers up to float rounding:
 
-``reference_token_logps`` is the plain full-logits formula the chunked path is tested against.
+- no gradient: a plain loop over chunks;
+- gradient through ``logps`` only, head frozen (LoRA / DoRA): :class:`_FusedChunk` forms
+  ``d logps / d h = (W[t] - p W) / T`` in the same pass as the forward, so backward needs
+  neither the logits nor their recomputation; ``entropy`` / ``log_sum_sq`` come out of the same
+  pass, detached;
+- anything else (a trainable head, a gradient through ``entropy``): each chunk runs under
+  ``torch.utils.checkpoint`` (non-reentrant), which saves only the chunk's hidden states and
+  targets and recomputes its logits in backward.
 
-When the output projection is frozen (LoRA / DoRA), training uses :func:`fused_token_logps`
-instead: the gradient w.r.t. the hidden states is formed in the forward pass, so backward
-needs neither the logits nor their recomputation.
+``reference_token_logps`` is the plain full-logits formula the chunked paths are tested against.
 """
 
 from __future__ import annotations
@@ -26,70 +32,61 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+HEAD_OUTPUTS = ("logps", "entropy", "log_sum_sq")
 
-def _chunk_token_logps(lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
-                       temperature: float = 1.0) -> torch.Tensor:
-    """log p(targets | hidden) for ``hidden [N, H]``, ``targets [N]`` -> float32 ``[N]``,
-    under ``softmax(logits / temperature)``."""
-    logits = lm_head(hidden).float()
+
+def _statistics(z: torch.Tensor, targets: torch.Tensor, wanted: tuple[str, ...]) -> list:
+    """The ``wanted`` statistics of float32 logits ``z [n, V]`` (already divided by T)."""
+    lse = torch.logsumexp(z, dim=-1)
+    out = []
+    logp = z - lse.unsqueeze(-1) if ("entropy" in wanted or "log_sum_sq" in wanted) else None
+    for name in wanted:
+        if name == "logps":
+            out.append(z.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse)
+        elif name == "entropy":
+            out.append(-(logp.exp() * logp).sum(-1))
+        else:  # log_sum_sq
+            out.append(torch.logsumexp(2 * logp, dim=-1))
+    return out
+
+
+def _chunk(lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, temperature: float,
+           wanted: tuple[str, ...]) -> tuple:
+    z = lm_head(hidden).float()
     if temperature != 1.0:
-        logits = logits / temperature
-    target_logits = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    return target_logits - torch.logsumexp(logits, dim=-1)
-
-
-def chunked_token_logps(hidden: torch.Tensor, lm_head: nn.Module, targets: torch.Tensor,
-                        chunk_size: int, temperature: float = 1.0) -> torch.Tensor:
-    """log p(targets[b, t] | hidden[b, t]) as float32 ``[B, T]``, ``chunk_size`` tokens at a time.
-
-    ``hidden`` is ``[B, T, H]`` (the decoder's final, normed hidden states), ``lm_head`` the
-    output embedding module (``model.get_output_embeddings()``), ``targets`` ``[B, T]`` token ids.
-    Targets below zero (an ignore index) are read as token 0; their positions must be masked
-    by the caller. Gradients flow to ``hidden`` and to the lm_head parameters. ``temperature``
-    divides the logits first (online RL scores completions under the sampling distribution).
-    """
-    if chunk_size <= 0:
-        raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
-    batch, length, width = hidden.shape
-    flat_hidden = hidden.reshape(batch * length, width)
-    flat_targets = targets.reshape(batch * length).long().clamp(min=0)
-    needs_grad = torch.is_grad_enabled() and (
-        hidden.requires_grad or any(p.requires_grad for p in lm_head.parameters())
-    )
-    pieces = []
-    for start in range(0, batch * length, chunk_size):
-        h = flat_hidden[start:start + chunk_size]
-        t = flat_targets[start:start + chunk_size]
-        if needs_grad:
-            # Saves (h, t) only; the chunk's logits are rebuilt during backward and freed after.
-            pieces.append(checkpoint(_chunk_token_logps, lm_head, h, t, temperature,
-                                     use_reentrant=False))
-        else:
-            pieces.append(_chunk_token_logps(lm_head, h, t, temperature))
-    return torch.cat(pieces).reshape(batch, length)
+        z = z / temperature
+    return tuple(_statistics(z, targets, wanted))
 
 
 class _FusedChunk(torch.autograd.Function):
-    """log-probs of one chunk and, in the same pass, their gradient w.r.t. the hidden states."""
+    """log-probs of one chunk, their gradient w.r.t. the hidden states formed in the same pass,
+    and the detached entropy / log sum p^2 when asked (``flags``)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature):
-        logits = (hidden @ weight.t()).float()
+    def forward(ctx, hidden, weight, targets, temperature, flags):
+        z = (hidden @ weight.t()).float()
         if temperature != 1.0:
-            logits = logits / temperature
-        lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-        logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse.squeeze(-1)
-        probs = torch.exp(logits.sub_(lse))  # logits are not needed after this
+            z = z / temperature
+        lse = torch.logsumexp(z, dim=-1, keepdim=True)
+        logps = z.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse.squeeze(-1)
+        logp = z.sub_(lse)  # z is not needed after this
+        probs = torch.exp(logp)
+        extra = []
+        if flags[0]:
+            extra.append(-(probs * logp).sum(-1))
+        if flags[1]:
+            extra.append(torch.log(probs.square().sum(-1)))
         grad = weight[targets].float() - (probs.to(weight.dtype) @ weight).float()
         if temperature != 1.0:
             grad = grad / temperature
         ctx.save_for_backward(grad.to(hidden.dtype))
-        return logps
+        ctx.mark_non_differentiable(*extra)
+        return (logps, *extra)
 
     @staticmethod
-    def backward(ctx, grad_logps):
+    def backward(ctx, grad_logps, *unused):
         (grad,) = ctx.saved_tensors
-        return grad_logps.unsqueeze(-1).to(grad.dtype) * grad, None, None, None
+        return grad_logps.unsqueeze(-1).to(grad.dtype) * grad, None, None, None, None
 
 
 def frozen_head_weight(lm_head: nn.Module) -> torch.Tensor | None:
@@ -102,53 +99,67 @@ def frozen_head_weight(lm_head: nn.Module) -> torch.Tensor | None:
     return lm_head.weight
 
 
-def fused_token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                      chunk_size: int, temperature: float = 1.0) -> torch.Tensor:
-    """``log softmax(h W^T / T)[target]`` for ``hidden [N, H]`` and a FROZEN ``weight [V, H]``.
+def head_outputs(hidden: torch.Tensor, lm_head: nn.Module, targets: torch.Tensor,
+                 chunk_size: int, temperature: float, wanted: dict[str, bool]) -> dict:
+    """The ``wanted`` statistics (name -> with gradient) of ``hidden [N, H]``, float32 ``[N]``.
 
-    Per chunk: ``log p = z[t] - logsumexp(z)`` and ``d log p / d h = (W[t] - softmax(z) W) / T``
-    in one pass over the chunk's logits ``z``; backward scales the saved ``[N, H]`` gradient by
-    the incoming one. Compared with the checkpointed path it skips recomputing the logits
-    (one ``[chunk, V] x [V, H]`` matmul fewer per token). No gradient reaches ``weight``.
+    ``targets`` below zero (an ignore index) are read as token 0; their positions must be masked
+    by the caller. Gradients follow the chosen path (module docstring); an output asked without
+    gradient is detached.
     """
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
+    names = tuple(n for n in HEAD_OUTPUTS if n in wanted)
+    if not names:
+        return {}
     targets = targets.long().clamp(min=0)
-    pieces = [_FusedChunk.apply(hidden[i:i + chunk_size], weight, targets[i:i + chunk_size],
-                                temperature)
-              for i in range(0, hidden.shape[0], chunk_size)]
-    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+    grad_on = torch.is_grad_enabled() and any(wanted[n] for n in names) and (
+        hidden.requires_grad or any(p.requires_grad for p in lm_head.parameters()))
+    weight = frozen_head_weight(lm_head) if grad_on else None
+    fused = weight is not None and "logps" in names and not any(
+        wanted[n] for n in names if n != "logps")
+    pieces: list[tuple] = []
+    for start in range(0, hidden.shape[0], chunk_size):
+        h, t = hidden[start:start + chunk_size], targets[start:start + chunk_size]
+        if fused:
+            flags = ("entropy" in names, "log_sum_sq" in names)
+            pieces.append(_FusedChunk.apply(h, weight, t, temperature, flags))
+        elif grad_on:
+            # Saves (h, t) only; the chunk's logits are rebuilt during backward and freed after.
+            pieces.append(checkpoint(_chunk, lm_head, h, t, temperature, names,
+                                     use_reentrant=False))
+        else:
+            with torch.no_grad():
+                pieces.append(_chunk(lm_head, h, t, temperature, names))
+    out = {}
+    for i, name in enumerate(names):
+        value = pieces[0][i] if len(pieces) == 1 else torch.cat([p[i] for p in pieces])
+        out[name] = value if wanted[name] else value.detach()
+    return out
 
 
-@torch.no_grad()
-def _chunked_statistic(hidden: torch.Tensor, lm_head: nn.Module, chunk_size: int,
-                       statistic) -> torch.Tensor:
-    """``statistic(float32 logits [N, V]) -> [N]`` at every position, chunk by chunk, no grad."""
+def chunked_token_logps(hidden: torch.Tensor, lm_head: nn.Module, targets: torch.Tensor,
+                        chunk_size: int, temperature: float = 1.0) -> torch.Tensor:
+    """log p(targets[b, t] | hidden[b, t]) as float32 ``[B, T]`` (the checkpointed path when a
+    gradient is needed): :func:`head_outputs` for ``logps`` over ``[B, T, H]`` hidden states."""
     batch, length, width = hidden.shape
-    flat = hidden.reshape(batch * length, width)
-    pieces = [statistic(lm_head(flat[start:start + chunk_size]).float())
-              for start in range(0, batch * length, chunk_size)]
-    return torch.cat(pieces).reshape(batch, length)
-
-
-def chunked_log_sum_sq(hidden: torch.Tensor, lm_head: nn.Module, chunk_size: int) -> torch.Tensor:
-    """``log sum_v p_v^2`` per position (WPO's normaliser), chunk by chunk, no gradient:
-    ``logsumexp(2 z) - 2 logsumexp(z)`` for the logits ``z``."""
-    return _chunked_statistic(hidden, lm_head, chunk_size,
-                              lambda z: torch.logsumexp(2 * z, -1) - 2 * torch.logsumexp(z, -1))
-
-
-def chunked_entropy(hidden: torch.Tensor, lm_head: nn.Module, chunk_size: int,
-                    temperature: float = 1.0) -> torch.Tensor:
-    """Entropy of ``softmax(z / T)`` per position, no gradient:
-    ``H = logsumexp(z') - sum_v softmax(z')_v z'_v`` with ``z' = z / T``."""
-
-    def entropy(z: torch.Tensor) -> torch.Tensor:
-        z = z / temperature
-        return torch.logsumexp(z, -1) - (z.softmax(-1) * z).sum(-1)
-
-    return _chunked_statistic(hidden, lm_head, chunk_size, entropy)
+    logps = head_outputs(hidden.reshape(batch * length, width), lm_head,
+                         targets.reshape(batch * length), chunk_size, temperature,
+                         {"logps": True})["logps"]
+    return logps.reshape(batch, length)
 
 
 def reference_token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Plain ``log_softmax(logits).gather(targets)`` in float32: ``[B, T, V]`` -> ``[B, T]``."""
     logps = logits.float().log_softmax(dim=-1)
     return logps.gather(-1, targets.long().clamp(min=0).unsqueeze(-1)).squeeze(-1)
+
+
+def reference_outputs(logits: torch.Tensor, targets: torch.Tensor,
+                      temperature: float = 1.0) -> dict[str, torch.Tensor]:
+    """Every head statistic from full ``[..., V]`` logits (tests only)."""
+    z = logits.float() / temperature
+    logp = z.log_softmax(dim=-1)
+    p = logp.exp()
+    return {"logps": logp.gather(-1, targets.long().clamp(min=0).unsqueeze(-1)).squeeze(-1),
+            "entropy": -(p * logp).sum(-1), "log_sum_sq": torch.log((p * p).sum(-1))}

@@ -42,7 +42,7 @@ class Reference:
 
             from converters.models import resolve_model
 
-            path = resolve_model(self.cfg.ref_model) if self.kind == "ref_model" else self.model_path
+            path = resolve_model(self.cfg.reference_model) if self.kind == "ref_model" else self.model_path
             frozen = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
             frozen.requires_grad_(False)
             if self.choice.dtype != torch.float32:

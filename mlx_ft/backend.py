@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import resource
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +21,21 @@ import numpy as np
 from mlx import nn
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
-from algorithms.backend import attention_allowed
+from algorithms.backend import (
+    VALUE_HEAD_KEYS,
+    ForwardShortcuts,
+    Loss,
+    as_loss,
+    attention_allowed,
+    check_outputs,
+    loss_view,
+    save_value_head,
+    value_head_init,
+)
 
 from . import blas
 from . import model as mlx_model
-from .logprobs import chunked_entropy, chunked_log_sum_sq, hidden_states, token_logps
+from .logprobs import model_outputs
 from .ops import MLXOps
 from .reference import Reference
 
@@ -56,7 +67,7 @@ def _temperature(batch: dict) -> float:
     return float(batch["temperature"]) if "temperature" in batch else 1.0
 
 
-class MLXBackend:
+class MLXBackend(ForwardShortcuts):
     name = "mlx"
 
     def __init__(self, cfg: Any, model_path: Path, tokenizer: Any):
@@ -68,6 +79,7 @@ class MLXBackend:
         self.dtype, self.dtype_name = choose_device(cfg.dtype)
         self.model, self.model_config = mlx_model.load_model(self.model_path, self.dtype)
         self.adapter_config = mlx_model.attach_adapters(self.model, cfg)
+        self.value_head = self._make_value_head() if cfg.uses_value_head else None
         self.optimizer = optim.AdamW(
             learning_rate=cfg.learning_rate, betas=[cfg.adam_beta1, cfg.adam_beta2],
             eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay, bias_correction=True,
@@ -77,69 +89,71 @@ class MLXBackend:
         self._micro_batches = 0  # dropout is re-seeded from (seed, this count): resumable RNG
         self._value_and_grad = nn.value_and_grad(self.model, self._loss)
 
-    # --- forward --------------------------------------------------------------------------
-    def _logps(self, batch: dict, model: nn.Module | None = None, train: bool = False) -> mx.array:
-        # Padding-free and fused-head fast paths where they apply (mlx_ft.logprobs.token_logps);
-        # ``train`` marks the pass whose gradient is taken.
-        model = self.model if model is None else model
-        return token_logps(model, batch, batch["_host"], self.cfg.logprob_chunk_size,
-                           _temperature(batch), train)
+    def _make_value_head(self) -> nn.Linear:
+        """``V(h) = w . h + b`` on the final hidden state, float32, initialised from the seed
+        like the torch backend's (algorithms.backend.value_head_init); attached to the model as
+        ``v_head`` so the optimiser, the gradients and the checkpoints carry it."""
+        hidden = int(self.model_config["hidden_size"])
+        init = value_head_init(self.cfg.seed, hidden)
+        head = nn.Linear(hidden, 1)
+        head.update({"weight": mx.array(init["v_head.weight"]),
+                     "bias": mx.array(init["v_head.bias"])})
+        self.model.v_head = head
+        return head
 
-    def _loss(self, batch: dict, loss_fn: Any, train: bool = False):
-        loss, metrics = loss_fn(self.ops, self._logps(batch, train=train), batch)
-        return loss, metrics
+    # --- forward --------------------------------------------------------------------------
+    def _outputs(self, arrays: dict, host: dict, wanted: dict[str, bool],
+                 model: nn.Module | None = None, train: bool = False) -> dict[str, mx.array]:
+        # Padding-free and fused-head fast paths where they apply (mlx_ft.logprobs);
+        # ``train`` marks the pass whose gradient is taken.
+        return model_outputs(self.model if model is None else model, arrays, host,
+                             self.cfg.logprob_chunk_size, _temperature(host), wanted, train,
+                             self.value_head)
+
+    def _loss(self, arrays: dict, host: dict, loss: Loss, train: bool = False):
+        outputs = self._outputs(arrays, host, dict(loss.outputs), train=train)
+        return loss(self.ops, outputs, loss_view(arrays))
 
     def _to_device(self, batch: dict[str, np.ndarray]) -> dict:
-        # Every numeric array reaches the loss (labels, reference log-probs, masks...).
+        """Every numeric array on the device (labels, reference log-probs, masks... all reach
+        the loss), plus the private ``_allowed`` attention mask the decoder needs."""
         out = {k: mx.array(v) for k, v in batch.items() if np.asarray(v).dtype.kind in "biuf"}
         out["_allowed"] = attention_allowed(batch["segment_ids"])
-        out["_host"] = batch  # the numpy arrays, for the padding-free layout
         return out
 
-    def forward_backward(self, batch: dict[str, np.ndarray], loss_fn: Any) -> dict[str, float]:
+    def forward_backward(self, batch: dict[str, np.ndarray], loss: Loss) -> dict[str, float]:
         self.model.train()
         # MLX's global RNG state cannot be restored, so make it a function of the position in
         # the run instead: a resumed run draws the same dropout masks as an uninterrupted one.
         mx.random.seed(self.cfg.seed * 1_000_003 + self._micro_batches)
         self._micro_batches += 1
-        (loss, metrics), grads = self._value_and_grad(self._to_device(batch), loss_fn, True)
+        (value, metrics), grads = self._value_and_grad(self._to_device(batch), batch,
+                                                       as_loss(loss), True)
         self._grads = grads if self._grads is None else tree_map(mx.add, self._grads, grads)
-        mx.eval(loss, metrics, self._grads)
-        return {"loss": loss.item(), **{k: v.item() for k, v in metrics.items()}}
+        mx.eval(value, metrics, self._grads)
+        return {"loss": value.item(), **{k: v.item() for k, v in metrics.items()}}
 
-    def evaluate(self, batch: dict[str, np.ndarray], loss_fn: Any) -> dict[str, float]:
+    def evaluate(self, batch: dict[str, np.ndarray], loss: Loss) -> dict[str, float]:
         self.model.eval()
-        loss, metrics = self._loss(self._to_device(batch), loss_fn)
-        mx.eval(loss, metrics)
-        return {"loss": loss.item(), **{k: v.item() for k, v in metrics.items()}}
+        value, metrics = self._loss(self._to_device(batch), batch, as_loss(loss))
+        mx.eval(value, metrics)
+        return {"loss": value.item(), **{k: v.item() for k, v in metrics.items()}}
 
-    def per_token_logps(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+    def forward(self, batch: dict[str, np.ndarray], outputs: Iterable[str],
+                reference: bool = False) -> dict[str, np.ndarray]:
+        """The named outputs without gradients or dropout (see algorithms.backend)."""
+        names = check_outputs(outputs, self.value_head is not None and not reference)
         self.model.eval()
-        logps = self._logps(self._to_device(batch))
-        return np.array(logps.astype(mx.float32))
-
-    def per_token_log_sum_sq(self, batch: dict[str, np.ndarray]) -> np.ndarray:
-        """``log sum_v p_v^2`` at every position under the policy (WPO), no gradient."""
-        self.model.eval()
+        wanted = dict.fromkeys(names, False)
         arrays = self._to_device(batch)
-        h = hidden_states(self.model, arrays["input_ids"], arrays["_allowed"])
-        return np.array(chunked_log_sum_sq(self.model, h, self.cfg.logprob_chunk_size))
-
-    def per_token_entropy(self, batch: dict[str, np.ndarray]) -> np.ndarray:
-        """Entropy of the policy's next-token distribution (at ``batch["temperature"]``)."""
-        self.model.eval()
-        arrays = self._to_device(batch)
-        h = hidden_states(self.model, arrays["input_ids"], arrays["_allowed"])
-        return np.array(chunked_entropy(self.model, h, self.cfg.logprob_chunk_size,
-                                        _temperature(arrays)))
-
-    def reference_per_token_logps(self, batch: dict[str, np.ndarray]) -> np.ndarray:
-        """Per-token log-probs under the reference policy (see mlx_ft.reference)."""
-        self.model.eval()
-        with self.reference.model() as ref:
-            logps = mx.stop_gradient(self._logps(self._to_device(batch), ref))
-            mx.eval(logps)
-        return np.array(logps.astype(mx.float32))
+        if reference:
+            with self.reference.model() as ref:
+                out = self._outputs(arrays, batch, wanted, ref)
+                mx.eval(out)
+        else:
+            out = self._outputs(arrays, batch, wanted)
+            mx.eval(out)
+        return {k: np.array(v.astype(mx.float32)) for k, v in out.items()}
 
     # --- update ---------------------------------------------------------------------------
     def optimizer_step(self, learning_rate: float, max_grad_norm: float) -> float:
@@ -163,6 +177,7 @@ class MLXBackend:
 
     def save_state(self, directory: str) -> None:
         d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
         mx.save_safetensors(str(d / "trainable.safetensors"), mlx_model.trainable(self.model))
         opt = dict(tree_flatten(self.optimizer.state))
         mx.save_safetensors(str(d / "optimizer.safetensors"), opt)
@@ -181,9 +196,15 @@ class MLXBackend:
         mx.eval(self.model.parameters(), self.optimizer.state)
 
     def save_adapters(self, directory: str) -> None:
-        """mlx-lm's adapter format: ``adapters.safetensors`` + ``adapter_config.json``."""
+        """mlx-lm's adapter format: ``adapters.safetensors`` + ``adapter_config.json``; the
+        value head beside them when the run has one."""
         d = Path(directory)
-        mx.save_safetensors(str(d / "adapters.safetensors"), mlx_model.trainable(self.model))
+        weights = mlx_model.trainable(self.model)
+        adapters = {k: v for k, v in weights.items() if k not in VALUE_HEAD_KEYS}
+        mx.save_safetensors(str(d / "adapters.safetensors"), adapters)
+        if self.value_head is not None:
+            save_value_head(d, {k: np.array(weights[k].astype(mx.float32))
+                                for k in VALUE_HEAD_KEYS})
         config = {**self.adapter_config, "base_model": str(self.model_path),
                   "lora_alpha": self.cfg.lora_alpha}
         (d / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")

@@ -1,22 +1,24 @@
-"""Per-token log-probs from an mlx-lm model without materialising ``[B, T, V]`` float32 logits.
+"""Per-token outputs of an mlx-lm model without materialising ``[B, T, V]`` float32 logits.
 
-The decoder runs once to final hidden states ``h [B, T, H]``; then, ``chunk_size`` tokens at a
-time, ``log p(t) = (h W^T)[t] - logsumexp(h W^T)`` in float32 under ``mx.checkpoint``, so both
-the forward and the backward pass hold one chunk of logits at a time.
+The decoder runs once to final hidden states ``h``; then, ``chunk_size`` tokens at a time, the
+float32 logits ``z = h W^T / T`` give every statistic a loss asked for (``HEAD_OUTPUTS``:
+``logps = z[t] - lse(z)``, ``entropy = -sum p log p``, ``log_sum_sq = log sum p^2``), and a
+value head gives ``values`` (:func:`model_outputs`). With a gradient, each chunk runs under
+``mx.checkpoint``, so the forward and the backward pass hold one chunk of logits at a time.
 
 Packed rows need a block-diagonal causal mask. mlx-lm's inner models build their own causal
 mask, so for packing we run the blocks ourselves (embed -> blocks(mask) -> norm): valid for the
 families listed in ``PACKABLE`` whose inner model is exactly that.
 
-Training fast path (:func:`token_logps`, used by the backend; the same numbers up to float
-rounding):
+Training fast paths (the same numbers up to float rounding):
 
 - padding-free: the families of :mod:`mlx_ft.varlen` run only the real tokens of the batch
   (documents end to end, attention per document), optionally split over CPU streams;
-- fused head: when the output projection is frozen (LoRA / DoRA), :func:`fused_token_logps`
-  computes each chunk's log-probs AND their gradient w.r.t. the hidden states in one pass over
-  the chunk's logits (one ``exp`` per logit, no recomputation in backward; the backward is a
-  scale of the saved ``[N, H]`` gradient).
+- fused head: when the output projection is frozen (LoRA / DoRA) and only ``logps`` needs a
+  gradient, :func:`_fused_outputs` computes each chunk's log-probs AND their gradient w.r.t.
+  the hidden states in one pass over the chunk's logits (one ``exp`` per logit, no
+  recomputation in backward; the backward is a scale of the saved ``[N, H]`` gradient); the
+  entropy and log sum p^2, when asked, come out of the same pass, detached.
 
 Each can be switched off to measure it: ``POSTTRAIN_MLX_VARLEN=0``, ``POSTTRAIN_MLX_FUSED_HEAD=0``;
 ``POSTTRAIN_MLX_STREAMS=2`` splits the documents over two CPU streams (off by default).
@@ -52,27 +54,70 @@ def hidden_states(model: nn.Module, input_ids: mx.array, allowed: np.ndarray | N
     return inner.norm(h)
 
 
+HEAD_OUTPUTS = ("logps", "entropy", "log_sum_sq")
+
+
+def _statistics(z: mx.array, targets: mx.array, names: tuple[str, ...]) -> list[mx.array]:
+    """The ``names`` statistics of float32 logits ``z [n, V]`` (already divided by T):
+    ``z[t] - lse(z)``, ``-sum p log p``, ``log sum p^2``."""
+    lse = mx.logsumexp(z, axis=-1)
+    logp = z - lse[:, None] if ("entropy" in names or "log_sum_sq" in names) else None
+    out = []
+    for name in names:
+        if name == "logps":
+            out.append(mx.take_along_axis(z, mx.stop_gradient(targets)[:, None], axis=-1)[:, 0]
+                       - lse)
+        elif name == "entropy":
+            out.append(-(mx.exp(logp) * logp).sum(axis=-1))
+        else:  # log_sum_sq
+            out.append(mx.logsumexp(2 * logp, axis=-1))
+    return out
+
+
+def _checkpointed_outputs(model: nn.Module, hidden: mx.array, targets: mx.array,
+                          chunk_size: int, temperature: float,
+                          names: tuple[str, ...]) -> list[list[mx.array]]:
+    """Per chunk, the statistics under ``mx.checkpoint``: gradients reach the hidden states
+    and a trainable head; each chunk's logits are recomputed in backward, never kept."""
+    head, method = lm_head_module(model)
+
+    def chunk(params, h, tgt):
+        head.update(params)
+        z = getattr(head, method)(h).astype(mx.float32)
+        if temperature != 1.0:
+            z = z / temperature
+        return _statistics(z, tgt, names)
+
+    checkpointed = mx.checkpoint(chunk)
+    params = head.trainable_parameters()
+    return [checkpointed(params, hidden[i:i + chunk_size], targets[i:i + chunk_size])
+            for i in range(0, hidden.shape[0], chunk_size)]
+
+
+def _plain_outputs(model: nn.Module, hidden: mx.array, targets: mx.array, chunk_size: int,
+                   temperature: float, names: tuple[str, ...]) -> list[list[mx.array]]:
+    """Per chunk, the statistics without gradient, each chunk evaluated before the next so one
+    chunk of logits is alive at a time."""
+    head, method = lm_head_module(model)
+    hidden = mx.stop_gradient(hidden)
+    pieces = []
+    for i in range(0, hidden.shape[0], chunk_size):
+        z = getattr(head, method)(hidden[i:i + chunk_size]).astype(mx.float32)
+        if temperature != 1.0:
+            z = z / temperature
+        pieces.append(_statistics(z, targets[i:i + chunk_size], names))
+        mx.eval(pieces[-1])
+    return pieces
+
+
 def chunked_token_logps(model: nn.Module, hidden: mx.array, targets: mx.array,
                         chunk_size: int, temperature: float = 1.0) -> mx.array:
-    """``log softmax(h W^T / temperature)[target]`` per position, float32 ``[B, T]``."""
-    head, method = lm_head_module(model)
+    """``log softmax(h W^T / temperature)[target]`` per position, float32 ``[B, T]``, with
+    gradients (the checkpointed path)."""
     b, t, d = hidden.shape
-    flat_h = hidden.reshape(b * t, d)
-    flat_t = targets.reshape(b * t)
-
-    def chunk_logps(params, h, tgt):
-        head.update(params)
-        logits = getattr(head, method)(h).astype(mx.float32)
-        if temperature != 1.0:
-            logits = logits / temperature
-        picked = mx.take_along_axis(logits, mx.stop_gradient(tgt)[:, None], axis=-1)[:, 0]
-        return picked - mx.logsumexp(logits, axis=-1)
-
-    checkpointed = mx.checkpoint(chunk_logps)
-    params = head.trainable_parameters()
-    pieces = [checkpointed(params, flat_h[i:i + chunk_size], flat_t[i:i + chunk_size])
-              for i in range(0, b * t, chunk_size)]
-    return mx.concatenate(pieces).reshape(b, t)
+    pieces = _checkpointed_outputs(model, hidden.reshape(b * t, d), targets.reshape(b * t),
+                                   chunk_size, temperature, ("logps",))
+    return mx.concatenate([p[0] for p in pieces]).reshape(b, t)
 
 
 def _frozen_head_weight(model: nn.Module) -> mx.array | None:
@@ -88,15 +133,17 @@ def _frozen_head_weight(model: nn.Module) -> mx.array | None:
 _exp_shifted = mx.compile(lambda z, m: mx.exp(z - m), shapeless=True)
 
 
-def fused_token_logps(weight: mx.array, hidden: mx.array, targets: mx.array, chunk_size: int,
-                      temperature: float = 1.0) -> mx.array:
-    """``log softmax(h W^T / T)[target]`` for ``hidden [N, H]`` with a FROZEN ``weight [V, H]``.
+def _fused_outputs(weight: mx.array, hidden: mx.array, targets: mx.array, chunk_size: int,
+                   temperature: float, names: tuple[str, ...]) -> list[list[mx.array]]:
+    """``log softmax(h W^T / T)[target]`` for ``hidden [N, H]`` with a FROZEN ``weight [V, H]``,
+    and (detached) entropy / log sum p^2 from the same pass when ``names`` asks.
 
     Per chunk of logits ``z = h W^T / T``: ``m = max z``, ``e = exp(z - m)``, ``s = sum e``;
     ``log p = z[t] - m - log s`` and, in the same pass, ``d log p / d h = (W[t] - (e W) / s) / T``.
     The backward multiplies that saved ``[N, H]`` gradient by the incoming cotangent: the
     ``[chunk, V]`` logits are never kept nor recomputed. No gradient reaches ``weight``.
     """
+    extra = tuple(n for n in names if n != "logps")
 
     @mx.custom_function
     def chunk(h: mx.array, tgt: mx.array):
@@ -106,11 +153,18 @@ def fused_token_logps(weight: mx.array, hidden: mx.array, targets: mx.array, chu
         m = mx.stop_gradient(z.max(axis=-1, keepdims=True))
         e = _exp_shifted(z, m)
         s = e.sum(axis=-1, keepdims=True)
-        logp = mx.take_along_axis(z, tgt[:, None], axis=-1)[:, 0] - m[:, 0] - mx.log(s[:, 0])
+        log_s = mx.log(s[:, 0])
+        logp = mx.take_along_axis(z, tgt[:, None], axis=-1)[:, 0] - m[:, 0] - log_s
         grad = (weight[tgt].astype(mx.float32) - (e.astype(weight.dtype) @ weight) / s)
         if temperature != 1.0:
             grad = grad / temperature
-        return logp, grad.astype(h.dtype)
+        stats = []
+        for name in extra:
+            if name == "entropy":  # log s + m - sum(e z) / s
+                stats.append(log_s + m[:, 0] - (e * z).sum(axis=-1) / s[:, 0])
+            else:  # log sum p^2 = log sum e^2 - 2 log s
+                stats.append(mx.log(mx.square(e).sum(axis=-1)) - 2 * log_s)
+        return (logp, grad.astype(h.dtype), *stats)
 
     @chunk.vjp
     def chunk_vjp(primals, cotangents, outputs):
@@ -120,9 +174,44 @@ def fused_token_logps(weight: mx.array, hidden: mx.array, targets: mx.array, chu
     # Two [chunk, V] float32 arrays live at once (logits and their exponentials): half-size
     # chunks keep the memory bound of one ``chunk_size`` block of logits.
     step = max(1, chunk_size // 2)
-    pieces = [chunk(hidden[i:i + step], targets[i:i + step])[0]
-              for i in range(0, hidden.shape[0], step)]
-    return pieces[0] if len(pieces) == 1 else mx.concatenate(pieces)
+    pieces = []
+    for i in range(0, hidden.shape[0], step):
+        logp, _, *stats = chunk(hidden[i:i + step], targets[i:i + step])
+        by_name = dict(zip(extra, (mx.stop_gradient(x) for x in stats)))
+        by_name["logps"] = logp
+        pieces.append([by_name[n] for n in names])
+    return pieces
+
+
+def fused_token_logps(weight: mx.array, hidden: mx.array, targets: mx.array, chunk_size: int,
+                      temperature: float = 1.0) -> mx.array:
+    """Log-probs with gradient through a frozen head (see :func:`_fused_outputs`), ``[N]``."""
+    return mx.concatenate([p[0] for p in _fused_outputs(weight, hidden, targets, chunk_size,
+                                                         temperature, ("logps",))])
+
+
+def head_outputs(model: nn.Module, hidden: mx.array, targets: mx.array, chunk_size: int,
+                 temperature: float, wanted: dict[str, bool], train: bool) -> dict[str, mx.array]:
+    """The ``wanted`` head statistics (name -> with gradient) of ``hidden [N, H]``, float32
+    ``[N]``. ``train`` marks the pass whose gradient is taken: then the fused path runs when
+    the head is frozen and only ``logps`` needs a gradient, the checkpointed path otherwise."""
+    names = tuple(n for n in HEAD_OUTPUTS if n in wanted)
+    if not names:
+        return {}
+    grad_on = train and any(wanted[n] for n in names)
+    weight = _frozen_head_weight(model) if grad_on else None
+    if weight is not None and "logps" in names and not any(
+            wanted[n] for n in names if n != "logps"):
+        pieces = _fused_outputs(weight, hidden, targets, chunk_size, temperature, names)
+    elif grad_on:
+        pieces = _checkpointed_outputs(model, hidden, targets, chunk_size, temperature, names)
+    else:
+        pieces = _plain_outputs(model, hidden, targets, chunk_size, temperature, names)
+    out = {}
+    for i, name in enumerate(names):
+        value = pieces[0][i] if len(pieces) == 1 else mx.concatenate([p[i] for p in pieces])
+        out[name] = value if wanted[name] else mx.stop_gradient(value)
+    return out
 
 
 _STREAMS: list = []
@@ -152,69 +241,42 @@ def _set_blas_threads(n: int) -> None:
         ctypes.CDLL(blas.loaded_from).openblas_set_num_threads(n)
 
 
-def token_logps(model: nn.Module, batch: dict, host: dict, chunk_size: int,
-                temperature: float = 1.0, train: bool = False) -> mx.array:
-    """Per-token log-probs ``[B, T]`` of ``batch["targets"]`` (zeros at padding on the fast
-    path). ``host`` holds the numpy batch; ``train`` allows the fused head (gradients follow)."""
-    weight = _frozen_head_weight(model) if train else None
+def model_outputs(model: nn.Module, batch: dict, host: dict, chunk_size: int,
+                  temperature: float, wanted: dict[str, bool], train: bool = False,
+                  value_head: nn.Module | None = None) -> dict[str, mx.array]:
+    """The ``wanted`` outputs (name -> with gradient) of a ``[B, T]`` batch: one decoder pass
+    (padding-free where :mod:`mlx_ft.varlen` applies: padding positions get 0), then the head
+    statistics chunk by chunk and, for ``values``, ``value_head`` on the final hidden states.
+    ``host`` holds the numpy batch."""
+
+    def finish(h: mx.array, tgt: mx.array) -> dict[str, mx.array]:
+        out = head_outputs(model, h, tgt, chunk_size, temperature, wanted, train)
+        if "values" in wanted:
+            values = value_head(h.astype(mx.float32))[:, 0]
+            out["values"] = values if wanted["values"] else mx.stop_gradient(values)
+        return out
+
     if not varlen.supported(model):
         h = hidden_states(model, batch["input_ids"], batch["_allowed"])
-        if weight is None:
-            return chunked_token_logps(model, h, batch["targets"], chunk_size, temperature)
         b, t, d = h.shape
-        return fused_token_logps(weight, h.reshape(b * t, d), batch["targets"].reshape(b * t),
-                                 chunk_size, temperature).reshape(b, t)
+        flat = finish(h.reshape(b * t, d), batch["targets"].reshape(b * t))
+        return {k: v.reshape(b, t) for k, v in flat.items()}
     docs = varlen.documents(host["segment_ids"])
     groups = varlen.split_groups(docs, len(cpu_streams()))
-    ordered, values = [], []
+    ordered: list = []
+    values: dict[str, list[mx.array]] = {}
     for stream, group in zip(cpu_streams(), groups):
         with mx.stream(stream):
             h = varlen.hidden_states(model, host["input_ids"], group)
-            tgt = varlen.gather_targets(host["targets"], group)
-            if weight is None:
-                logps = chunked_token_logps(model, h[None], tgt[None], chunk_size,
-                                            temperature)[0]
-            else:
-                logps = fused_token_logps(weight, h, tgt, chunk_size, temperature)
+            flat = finish(h, varlen.gather_targets(host["targets"], group))
         at = 0
         for doc in group:
             ordered.append(doc)
-            values.append(logps[at:at + doc.length])
+            for name, value in flat.items():
+                values.setdefault(name, []).append(value[at:at + doc.length])
             at += doc.length
-    return varlen.scatter_rows(tuple(host["input_ids"].shape), ordered, values)
-
-
-def _chunked_statistic(model: nn.Module, hidden: mx.array, chunk_size: int,
-                       statistic) -> mx.array:
-    """``statistic(float32 logits [N, V]) -> [N]`` at every position, chunk by chunk, no grad."""
-    head, method = lm_head_module(model)
-    b, t, d = hidden.shape
-    flat = mx.stop_gradient(hidden).reshape(b * t, d)
-    pieces = []
-    for i in range(0, b * t, chunk_size):
-        pieces.append(statistic(getattr(head, method)(flat[i:i + chunk_size]).astype(mx.float32)))
-        mx.eval(pieces[-1])  # one chunk of logits alive at a time
-    return mx.concatenate(pieces).reshape(b, t)
-
-
-def chunked_log_sum_sq(model: nn.Module, hidden: mx.array, chunk_size: int) -> mx.array:
-    """``log sum_v p_v^2`` per position (WPO's normaliser), chunk by chunk, no gradient:
-    ``logsumexp(2 z) - 2 logsumexp(z)`` for the logits ``z``."""
-    return _chunked_statistic(
-        model, hidden, chunk_size,
-        lambda z: mx.logsumexp(2 * z, axis=-1) - 2 * mx.logsumexp(z, axis=-1))
-
-
-def chunked_entropy(model: nn.Module, hidden: mx.array, chunk_size: int,
-                    temperature: float = 1.0) -> mx.array:
-    """Entropy of ``softmax(z / T)`` per position, no gradient:
-    ``H = logsumexp(z') - sum_v softmax(z')_v z'_v`` with ``z' = z / T``."""
-
-    def entropy(z: mx.array) -> mx.array:
-        z = z / temperature
-        return mx.logsumexp(z, axis=-1) - (mx.softmax(z, axis=-1) * z).sum(axis=-1)
-
-    return _chunked_statistic(model, hidden, chunk_size, entropy)
+    shape = tuple(host["input_ids"].shape)
+    return {name: varlen.scatter_rows(shape, ordered, pieces) for name, pieces in values.items()}
 
 
 def reference_token_logps(logits: mx.array, targets: mx.array) -> mx.array:

@@ -98,7 +98,7 @@ def _init_lora(model: nn.Module, seed: int, rank: int) -> None:
 
 
 def canonical_name(name: str, fine_tune_type: str) -> str:
-    if fine_tune_type == "full":
+    if fine_tune_type == "full" or name.startswith("v_head."):
         return name
     module, _, leaf = name.rpartition(".")
     return f"{module}.{LORA_LEAVES[leaf]}"

@@ -52,7 +52,7 @@ class Reference:
 
             from .model import load_model
 
-            path = resolve_model(self.cfg.ref_model) if self.kind == "ref_model" else self.model_path
+            path = resolve_model(self.cfg.reference_model) if self.kind == "ref_model" else self.model_path
             self._frozen, _ = load_model(Path(path), self.dtype)
             self._frozen.freeze()
             self._frozen.eval()

@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 
 if [ "$(uname -s)" = "Linux" ]; then
-  # MLX's Linux CPU wheel is ~30x faster on matmuls with the system OpenBLAS (see DESIGN.md).
+  # MLX's Linux CPU wheel is ~30x faster on matmuls with the system OpenBLAS (see docs/ARCHITECTURE.md).
   if [ ! -e /usr/lib/"$(uname -m)"-linux-gnu/openblas-pthread/libopenblas.so.0 ] && command -v apt-get >/dev/null; then
     SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
     $SUDO apt-get update -qq && $SUDO apt-get install -y -qq libopenblas0-pthread >/dev/null

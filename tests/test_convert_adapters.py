@@ -224,7 +224,8 @@ def test_our_trainers_adapters_convert(tmp_path, tiny_llama_dir):
                        strict=False)
     (tmp_path / "ours_mlx").mkdir()
     MLXBackend.save_adapters(SimpleNamespace(model=model, adapter_config=adapter_config,
-                                             model_path=tiny_llama_dir, cfg=cfg),
+                                             model_path=tiny_llama_dir, cfg=cfg,
+                                             value_head=None),
                              str(tmp_path / "ours_mlx"))
     mlx_adapter_to_peft(tmp_path / "ours_mlx", tmp_path / "as_peft")
     np.testing.assert_allclose(peft_logits(tiny_llama_dir, tmp_path / "as_peft"),
@@ -332,3 +333,28 @@ def test_existing_output_needs_force(tmp_path, peft_adapter, capsys):
     assert "already exists" in capsys.readouterr().err and (out / "keep.txt").exists()
     assert main(["peft-to-mlx-adapter", str(peft_adapter), str(out), "--force"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapters.safetensors"]
+
+
+def test_the_value_head_travels_with_the_adapter(tmp_path, tiny_llama_dir, peft_adapter):
+    """A PPO run's value_head.safetensors is carried by both conversions and by fuse, byte for
+    byte in value; a head for another hidden size is refused naming the file."""
+    from algorithms.backend import load_value_head, save_value_head, value_head_init
+    from converters.fuse import fuse
+
+    src = _copy(peft_adapter, tmp_path / "src")
+    head = value_head_init(7, 64)
+    head["v_head.bias"] += 0.25
+    save_value_head(src, head)
+    as_mlx = peft_to_mlx_adapter(src, tmp_path / "mlx", base=tiny_llama_dir)
+    back = mlx_adapter_to_peft(as_mlx, tmp_path / "peft", base=tiny_llama_dir)
+    fused = fuse(tiny_llama_dir, back, tmp_path / "fused", fmt="hf")
+    for directory in (as_mlx, back, fused):
+        got = load_value_head(directory)
+        for key, value in head.items():
+            np.testing.assert_array_equal(got[key], value, err_msg=f"{directory}: {key}")
+    save_value_head(src, value_head_init(7, 65))
+    _fails(tmp_path, peft_to_mlx_adapter, src, "value_head.safetensors.*hidden size 65",
+           base=tiny_llama_dir)
+    (src / "value_head.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(Exception, match="value_head|header|safetensors"):
+        peft_to_mlx_adapter(src, tmp_path / "out2")

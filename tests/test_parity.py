@@ -57,48 +57,6 @@ def test_greedy_generation_matches(tiny_llama_dir, tiny_tokenizer):
     assert mlx_reply == torch_reply and len(mlx_reply) > 0
 
 
-def test_wpo_normaliser_matches_full_logits(tiny_llama_dir, tiny_tokenizer):
-    # log sum_v p_v^2 per position, chunked on each backend, against torch's full logits.
-    import torch
-
-    cfg = TrainConfig(data="unused", dtype="float32", logprob_chunk_size=7)
-    rng = np.random.default_rng(3)
-    ids = rng.integers(3, 300, size=(2, 9)).astype(np.int32)
-    batch = {"input_ids": ids, "targets": np.roll(ids, -1, 1), "loss_mask": np.ones((2, 9), np.float32),
-             "segment_ids": np.ones((2, 9), np.int32)}
-    on_torch = TorchBackend(cfg, tiny_llama_dir, tiny_tokenizer)
-    with torch.no_grad():
-        logits = on_torch.hf_model(torch.from_numpy(ids.astype(np.int64))).logits.double()
-    want = (torch.logsumexp(2 * logits.log_softmax(-1), -1)).numpy()
-    np.testing.assert_allclose(on_torch.per_token_log_sum_sq(batch), want, atol=1e-5)
-    got_mlx = MLXBackend(cfg, tiny_llama_dir, tiny_tokenizer).per_token_log_sum_sq(batch)
-    np.testing.assert_allclose(got_mlx, want, atol=1e-5)
-
-
-def test_temperature_logps_and_entropy_match_full_logits(tiny_llama_dir, tiny_tokenizer):
-    # Online RL scores completions under softmax(z / T); the entropy metric uses the same T.
-    import torch
-
-    cfg = TrainConfig(data="unused", dtype="float32", logprob_chunk_size=5)
-    rng = np.random.default_rng(4)
-    ids = rng.integers(3, 300, size=(2, 9)).astype(np.int32)
-    batch = {"input_ids": ids, "targets": np.roll(ids, -1, 1), "loss_mask": np.ones((2, 9), np.float32),
-             "segment_ids": np.ones((2, 9), np.int32), "temperature": np.float32(0.7)}
-    on_torch = TorchBackend(cfg, tiny_llama_dir, tiny_tokenizer)
-    with torch.no_grad():
-        logits = on_torch.hf_model(torch.from_numpy(ids.astype(np.int64))).logits.double() / 0.7
-    logp = logits.log_softmax(-1)
-    want_logps = logp.gather(-1, torch.from_numpy(batch["targets"].astype(np.int64))[..., None])[..., 0]
-    want_entropy = -(logp.exp() * logp).sum(-1)
-    on_mlx = MLXBackend(cfg, tiny_llama_dir, tiny_tokenizer)
-    for backend in (on_torch, on_mlx):
-        np.testing.assert_allclose(backend.per_token_logps(batch), want_logps.numpy(), atol=1e-5)
-        np.testing.assert_allclose(backend.per_token_entropy(batch), want_entropy.numpy(), atol=1e-5)
-    # Temperature matters: at T = 1 the log-probs differ.
-    plain = {k: v for k, v in batch.items() if k != "temperature"}
-    assert np.abs(on_mlx.per_token_logps(plain) - want_logps.numpy()).max() > 1e-2
-
-
 def test_transformers5_saved_rope_settings_reach_mlx(tiny_tokenizer, tmp_path):
     # transformers 5 writes rope_theta only inside "rope_parameters"; mlx-lm's llama reads the
     # flat key, so without help MLX would silently run rope_theta 10000.

@@ -1,6 +1,6 @@
 """DPO-family losses against values computed by hand from a handful of log-probs.
 
-Expected values are written from ALGORITHMS.md section 2 with plain ``math`` over the
+Expected values are written from docs/ALGORITHMS.md section 3 with plain ``math`` over the
 sequence-level numbers below (summed by hand from the token tables), not through the
 implementation's code path.
 """
@@ -70,7 +70,7 @@ def smoothed(z, e):
 
 
 def expected(kind, b=BETA, e=EPS, rc=RHO_C, rr=RHO_R):
-    """Each loss type's table row in ALGORITHMS.md 2.3, with s = rho (reverse_kl)."""
+    """Each loss type's table row in docs/ALGORITHMS.md section 3, with s = rho (reverse_kl)."""
     h = 1 / (2 * b)
     table = {
         "sigmoid": lambda c, r: -logsig(b * (c - r)),
@@ -184,7 +184,7 @@ def test_wpo_weights():
     # log sum_v p_v^2 = -1 on every token: w = exp(mean_t logp_t + 1).
     # chosen means -0.75, -7/6; rejected -4/3, -1.25.
     norm = -np.ones_like(LOGPS)
-    loss, m = run(cfg(use_weighting=True), b=batch(wpo_log_norm=norm))
+    loss, m = run(cfg(use_weighting=True), lp={"logps": LOGPS, "log_sum_sq": norm})
     w = [math.exp(0.25 - 1 / 3), math.exp(-1 / 6 - 0.25)]
     terms = [-logsig(BETA * (c - r)) for c, r in zip(RHO_C, RHO_R)]
     assert loss == pytest.approx(mean(wi * t for wi, t in zip(w, terms)), rel=1e-12)
@@ -217,8 +217,7 @@ def test_all_masked_rows_stay_finite(kind):
     mask[0] = 0
     mask[3] = 0
     loss, metrics = run(cfg(loss_type=[kind], label_smoothing=_eps_for(kind), ld_alpha=0.5),
-                        b={"loss_mask": mask, "ref_per_token_logps": REF,
-                           "wpo_log_norm": -np.ones_like(LOGPS)})
+                        b={"loss_mask": mask, "ref_per_token_logps": REF})
     assert np.isfinite(loss)
     assert all(np.isfinite(v) for v in metrics.values())
 
@@ -232,9 +231,8 @@ def test_all_masked_rows_torch_gradient_finite():
     c = cfg(loss_type=["ipo", "sigmoid_norm", "sft"], ld_alpha=0.5, use_weighting=True)
     lp = torch.tensor(LOGPS, dtype=torch.float32, requires_grad=True)
     b = {"loss_mask": torch.tensor(mask, dtype=torch.float32),
-         "ref_per_token_logps": torch.tensor(REF, dtype=torch.float32),
-         "wpo_log_norm": -torch.ones(4, 3)}
-    loss, _ = make_loss(c)(TorchOps(), lp, b)
+         "ref_per_token_logps": torch.tensor(REF, dtype=torch.float32)}
+    loss, _ = make_loss(c)(TorchOps(), {"logps": lp, "log_sum_sq": -torch.ones(4, 3)}, b)
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(lp.grad).all()
     assert torch.all(lp.grad[0] == 0)  # the masked row gets no gradient

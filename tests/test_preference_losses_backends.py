@@ -11,14 +11,24 @@ from test_preference_losses_other import KTO_LOGPS, kto_batch
 from algorithms.ops import NumpyOps
 from algorithms.preference import cpo, dpo, kto, orpo
 
-PAIRED = {"loss_mask": MASK, "ref_per_token_logps": REF, "wpo_log_norm": -np.ones_like(LOGPS)}
+PAIRED = {"loss_mask": MASK, "ref_per_token_logps": REF}
+WPO_NORM = -np.ones_like(LOGPS)  # log sum_v p_v^2 per token, a model output given by hand
+
+
+def with_log_sum_sq(loss):
+    """``loss`` called on the log-probs alone, the WPO normaliser fixed to WPO_NORM."""
+    return lambda ops, logps, batch: loss(
+        ops, {"logps": logps, "log_sum_sq": ops.asarray(WPO_NORM)}, batch)
+
+
 CASES = {
     # sort (aot), cumsum (LD-DPO), WPO weights, several losses (MPO) in one config
     "dpo": (dpo.make_loss(dpo.DPOConfig(
         data="x", beta=0.5, loss_type=["sigmoid", "ipo", "aot_unpaired", "sft"],
         loss_weights=["1", "0.5", "0.3", "0.2"], ld_alpha=0.5,
         f_divergence_type="alpha_divergence")), LOGPS, PAIRED),
-    "dpo_wpo": (dpo.make_loss(dpo.DPOConfig(data="x", use_weighting=True)), LOGPS, PAIRED),
+    "dpo_wpo": (with_log_sum_sq(dpo.make_loss(dpo.DPOConfig(data="x", use_weighting=True))),
+                LOGPS, PAIRED),
     "cpo": (cpo.make_loss(cpo.CPOConfig(data="x", label_smoothing=0.1)), LOGPS, PAIRED),
     "simpo": (cpo.make_loss(cpo.SimPOConfig(data="x", alpha=0.5)), LOGPS, PAIRED),
     "orpo": (orpo.make_loss(orpo.ORPOConfig(data="x")), LOGPS, PAIRED),

@@ -1,5 +1,5 @@
 """CPO / SimPO / AlphaPO, ORPO and KTO losses against values computed by hand with ``math``
-(ALGORITHMS.md sections 3-5), and their configs."""
+(docs/ALGORITHMS.md sections 4-6), and their configs."""
 
 from __future__ import annotations
 

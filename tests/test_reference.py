@@ -3,15 +3,13 @@ a frozen copy of the start; --ref-model = that model."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import pytest
 
 pytest.importorskip("mlx")
 pytest.importorskip("torch")
 
-from algorithms.config import TrainConfig
+from algorithms.preference.config import ReferenceConfig
 from algorithms.sft import nll_loss
 from cuda_ft.backend import TorchBackend
 from mlx_ft.backend import MLXBackend
@@ -19,9 +17,7 @@ from mlx_ft.backend import MLXBackend
 BACKENDS = {"mlx": MLXBackend, "torch": TorchBackend}
 
 
-@dataclasses.dataclass
-class RefConfig(TrainConfig):
-    ref_model: str = ""
+RefConfig = ReferenceConfig  # a config with --ref-model (DPO's, KTO's)
 
 
 def _batch(seed=0, b=2, t=10):

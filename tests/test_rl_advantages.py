@@ -1,4 +1,4 @@
-"""Rewards -> advantages (ALGORITHMS.md 9.2): hand-computed values for every option.
+"""Rewards -> advantages (docs/ALGORITHMS.md section 8): hand-computed values for every option.
 
 Expected values are literals or short numpy formulas of the hand computation (mean, Bessel std,
 eps = 1e-4), never calls of the code under test.

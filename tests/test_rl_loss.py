@@ -1,4 +1,4 @@
-"""GRPO-family policy loss (ALGORITHMS.md 9.3, 9.4) and its config.
+"""GRPO-family policy loss (docs/ALGORITHMS.md section 9) and its config.
 
 Every expected loss and gradient is written from the hand computation: per-token losses ``l``
 and derivatives ``dl/dlogp`` below, times the aggregation weight of each row, ``W_i``:
@@ -17,8 +17,8 @@ import pytest
 
 from algorithms.config import ConfigError, build_config
 from algorithms.ops import NumpyOps
-from algorithms.rl.config import DAPOConfig, DrGRPOConfig, GRPOConfig, GSPOConfig
 from algorithms.rl.policy_loss import make_loss
+from algorithms.rl.presets import DAPOConfig, DrGRPOConfig, GRPOConfig, GSPOConfig
 
 e = np.exp
 LOSS_TYPES = ["grpo", "bnpo", "dr_grpo", "dapo"]
@@ -49,7 +49,7 @@ def _batch(mask=MASK, adv=ADV, lr=None, logp=LOGP, **extra):
     batch = {"loss_mask": mask, "advantages": adv, "num_items": np.float64(NUM_ITEMS),
              "micro_fraction": np.float64(F), **extra}
     if lr is not None:
-        batch["old_logps"] = logp - lr
+        batch["old_per_token_logps"] = logp - lr
     return batch
 
 
@@ -131,11 +131,11 @@ KL = (e(D_REF) - D_REF - 1) * MASK
 
 def test_kl_term():
     cfg = _cfg(loss_type="dapo", beta=0.1)
-    loss, metrics = _np_loss(cfg, _batch(ref_logps=LOGP + D_REF))
+    loss, metrics = _np_loss(cfg, _batch(ref_per_token_logps=LOGP + D_REF))
     expected = np.sum((-ADV[:, None] + 0.1 * KL) * MASK) / NUM_ITEMS
     assert loss == pytest.approx(expected, rel=1e-12)
     assert metrics["kl"] == pytest.approx(KL.sum() / 5, rel=1e-12)
-    with pytest.raises(KeyError, match="ref_logps"):
+    with pytest.raises(KeyError, match="ref_per_token_logps"):
         _np_loss(cfg, _batch())
 
 
@@ -159,7 +159,7 @@ MASK4 = np.array([[1.0, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]])  # 
 LR4 = np.array([[-0.5, 0.1, 0.3, 0.7], [-0.4, 0.4, 0.9, -0.6],
                 [0.05, -0.3, 0.35, 0.1], [-0.25, 0.2, 0.0, 0.4]])
 BATCH4 = {"loss_mask": MASK4, "advantages": np.array([2.0, -1.0, 0.5, -0.7]),
-          "old_logps": LOGP4 - LR4, "ref_logps": LOGP4 + 0.1 * LR4 - 0.05,
+          "old_per_token_logps": LOGP4 - LR4, "ref_per_token_logps": LOGP4 + 0.1 * LR4 - 0.05,
           "num_items": np.float64(MASK4.sum())}
 
 
@@ -185,7 +185,7 @@ def test_micro_batches_sum_to_the_step_loss(loss_type, level):
 def test_bnpo_normalises_by_the_micro_batch_tokens():
     # one row alone (f = 1/4) at ratio 1: its own token mean -A_0 = -2, times f
     batch, logp = _split(slice(0, 1), 0.25)
-    del batch["old_logps"]
+    del batch["old_per_token_logps"]
     loss, _ = _np_loss(_cfg(loss_type="bnpo"), batch, logp)
     assert loss == pytest.approx(-2 * 0.25, rel=1e-12)
 
@@ -206,7 +206,7 @@ GRAD_CASES = {
     "sequence": ({"epsilon": 0.02, "epsilon_high": 0.02, "importance_sampling_level": "sequence"},
                  {"lr": LR_SEQ}, np.array([[-2 * S0 / 3] * 3 + [0], [0] * 4]) * F / 2),
     # k3: d/dlogp [exp(d) - d - 1] = 1 - exp(d), d = ref - logp
-    "kl": ({"loss_type": "dapo", "beta": 0.1}, {"ref_logps": LOGP + D_REF},
+    "kl": ({"loss_type": "dapo", "beta": 0.1}, {"ref_per_token_logps": LOGP + D_REF},
            (-ADV[:, None] + 0.1 * (1 - e(D_REF))) * MASK / NUM_ITEMS),
 }
 
@@ -251,7 +251,7 @@ def test_gradients_mlx_torch_and_hand(name):
 def test_gradient_matches_finite_differences(loss_type):
     """Every option at once (delta, KL, off-policy) against central differences in float64."""
     cfg = _cfg(loss_type=loss_type, beta=0.1, delta=1.4)
-    batch = _batch(lr=LR, ref_logps=LOGP + D_REF)
+    batch = _batch(lr=LR, ref_per_token_logps=LOGP + D_REF)
     _, g_mx = _mlx(cfg, batch)
     h, fd = 1e-6, np.zeros_like(LOGP)
     for idx in np.ndindex(LOGP.shape):

@@ -26,6 +26,7 @@ from .formats import (
                       check_record,
                       detect_format,
 )
+from .prepared import PreparedData
 from .records import DataError, Record, load_split, read_jsonl, split_path
 from .tokenize import TRAIN_ON, Example, chat_spans, render_chat, tokenize_record
 
@@ -41,6 +42,7 @@ __all__ = [
                       "DataError",
                       "DatasetReport",
                       "Example",
+                      "PreparedData",
                       "Record",
                       "TokenizedDataset",
                       "chat_spans",

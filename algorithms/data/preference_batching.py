@@ -90,6 +90,14 @@ class PreferenceBatchPlan:
             return collate_paired(self.dataset, batch)
         return collate_unpaired(self.dataset, batch, kl=self.kl, max_length=self.max_length)
 
+    def kl_rows(self, batches: list[Batch]) -> dict[str, np.ndarray]:
+        """The mismatched rows of a whole optimiser step: every example of ``batches`` in
+        order, each prompt with the next example's completion (rotating over the step), as the
+        four arrays of :func:`_rows`."""
+        step = Batch(tuple(row for b in batches for row in b.rows))
+        arrays = collate_unpaired(self.dataset, step, kl=True, max_length=self.max_length)
+        return {k[len("kl_"):]: v for k, v in arrays.items() if k.startswith("kl_")}
+
 
 def collate_paired(dataset: Any, batch: Batch) -> dict[str, np.ndarray]:
     """``[2B, T]`` arrays: chosen rows first, then rejected rows in the same order."""

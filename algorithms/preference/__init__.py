@@ -1,4 +1,4 @@
-"""Offline preference optimisation losses (ALGORITHMS.md sections 2-5) and their configs.
+"""Offline preference optimisation losses (docs/ALGORITHMS.md sections 3-6) and their configs.
 
 Each module holds pure loss functions over per-token log-probs and one config dataclass;
 ``make_loss(cfg)`` returns ``(ops, per_token_logps, batch) -> (loss, metrics)`` as in

@@ -33,3 +33,12 @@ class ReferenceConfig(PreferenceConfig):
     precompute_ref: bool = field(
         False, "compute reference log-probs once before training and cache them beside the data "
         "(.posttrain_cache/, keyed by model and data; reused on rerun)")
+
+    @property
+    def reference_model(self) -> str:
+        return self.ref_model
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether the batch must carry ``ref_per_token_logps``."""
+        return True

@@ -1,4 +1,4 @@
-"""CPO, SimPO and AlphaPO (ALGORITHMS.md section 5): reference-free preference losses.
+"""CPO, SimPO and AlphaPO (docs/ALGORITHMS.md section 6): reference-free preference losses.
 
 The score ``pi`` of a response is the **sum** of its token log-probs for sigmoid and hinge, the
 **mean** for ipo and simpo. AlphaPO (arXiv 2501.03884) with ``alpha != 0`` replaces it by
@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from ..backend import Loss, logps_loss
 from ..config import _bad, field
 from .common import (
     check_beta,
@@ -105,9 +106,10 @@ class SimPOConfig(PreferenceConfig):
             _bad("cpo_alpha", self.cpo_alpha, "must be >= 0")
 
 
-def make_loss(cfg: CPOConfig | SimPOConfig):
+def make_loss(cfg: CPOConfig | SimPOConfig) -> Loss:
     loss_type = "simpo" if isinstance(cfg, SimPOConfig) else cfg.loss_type
 
+    @logps_loss
     def loss(ops: Any, per_token_logps: Any, batch: dict) -> tuple[Any, dict]:
         return cpo_loss(ops, per_token_logps, batch, loss_type=loss_type, beta=cfg.beta,
                         cpo_alpha=cfg.cpo_alpha, label_smoothing=cfg.label_smoothing,

@@ -1,4 +1,4 @@
-"""DPO and its variants (ALGORITHMS.md section 2), written once over per-token log-probs.
+"""DPO and its variants (docs/ALGORITHMS.md section 3), written once over per-token log-probs.
 
 Sequence log-probs are masked sums: ``logp_c``, ``logp_r`` (policy), ``ref_c``, ``ref_r``
 (reference; 0 when ``reference_free``), log-ratios ``rho = logp - ref``. With ``ld_alpha < 1``
@@ -28,8 +28,8 @@ policy and reference alike. The f-divergence score ``s(rho)`` (``f_divergence_ty
 
 ``L = sum_k w_k * mean_pairs(l_k)`` (``loss_weights``, MPO). With ``use_weighting`` (WPO,
 arXiv 2406.11827) every ``l`` is multiplied by the detached ``w_c * w_r``,
-``w = exp(mean_t[log p_t - log sum_v p_v^2])``; the backend supplies ``log sum_v p_v^2`` per
-token as ``batch["wpo_log_norm"]`` [2B, T].
+``w = exp(mean_t[log p_t - log sum_v p_v^2])``; the backend computes ``log sum_v p_v^2`` per
+token in the same pass as the log-probs (the ``log_sum_sq`` model output, [2B, T]).
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ import dataclasses
 import math
 from typing import Any, NamedTuple
 
+from ..backend import Loss
 from ..config import _bad, field
 from .common import (
     check_beta,
@@ -155,20 +156,23 @@ def _pairs(ops: Any, per_token_logps: Any, batch: dict, cfg: DPOConfig) -> Pairs
     )
 
 
-def wpo_weights(ops: Any, per_token_logps: Any, batch: dict) -> Any:
+def wpo_weights(ops: Any, per_token_logps: Any, log_sum_sq: Any, mask: Any) -> Any:
     """Detached WPO pair weights ``w_c * w_r``, ``w = exp(mean_t[log p_t - log sum_v p_v^2])``."""
-    mask = batch["loss_mask"]
-    if "wpo_log_norm" not in batch:
-        raise KeyError("--use-weighting needs batch['wpo_log_norm'] = log sum_v p_v^2 per token")
-    adjusted = sequence_logps(ops, per_token_logps - batch["wpo_log_norm"], mask, average=True)
+    if log_sum_sq is None:
+        raise KeyError("--use-weighting needs the log_sum_sq model output (log sum_v p_v^2 per "
+                       "token)")
+    adjusted = sequence_logps(ops, per_token_logps - log_sum_sq, mask, average=True)
     a_c, a_r = split_pairs(ops.stop_gradient(adjusted))
     return ops.exp(a_c + a_r)
 
 
-def dpo_loss(ops: Any, per_token_logps: Any, batch: dict, cfg: DPOConfig) -> tuple[Any, dict]:
-    """``sum_k w_k * mean_pairs(l_k)`` over ``cfg.loss_type``; see the module docstring."""
+def dpo_loss(ops: Any, per_token_logps: Any, batch: dict, cfg: DPOConfig,
+             log_sum_sq: Any = None) -> tuple[Any, dict]:
+    """``sum_k w_k * mean_pairs(l_k)`` over ``cfg.loss_type``; see the module docstring.
+    ``log_sum_sq`` (``log sum_v p_v^2`` per token) is read only by WPO (``use_weighting``)."""
     p = _pairs(ops, per_token_logps, batch, cfg)
-    pair_weight = wpo_weights(ops, per_token_logps, batch) if cfg.use_weighting else None
+    pair_weight = (wpo_weights(ops, per_token_logps, log_sum_sq, batch["loss_mask"])
+                   if cfg.use_weighting else None)
     weights = cfg.weights()
     metrics: dict[str, Any] = {}
     total = 0.0
@@ -253,8 +257,11 @@ class DPOConfig(ReferenceConfig):
                  "--reference-free or use another --loss-type (SimPO is the reference-free variant)")
 
 
-def make_loss(cfg: DPOConfig):
-    def loss(ops: Any, per_token_logps: Any, batch: dict) -> tuple[Any, dict]:
-        return dpo_loss(ops, per_token_logps, batch, cfg)
+def make_loss(cfg: DPOConfig) -> Loss:
+    """The DPO loss; WPO also reads ``log sum_v p_v^2`` (no gradient) from the same pass."""
 
-    return loss
+    def loss(ops: Any, outputs: dict, batch: dict) -> tuple[Any, dict]:
+        return dpo_loss(ops, outputs["logps"], batch, cfg, outputs.get("log_sum_sq"))
+
+    wanted = {"logps": True, **({"log_sum_sq": False} if cfg.use_weighting else {})}
+    return Loss(loss, wanted)

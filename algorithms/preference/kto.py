@@ -1,4 +1,4 @@
-"""KTO: Kahneman-Tversky optimisation on unpaired completions (ALGORITHMS.md section 3).
+"""KTO: Kahneman-Tversky optimisation on unpaired completions (docs/ALGORITHMS.md section 4).
 
 Rows are single completions with ``batch["label"]`` 1 (desirable) or 0 (undesirable).
 ``r = logp(y|x) - ref_logp(y|x)`` (masked sums). The KL anchor is estimated on mismatched pairs
@@ -10,8 +10,9 @@ Rows are single completions with ``batch["label"]`` 1 (desirable) or 0 (undesira
   ``undesirable_weight * (1 - sigma(beta (z - r)))``
 - apo_zero_unpaired: desirable ``1 - sigma(beta r)``, undesirable ``sigma(beta r)``; no KL.
 
-``L = mean over all rows``. ``z`` is this micro-batch's mean: across several processes the loop
-would have to average it before the loss (TRL gathers it); one process needs nothing more.
+``L = mean over all rows``. The training loop passes ``z`` for the whole optimiser step as
+``batch["kl_estimate"]`` (mismatched pairs rotated over every example of the step, so gradient
+accumulation changes nothing); without it the micro-batch's own ``kl_*`` rows give ``z``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from ..backend import Loss, logps_loss
 from ..config import _bad, field
 from .common import check_beta, sequence_logps
 from .config import ReferenceConfig
@@ -45,7 +47,8 @@ def kto_loss(ops: Any, per_token_logps: Any, batch: dict, *, beta: float,
     r = logps - ref
     metrics: dict[str, Any] = {}
     if loss_type == "kto":
-        z = kl_estimate(ops, batch)
+        # the step-wide estimate the loop computed, else this micro-batch's own KL rows
+        z = batch["kl_estimate"] if "kl_estimate" in batch else kl_estimate(ops, batch)
         desirable = desirable_weight * (1.0 - ops.sigmoid(beta * (r - z)))
         undesirable = undesirable_weight * (1.0 - ops.sigmoid(beta * (z - r)))
         metrics["kl"] = z
@@ -94,7 +97,8 @@ class KTOConfig(ReferenceConfig):
         return self.loss_type == "kto"
 
 
-def make_loss(cfg: KTOConfig):
+def make_loss(cfg: KTOConfig) -> Loss:
+    @logps_loss
     def loss(ops: Any, per_token_logps: Any, batch: dict) -> tuple[Any, dict]:
         return kto_loss(ops, per_token_logps, batch, beta=cfg.beta,
                         desirable_weight=cfg.desirable_weight,

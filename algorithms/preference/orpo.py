@@ -1,4 +1,4 @@
-"""ORPO: odds-ratio preference optimisation (ALGORITHMS.md section 4; Hong et al. 2024).
+"""ORPO: odds-ratio preference optimisation (docs/ALGORITHMS.md section 5; Hong et al. 2024).
 
 ``P_c``, ``P_r`` are the **mean** token log-probs of the chosen / rejected responses,
 ``odds(P) = e^P / (1 - e^P)`` and
@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from ..backend import Loss, logps_loss
 from ..config import field
 from .common import check_beta, log1mexp, masked_nll, pair_metrics, sequence_logps, split_pairs
 from .config import PreferenceConfig
@@ -60,7 +61,8 @@ class ORPOConfig(PreferenceConfig):
         check_beta(self)
 
 
-def make_loss(cfg: ORPOConfig):
+def make_loss(cfg: ORPOConfig) -> Loss:
+    @logps_loss
     def loss(ops: Any, per_token_logps: Any, batch: dict) -> tuple[Any, dict]:
         if cfg.nll_include_prompt and "nll_loss_mask" not in batch:
             raise KeyError("--nll-include-prompt needs batch['nll_loss_mask'] (prompt + chosen)")

@@ -1,4 +1,4 @@
-"""Rewards -> advantages for the GRPO family (ALGORITHMS.md 9.2), in numpy.
+"""Rewards -> advantages for the GRPO family (docs/ALGORITHMS.md section 8), in numpy.
 
 A generation batch holds ``N = groups x G`` completions, each group's ``G`` rows contiguous.
 ``rewards[N, F]`` holds one column per reward function, NaN where a function returned None
@@ -113,7 +113,7 @@ def group_advantages(rewards: np.ndarray, weights: Sequence[float] | np.ndarray,
     if w.shape[0] != rewards.shape[1]:
         raise ValueError(f"{w.shape[0]} reward weights for {rewards.shape[1]} reward functions")
     _grouped(rewards, num_generations)  # checks N % G before any work
-    total = _nansum_or_nan(rewards * w, axis=1)
+    total = total_reward(rewards, w)
     if aggregation == "sum_then_normalize":
         adv = _group_normalise(total, num_generations, scale_rewards)
     elif aggregation == "normalize_then_sum":
@@ -125,16 +125,36 @@ def group_advantages(rewards: np.ndarray, weights: Sequence[float] | np.ndarray,
         raise ValueError(f"multi_objective_aggregation must be sum_then_normalize or "
                          f"normalize_then_sum, got {aggregation!r}")
     adv = np.nan_to_num(adv, nan=0.0)
+    stats = reward_stats(rewards, w, num_generations, names)
+    stats["advantages/abs_mean"] = float(np.mean(np.abs(adv)))
+    return adv, stats
+
+
+def total_reward(rewards: np.ndarray, weights: Sequence[float] | np.ndarray) -> np.ndarray:
+    """``R_i = sum_f w_f r_if`` over the non-NaN ``r_if``; NaN where every function returned
+    None (an unscorable completion)."""
+    rewards = np.asarray(rewards, dtype=np.float64)
+    w = np.asarray(weights, dtype=np.float64).reshape(-1)
+    return _nansum_or_nan(rewards * w, axis=1)
+
+
+def reward_stats(rewards: np.ndarray, weights: Sequence[float] | np.ndarray,
+                 num_generations: int, names: Sequence[str] | None = None) -> dict[str, float]:
+    """``rewards/<name>/mean`` and ``/std`` per function (``names``, or ``func_<f>``),
+    ``reward`` and ``reward_std`` of the weighted total (population std over the non-NaN
+    values, NaN when none) and ``frac_reward_zero_std``, the share of groups whose totals are
+    all equal."""
+    rewards = np.asarray(rewards, dtype=np.float64)
     names = list(names) if names is not None else [f"func_{f}" for f in range(rewards.shape[1])]
     if len(names) != rewards.shape[1]:
         raise ValueError(f"{len(names)} names for {rewards.shape[1]} reward functions")
+    total = total_reward(rewards, weights)
     stats: dict[str, float] = {}
     for name, column in zip(names, rewards.T):
         stats[f"rewards/{name}/mean"], stats[f"rewards/{name}/std"] = nan_mean_std(column)
     stats["reward"], stats["reward_std"] = nan_mean_std(total)
     stats["frac_reward_zero_std"] = float(np.mean(zero_std_groups(total, num_generations)))
-    stats["advantages/abs_mean"] = float(np.mean(np.abs(adv)))
-    return adv, stats
+    return stats
 
 
 def nan_mean_std(values: np.ndarray) -> tuple[float, float]:

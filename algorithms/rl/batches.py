@@ -1,15 +1,22 @@
-"""Training micro-batches from a generation batch, in the layout of :mod:`algorithms.backend`.
+"""A generation batch as training rows, in the layout of :mod:`algorithms.backend`.
 
 Each completion becomes one row ``prompt_ids + completion_ids`` whose loss mask covers the
 completion tokens (including the EOS it ended on). With ``mask_truncated_completions`` (DAPO's
 overlong filtering) a completion that hit ``max_completion_length`` gets an all-zero mask: no
-loss, though its reward still entered the group statistics. Rows are sorted by length before
-they are cut into micro-batches of ``batch_size`` completions, so little compute goes to padding;
-every loss aggregation is a sum over micro-batches, so the order changes nothing else.
+loss, though its reward still entered the statistics.
 
-Keys added for the policy loss (:mod:`algorithms.rl.policy_loss`): ``advantages`` [B],
-``temperature`` (log-probs under the sampling distribution), ``num_items`` (loss tokens of the
-whole generation batch) and ``micro_fraction`` (this micro-batch's share of the rows).
+Per-completion values live beside the rows, completion-aligned: ``row_values[key]`` ``[N]``
+(sequence-level advantages) and ``token_values[key]`` ``[N, C]`` (rollout-time log-probs,
+values, token-level advantages, returns, the entropy mask), slot ``j`` of row ``i`` being the
+``j``-th completion token. :meth:`RolloutBatch.collate` places them at the positions that
+predict those tokens, so any set of rows (a shuffled mini-batch, a micro-batch) can be cut
+from the batch at any time; :meth:`RolloutBatch.store` takes a forward pass's ``[B, T]``
+outputs back into completion slots.
+
+Micro-batches hold rows sorted by length, so little compute goes to padding; every loss
+aggregation is a sum over micro-batches, so the order changes nothing else. Keys added for the
+loss: ``temperature`` (outputs under the sampling distribution), ``num_items`` (loss tokens of
+the optimiser step) and ``micro_fraction`` (this micro-batch's share of the step's rows).
 """
 
 from __future__ import annotations
@@ -33,28 +40,82 @@ class _Sequence:
         return len(self.input_ids)
 
 
-def sequences(rollouts: Rollouts, mask_truncated: bool) -> list[_Sequence]:
-    out = []
-    for example, completion in zip(rollouts.examples, rollouts.completions):
-        keep = 0 if (mask_truncated and completion.truncated) else 1
-        out.append(_Sequence(list(example.prompt_ids) + list(completion.ids),
-                             [0] * len(example.prompt_ids) + [keep] * len(completion.ids)))
-    return out
+class RolloutBatch:
+    """The rows of one generation batch and the per-completion values computed for them."""
+
+    def __init__(self, rollouts: Rollouts, mask_truncated: bool, temperature: float,
+                 pad_id: int):
+        self.rollouts, self.temperature, self.pad_id = rollouts, temperature, pad_id
+        self.sequences: list[_Sequence] = []
+        for example, completion in zip(rollouts.examples, rollouts.completions):
+            keep = 0 if (mask_truncated and completion.truncated) else 1
+            self.sequences.append(_Sequence(
+                list(example.prompt_ids) + list(completion.ids),
+                [0] * len(example.prompt_ids) + [keep] * len(completion.ids)))
+        # the position predicting the first completion token, and each completion's length
+        self.starts = np.array([len(e.prompt_ids) - 1 for e in rollouts.examples])
+        self.lengths = np.array([len(c.ids) for c in rollouts.completions])
+        width = int(self.lengths.max(initial=0))
+        self.completion_mask = np.zeros((len(self), width), np.float32)
+        for i, seq in enumerate(self.sequences):
+            self.completion_mask[i, :self.lengths[i]] = seq.loss_mask[self.starts[i] + 1:]
+        self.row_values: dict[str, np.ndarray] = {}
+        self.token_values: dict[str, np.ndarray] = {}
+        self._dataset = types.SimpleNamespace(examples=self.sequences, pad_id=pad_id)
+
+    def __len__(self) -> int:
+        return len(self.sequences)
+
+    def collate(self, rows: list[int]) -> dict[str, np.ndarray]:
+        """The ``[B, T]`` arrays of ``rows`` (in that order), with every stored value placed."""
+        arrays = collate(self._dataset, Batch(tuple((i,) for i in rows)), self.pad_id)
+        for key, values in self.row_values.items():
+            arrays[key] = values[rows].astype(np.float32)
+        width = arrays["input_ids"].shape[1]
+        for key, values in self.token_values.items():
+            placed = np.zeros((len(rows), width), np.float32)
+            for r, i in enumerate(rows):
+                s, n = self.starts[i], self.lengths[i]
+                placed[r, s:s + n] = values[i, :n]
+            arrays[key] = placed
+        arrays["temperature"] = np.float32(self.temperature)
+        return arrays
+
+    def store(self, key: str, rows: list[int], values: np.ndarray) -> None:
+        """Keep ``values [len(rows), T]`` (a forward output) in the completion slots."""
+        table = self.token_values.setdefault(
+            key, np.zeros(self.completion_mask.shape, np.float64))
+        for r, i in enumerate(rows):
+            s, n = self.starts[i], self.lengths[i]
+            table[i, :n] = values[r, s:s + n]
+
+    def micro_batches(self, rows: list[int],
+                      batch_size: int) -> list[tuple[list[int], dict[str, np.ndarray]]]:
+        """The micro-batches of one optimiser step over ``rows``: sorted by length, cut into
+        ``batch_size`` rows, each with the step's ``num_items`` and its ``micro_fraction``;
+        ``(rows of the micro-batch, arrays)`` pairs."""
+        order = sorted(rows, key=lambda i: (len(self.sequences[i]), i))
+        num_items = max(1.0, float(sum(sum(self.sequences[i].loss_mask) for i in rows)))
+        out = []
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            arrays = self.collate(chunk)
+            arrays["num_items"] = np.float32(num_items)
+            arrays["micro_fraction"] = np.float32(len(chunk) / len(order))
+            out.append((chunk, arrays))
+        return out
 
 
-def micro_batches(rollouts: Rollouts, cfg: Any, pad_id: int) -> list[dict[str, np.ndarray]]:
-    """The arrays of every micro-batch of one optimiser step (the whole generation batch)."""
-    seqs = sequences(rollouts, cfg.mask_truncated_completions)
-    dataset = types.SimpleNamespace(examples=seqs, pad_id=pad_id)
-    order = sorted(range(len(seqs)), key=lambda i: (len(seqs[i]), i))
-    num_items = max(1.0, float(sum(sum(s.loss_mask) for s in seqs)))
-    out = []
-    for start in range(0, len(order), cfg.batch_size):
-        rows = order[start:start + cfg.batch_size]
-        arrays = collate(dataset, Batch(tuple((i,) for i in rows)), pad_id)
-        arrays["advantages"] = rollouts.advantages[rows].astype(np.float32)
-        arrays["temperature"] = np.float32(cfg.temperature)
-        arrays["num_items"] = np.float32(num_items)
-        arrays["micro_fraction"] = np.float32(len(rows) / len(order))
-        out.append(arrays)
-    return out
+def mini_batches(n_rows: int, cfg: Any, generation_step: int) -> list[list[int]]:
+    """The row sets of the ``steps_per_generation`` optimiser steps of one generation batch:
+    ``num_iterations`` passes, each a fresh seeded shuffle cut into ``num_mini_batches`` (one
+    pass over all rows in order when there is a single mini-batch)."""
+    steps = []
+    for epoch in range(cfg.num_iterations):
+        if cfg.num_mini_batches == 1:
+            steps.append(list(range(n_rows)))
+            continue
+        rng = np.random.default_rng([cfg.seed, generation_step, epoch])
+        for part in np.array_split(rng.permutation(n_rows), cfg.num_mini_batches):
+            steps.append([int(i) for i in part])
+    return steps

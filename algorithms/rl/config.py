@@ -1,12 +1,15 @@
-"""Configs of the GRPO family (ALGORITHMS.md section 9): GRPO, BNPO, Dr. GRPO, DAPO, GSPO.
+"""The options of every online algorithm: ``OnlineConfig`` (docs/ALGORITHMS.md, online RL).
 
-``GRPOConfig`` holds every option; the presets ``DrGRPOConfig``, ``DAPOConfig`` and
-``GSPOConfig`` change only defaults, so any preset can be turned into any other with flags.
+One config holds every option of the online pipeline (rollout -> score -> advantage estimator
+-> update); the presets of :mod:`algorithms.rl.presets` (grpo, dr_grpo, dapo, gspo, rloo,
+reinforce_pp, reinforce_pp_baseline, ppo) change only defaults, so any preset can be turned
+into any other with flags. Its defaults are GRPO's (DeepSeekMath).
 
-One optimiser step consumes one whole generation batch: ``prompts_per_step`` prompts times
-``num_generations`` completions each, accumulated in micro-batches of ``batch_size`` completions.
-That is why ``--grad-accumulation-steps`` must stay 1 here. ``rollout_batch_size`` is a separate
-memory knob: how many completions are sampled at once.
+A generation batch is ``prompts_per_step`` prompts times ``num_generations`` completions. It
+serves ``num_iterations`` passes (mu; PPO's epochs), each cut into ``num_mini_batches``
+shuffled mini-batches; one mini-batch is one optimiser step, accumulated in micro-batches of
+``batch_size`` completions. That is why ``--grad-accumulation-steps`` must stay 1 here.
+``rollout_batch_size`` is a separate memory knob: how many completions are sampled at once.
 
 Importing this module imports neither mlx nor torch.
 """
@@ -21,20 +24,18 @@ from rewards.scorer import ON_ERROR_CHOICES
 from ..config import TrainConfig, _bad, field
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
-IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
+IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence", "sequence_sum")
+ESTIMATORS = ("group", "leave_one_out", "global_batch", "gae")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+KL_PENALTIES = ("loss", "reward")
 SCALE_REWARDS = ("group", "batch", "none")
 AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
 
 
 @dataclasses.dataclass
-class GRPOConfig(TrainConfig):
-    """GRPO: group relative policy optimisation (online RL with verifiable rewards).
-
-    Defaults follow DeepSeekMath (Shao et al. 2024, arXiv 2402.03300): sequence-mean loss
-    (``loss_type=grpo``), advantages normalised by the group std, k3 KL with beta = 0.04,
-    epsilon = 0.2. (The paper sampled G = 64 per prompt with a 1e-6 learning rate on a full
-    model; the smaller G here fits a laptop.)
-    """
+class OnlineConfig(TrainConfig):
+    """Online RL: sample completions, score them with reward functions, turn the rewards into
+    advantages, update the policy (GRPO's defaults; see the presets)."""
 
     ref_model: str = field(
         "", "reference model for the KL term (dir or short name); empty = the starting model: "
@@ -43,7 +44,9 @@ class GRPOConfig(TrainConfig):
     prompts_per_step: int = field(
         4, "prompts per generation batch; one optimiser step uses all prompts_per_step x "
         "num_generations completions, in micro-batches of --batch-size completions")
-    num_generations: int = field(8, "completions sampled per prompt: the group size G (>= 2)")
+    num_generations: int = field(
+        8, "completions sampled per prompt: the group size G (>= 2 for the group and "
+        "leave_one_out estimators and --group-baseline)")
     rollout_batch_size: int = field(
         0, "completions sampled at once (a memory knob); 0 = the whole generation batch")
     # sampling
@@ -57,12 +60,27 @@ class GRPOConfig(TrainConfig):
         [], "stop strings: a completion ends where one appears (the string is kept)")
     # policy update
     num_iterations: int = field(
-        1, "mu: optimiser steps per generation batch; > 1 makes the update off-policy, so the "
-        "ratio departs from 1 and clipping acts")
+        1, "mu (PPO: epochs): passes over each generation batch; > 1 makes the update "
+        "off-policy, so the ratio departs from 1 and clipping acts", aliases=("num_ppo_epochs",))
+    num_mini_batches: int = field(
+        1, "optimiser steps per pass: the generation batch is shuffled and cut into this many "
+        "mini-batches (PPO); each step after the first is off-policy")
     beta: float = field(
-        0.04, "KL coefficient (k3 estimator against the reference); 0 = no KL term and no "
-              "reference model")
-    epsilon: float = field(0.2, "clip range: the ratio is clipped below at 1 - epsilon")
+        0.04, "KL coefficient against the reference (TRL's PPO calls it kl_coef); 0 = no KL "
+        "term and no reference model", aliases=("kl_coef",))
+    kl_estimator: str = field(
+        "k3", "per-token KL estimate with d = logp - ref: k1 = d, k2 = d^2 / 2, k3 = exp(-d) + d "
+        "- 1", KL_ESTIMATORS)
+    kl_penalty: str = field(
+        "loss", "where beta x KL acts: a loss term per token (GRPO), or subtracted from the "
+        "reward (PPO, RLOO, REINFORCE++: per token for token-level estimators, summed over the "
+        "completion for sequence-level ones), computed from the rollout-time log-probs",
+        KL_PENALTIES)
+    clip_policy_ratio: bool = field(
+        True, "PPO-style clipping of the importance ratio; off = the plain (unclipped) "
+        "importance-weighted policy gradient (REINFORCE / RLOO as in their papers)")
+    epsilon: float = field(0.2, "clip range: the ratio is clipped below at 1 - epsilon",
+                           aliases=("cliprange",))
     epsilon_high: float = field(
         0.0, "upper clip: the ratio is clipped above at 1 + epsilon_high (DAPO clip-higher); "
              "0 = same as --epsilon")
@@ -71,17 +89,48 @@ class GRPOConfig(TrainConfig):
              "epsilon_high; the paper uses 4); 0 = off")
     importance_sampling_level: str = field(
         "token", "token: one ratio per token; sequence (GSPO): the geometric mean of a "
-        "completion's token ratios, clipped as one (use with --loss-type grpo)",
+        "completion's token ratios, clipped as one (use with --loss-type grpo); sequence_sum "
+        "(RLOO): the ratio of the completion's probabilities, exp(sum of token log-ratios)",
         IMPORTANCE_SAMPLING_LEVELS)
+    entropy_coef: float = field(
+        0.0, "entropy bonus: subtract entropy_coef x the mean token entropy (aggregated like "
+        "the policy loss) from the loss; 0 = off")
+    top_entropy_quantile: float = field(
+        1.0, "train only on the highest-entropy tokens: keep tokens whose entropy under the "
+        "rollout policy is at least the (1 - rho) quantile over the generation batch (Wang et "
+        "al. 2025 keep 0.2); 1 = every token")
     loss_type: str = field(
         "grpo", "how token losses are averaged: grpo = mean over completions of each "
         "completion's token mean; bnpo = token mean per micro-batch; dr_grpo = token sum / "
         "(completions x max_completion_length); dapo = token mean over the generation batch",
         LOSS_TYPES)
     # rewards and advantages
+    advantage_estimator: str = field(
+        "group", "rewards -> advantages: group (GRPO: group mean, std scaling), leave_one_out "
+        "(RLOO: the mean of the other completions of the prompt), global_batch (REINFORCE++: "
+        "token returns normalised over the whole batch), gae (PPO: a value head and generalised "
+        "advantage estimation)", ESTIMATORS)
     scale_rewards: str = field(
-        "group", "divide advantages by the reward std of the group, of the whole generation "
-        "batch, or not at all (Dr. GRPO)", SCALE_REWARDS)
+        "group", "group estimator: divide advantages by the reward std of the group, of the "
+        "whole generation batch, or not at all (Dr. GRPO)", SCALE_REWARDS)
+    normalize_advantages: bool = field(
+        False, "leave_one_out and gae: whiten the advantages over the generation batch (mean "
+        "0, std 1); global_batch always does")
+    group_baseline: bool = field(
+        False, "global_batch (REINFORCE++-baseline): subtract each prompt's mean reward before "
+        "the global normalisation")
+    gamma: float = field(1.0, "discount of per-token rewards (gae, global_batch)")
+    lam: float = field(0.95, "GAE lambda: bias-variance trade-off of the advantage (gae)")
+    vf_coef: float = field(0.1, "weight of the value loss (gae)")
+    cliprange_value: float = field(
+        0.2, "value clipping: a value moves at most this far from its rollout-time value per "
+        "generation batch (gae)")
+    whiten_rewards: bool = field(
+        False, "gae: scale the per-token rewards by their std over the batch (no mean shift) "
+        "before GAE")
+    missing_eos_penalty: float = field(
+        0.0, "subtract this from the reward of a completion that ended at the length limit "
+        "without an end-of-sequence token or stop string; 0 = off")
     multi_objective_aggregation: str = field(
         "sum_then_normalize", "several rewards: weight-sum then normalise (GRPO), or normalise "
         "each per group, weight-sum, then normalise over the batch (GDPO; needs "
@@ -120,13 +169,32 @@ class GRPOConfig(TrainConfig):
 
     @property
     def needs_reference(self) -> bool:
-        """Whether the loop must provide ``ref_logps`` (the KL term is on)."""
+        """Whether the loop must provide reference log-probs (the KL term is on)."""
         return self.beta > 0
 
     @property
+    def reference_model(self) -> str:
+        return self.ref_model
+
+    @property
+    def uses_value_head(self) -> bool:
+        return self.advantage_estimator == "gae"
+
+    @property
     def generation_batch_size(self) -> int:
-        """Completions per generation batch, i.e. per optimiser step."""
+        """Completions per generation batch."""
         return self.prompts_per_step * self.num_generations
+
+    @property
+    def steps_per_generation(self) -> int:
+        """Optimiser steps one generation batch serves: passes x mini-batches."""
+        return self.num_iterations * self.num_mini_batches
+
+    @property
+    def off_policy(self) -> bool:
+        """Whether some update sees a policy that moved since sampling (then the loss needs
+        the rollout-time log-probs rather than ``stop_gradient(logp)``)."""
+        return self.steps_per_generation > 1
 
     @property
     def overlong_buffer_tokens(self) -> int:
@@ -148,11 +216,13 @@ class GRPOConfig(TrainConfig):
         self._validate_rewards()
 
     def _validate_batch(self) -> None:
-        if self.num_generations < 2:
+        grouped = self.advantage_estimator in ("group", "leave_one_out") or self.group_baseline
+        if self.num_generations < (2 if grouped else 1):
             _bad("num_generations", self.num_generations,
-                 "must be >= 2: advantages compare completions within a group of G")
-        for name in ("prompts_per_step", "num_iterations", "max_completion_length",
-                     "max_sampling_rounds"):
+                 "must be >= 2: advantages compare completions within a group of G"
+                 if grouped else "must be >= 1")
+        for name in ("prompts_per_step", "num_iterations", "num_mini_batches",
+                     "max_completion_length", "max_sampling_rounds"):
             if getattr(self, name) < 1:
                 _bad(name, getattr(self, name), "must be >= 1")
         for name in ("rollout_batch_size", "log_completions_every", "top_k"):
@@ -160,9 +230,17 @@ class GRPOConfig(TrainConfig):
                 _bad(name, getattr(self, name), "must be >= 0")
         if self.grad_accumulation_steps != 1:
             _bad("grad_accumulation_steps", self.grad_accumulation_steps,
-                 "must be 1 for online RL: one optimiser step is one generation batch "
-                 "(--prompts-per-step x --num-generations completions, in micro-batches of "
-                 "--batch-size); raise --prompts-per-step for bigger steps")
+                 "must be 1 for online RL: one optimiser step is one mini-batch of the "
+                 "generation batch (--prompts-per-step x --num-generations completions / "
+                 "--num-mini-batches, in micro-batches of --batch-size); raise "
+                 "--prompts-per-step for bigger steps")
+        if self.num_mini_batches > self.generation_batch_size:
+            _bad("num_mini_batches", self.num_mini_batches,
+                 f"must be <= the completions of a generation batch "
+                 f"({self.generation_batch_size})")
+        if self.dynamic_sampling and self.advantage_estimator != "group":
+            _bad("dynamic_sampling", True, "drops groups whose rewards are all equal, which "
+                 "only the group estimator defines; use --advantage-estimator group")
         if self.packing:
             _bad("packing", True, "is not supported for online RL (each completion is one row)")
         if self.max_completion_length >= self.max_length:
@@ -191,6 +269,27 @@ class GRPOConfig(TrainConfig):
         if self.delta < 0 or 0 < self.delta <= 1 + self.effective_epsilon_high:
             _bad("delta", self.delta, f"must be 0 (off) or > 1 + epsilon_high "
                  f"({1 + self.effective_epsilon_high:g}); INTELLECT-2 uses 4")
+        if self.entropy_coef < 0:
+            _bad("entropy_coef", self.entropy_coef, "must be >= 0 (a bonus on the entropy)")
+        if not 0 < self.top_entropy_quantile <= 1:
+            _bad("top_entropy_quantile", self.top_entropy_quantile,
+                 "must be in (0, 1]: the share of highest-entropy tokens trained on")
+        if not 0 <= self.gamma <= 1:
+            _bad("gamma", self.gamma, "must be in [0, 1]")
+        if not 0 <= self.lam <= 1:
+            _bad("lam", self.lam, "must be in [0, 1]")
+        if self.vf_coef < 0 or (self.uses_value_head and self.vf_coef == 0):
+            _bad("vf_coef", self.vf_coef, "must be > 0 with the gae estimator (the value head "
+                 "learns only from it)" if self.uses_value_head else "must be >= 0")
+        if not self.cliprange_value > 0:
+            _bad("cliprange_value", self.cliprange_value, "must be > 0")
+        if self.kl_penalty == "reward" and self.beta > 0 \
+                and self.multi_objective_aggregation == "normalize_then_sum":
+            _bad("kl_penalty", "reward", "normalize_then_sum (GDPO) normalises each reward "
+                 "function on its own, so a KL reward has no place; use --kl-penalty loss")
+        if self.missing_eos_penalty < 0:
+            _bad("missing_eos_penalty", self.missing_eos_penalty,
+                 "must be >= 0 (it is subtracted from the reward)")
 
     def _validate_rewards(self) -> None:
         if not self.reward:
@@ -224,65 +323,3 @@ class GRPOConfig(TrainConfig):
                  "sum_then_normalize")
 
 
-@dataclasses.dataclass
-class DrGRPOConfig(GRPOConfig):
-    """Dr. GRPO: GRPO without its length and std biases (Liu et al. 2025, arXiv 2503.20783).
-
-    The advantage is ``r - mean(group)`` (``scale_rewards=none``), the token losses are summed
-    and divided by a constant, completions x ``max_completion_length`` (``loss_type=dr_grpo``,
-    as the paper's code divides by the generation budget), and there is no KL term (beta = 0).
-    """
-
-    loss_type: str = field(
-        "dr_grpo", "how token losses are averaged (see grpo --help)", LOSS_TYPES)
-    scale_rewards: str = field(
-        "none", "divide advantages by the reward std of the group, the batch, or not at all",
-        SCALE_REWARDS)
-    beta: float = field(0.0, "KL coefficient (k3 estimator); 0 = no KL term (the paper's value)")
-
-
-@dataclasses.dataclass
-class DAPOConfig(GRPOConfig):
-    """DAPO: decoupled clip and dynamic sampling policy optimisation (Yu et al. 2025,
-    arXiv 2503.14476).
-
-    Paper values: clip-higher with epsilon_low = 0.2 and epsilon_high = 0.28; a token-level loss
-    over the whole batch (``loss_type=dapo``); no KL term (beta = 0); dynamic sampling (groups
-    whose rewards are all equal are dropped and refilled); overlong filtering
-    (``mask_truncated_completions``); the soft overlong punishment with L_max = 20480 and
-    L_cache = 4096, a ratio of 0.2, kept here whatever ``max_completion_length`` is
-    (``overlong_buffer = -1``: 51 tokens at the default 256).
-    """
-
-    loss_type: str = field(
-        "dapo", "how token losses are averaged (see grpo --help)", LOSS_TYPES)
-    beta: float = field(0.0, "KL coefficient (k3 estimator); 0 = no KL term (the paper's value)")
-    epsilon_high: float = field(
-        0.28, "upper clip: the ratio is clipped above at 1 + epsilon_high (clip-higher); "
-              "0 = same as --epsilon")
-    mask_truncated_completions: bool = field(
-        True, "overlong filtering: completions cut at max_completion_length carry no loss")
-    dynamic_sampling: bool = field(
-        True, "drop groups whose rewards are all equal and sample more prompts to refill")
-    overlong_buffer: int = field(
-        -1, "soft overlong punishment L_cache in tokens; -1 = 0.2 x max_completion_length "
-            "(the paper's ratio); 0 = off")
-
-
-@dataclasses.dataclass
-class GSPOConfig(GRPOConfig):
-    """GSPO: group sequence policy optimisation (Zheng et al. 2025, arXiv 2507.18071).
-
-    One importance ratio per completion, ``s_i = (pi(y_i) / pi_old(y_i))^(1/|y_i|)``, clipped
-    as a whole (``importance_sampling_level=sequence`` with the sequence-mean ``loss_type=grpo``).
-    Paper values: clip range 3e-4 below and 4e-4 above, no KL term. The sequence ratio differs
-    from 1 only off-policy, so raise ``--num-iterations`` to see the clipping act.
-    """
-
-    importance_sampling_level: str = field(
-        "sequence", "token: one ratio per token; sequence: one ratio per completion (GSPO)",
-        IMPORTANCE_SAMPLING_LEVELS)
-    beta: float = field(0.0, "KL coefficient (k3 estimator); 0 = no KL term (the paper's value)")
-    epsilon: float = field(3e-4, "clip range: the ratio is clipped below at 1 - epsilon")
-    epsilon_high: float = field(
-        4e-4, "upper clip: the ratio is clipped above at 1 + epsilon_high; 0 = same as --epsilon")

@@ -101,7 +101,7 @@ def prepare_prompt_dataset(path: str | Path, split: str, tokenizer: Any,
         first = first or record
         examples.append(_tokenize(record, tokenizer, budget))
 
-    skipped, messages = validate_records(records, handle, getattr(cfg, "skip_invalid", False))
+    skipped, messages = validate_records(records, handle, cfg.skip_invalid)
     if not examples:
         raise nothing_usable(file, skipped, messages, "prompts")
     report = PromptReport(file, len(examples), dict(sorted(skipped.items())),
@@ -199,7 +199,7 @@ def prepare_data(cfg: Any, tokenizer: Any) -> Any:
     """Validated prompt splits and the run's reward functions, before any model loads."""
     from rewards import RewardError
 
-    from ..registry import PreparedData
+    from ..data import PreparedData
     from .scoring import load_rewards
 
     try:

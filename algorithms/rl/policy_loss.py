@@ -1,50 +1,68 @@
-"""The clipped policy loss of the GRPO family (ALGORITHMS.md 9.3, 9.4), written once over the
-array-ops shim, so it runs unchanged on NumpyOps, MLXOps and TorchOps.
+"""The policy (and value) loss of every online algorithm, written once over the array-ops shim,
+so it runs unchanged on NumpyOps, MLXOps and TorchOps (docs/ALGORITHMS.md, online RL).
 
-Batch keys (``[B, T]`` arrays are aligned with ``per_token_logps``):
+Batch keys (``[B, T]`` arrays are aligned with the log-probs):
 
 - ``loss_mask`` [B, T]: 1 on the completion tokens that carry loss (truncated completions are
   already all 0 under ``mask_truncated_completions``), 0 on prompt and padding.
-- ``advantages`` [B] (or [B, T]): ``A_i``, broadcast over the tokens of completion i.
-- ``old_logps`` [B, T], optional: log-probs under the sampling policy. Absent (mu = 1):
-  ``old = stop_gradient(logp)``, so the ratio is exactly 1 and its gradient is ``grad logp``.
-- ``ref_logps`` [B, T]: reference log-probs; required when ``beta > 0``.
-- ``num_items`` scalar: loss tokens in the whole generation batch (the optimiser step); used
-  by ``dapo``. Absent: this micro-batch's loss tokens.
-- ``micro_fraction`` scalar: this micro-batch's rows / the step's rows. Absent: 1.
+- ``advantages`` [B] (sequence level, broadcast over tokens) or [B, T] (token level).
+- ``old_per_token_logps`` [B, T], optional: log-probs under the sampling policy. Absent
+  (on-policy): ``old = stop_gradient(logp)``, so the ratio is exactly 1 and its gradient is
+  ``grad logp``.
+- ``ref_per_token_logps`` [B, T]: reference log-probs; required with a KL loss term.
+- ``entropy_mask`` [B, T], optional: 1 on the tokens kept by ``top_entropy_quantile``.
+- ``returns``, ``old_values`` [B, T]: value targets and rollout-time values (gae).
+- ``num_items``: loss tokens of the optimiser step (``dapo``); ``micro_fraction``: this
+  micro-batch's share of the step's rows (the other aggregations). Absent: this micro-batch.
+
+Model outputs: ``logps`` (with gradient), ``entropy`` (a metric; with gradient when
+``entropy_coef`` > 0), ``values`` (with gradient, gae).
 
 Per token, with ``m`` the mask, ``lr = logp - old`` (0 off the mask), eps_lo = ``epsilon``,
 eps_hi = ``effective_epsilon_high``::
 
-    token level:     w_it = exp(lr_it)
-    sequence (GSPO): w_i  = exp(sum_t m lr / sum_t m), one ratio per completion; the gradient
-                     reaches every token through the mean
-    l_t = -min(min(w, delta) A, clip(w, 1 - eps_lo, 1 + eps_hi) A)   (the cap only if delta > 0)
-        + beta (exp(ref - logp) - (ref - logp) - 1)                   (k3 KL, if beta > 0)
+    token:          w_it = exp(lr_it)
+    sequence:       w_i  = exp(sum_t m lr / sum_t m)    (GSPO: the geometric mean)
+    sequence_sum:   w_i  = exp(sum_t m lr)              (RLOO: the ratio of the completions'
+                                                         probabilities; exponent capped at 20)
+    l_t = -min(min(w, delta) A, clip(w, 1 - eps_lo, 1 + eps_hi) A)   (clipped; delta if > 0)
+        = -min(w, delta) A                                           (--no-clip-policy-ratio)
+    l_t *= entropy_mask_t                                   (top_entropy_quantile < 1)
+    l_t += beta kl_t(logp, ref)                             (KL in the loss: k1, k2 or k3)
+    l_t -= entropy_coef H_t                                 (entropy bonus)
 
-Aggregation of one micro-batch of B rows, written so that the micro-batches of a step SUM to the
-step's loss (``f`` = ``micro_fraction``, ``L_max`` = ``max_completion_length``)::
+with ``d = logp - ref``: k1 ``d``, k2 ``d^2 / 2``, k3 ``exp(-d) + d - 1`` (its gradient
+``1 - exp(-d)``). Aggregation of one micro-batch of B rows, written so that the micro-batches
+of a step SUM to the step's loss (``f`` = ``micro_fraction``, ``L_max`` =
+``max_completion_length``)::
 
     grpo     mean_i[ sum_t l m / max(sum_t m, 1) ] * f   (DeepSeekMath 1/|o_i|; empty rows add 0)
     bnpo     sum l m / max(sum m, 1) * f                 (token mean per micro-batch, as TRL)
     dr_grpo  sum l m / (B * L_max) * f                   (Dr. GRPO's constant normaliser)
-    dapo     sum l m / num_items                          (token mean over the generation batch)
+    dapo     sum l m / num_items                          (token mean over the step)
+
+With a value head (gae) the loss adds ``vf_coef`` times the clipped value loss, aggregated the
+same way: ``v_t = 1/2 max((V - R)^2, (clip(V, V_old - c, V_old + c) - R)^2)``, ``c`` =
+``cliprange_value``, ``R`` the returns.
 
 bnpo normalises by the micro-batch's own token count, so its step loss depends on how the step
-is cut into micro-batches (exactly the step's token mean only when every micro-batch has the
-same tokens per row); the other three do not depend on it.
+is cut into micro-batches; the other three do not.
 
-Metrics (detached scalars; token means over the micro-batch's loss tokens):
-``clip_ratio/low_mean`` (A < 0 and w < 1 - eps_lo: the gradient is clipped to 0),
-``clip_ratio/high_mean`` (A > 0 and w > 1 + eps_hi), ``clip_ratio/region_mean`` (either),
-``ratio/mean`` (w), and ``kl`` (k3) when beta > 0.
+Metrics (detached, token means over the micro-batch's loss tokens): ``clip_ratio/low_mean``
+(A < 0 and w < 1 - eps_lo: clipped to no gradient), ``clip_ratio/high_mean`` (A > 0 and
+w > 1 + eps_hi), ``clip_ratio/region_mean`` (either), ``ratio/mean`` (w), ``approx_kl``
+(``(logp - old)^2 / 2``), ``entropy``, ``kl`` (with a KL loss term); with a value head
+``loss/policy``, ``loss/value``, ``values/mean``, ``values/clip_ratio``.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from .config import GRPOConfig
+from ..backend import Loss
+from .config import OnlineConfig
+
+_MAX_SEQUENCE_LOG_RATIO = 20.0
 
 
 def _as_float(ops: Any, cond: Any) -> Any:
@@ -53,29 +71,47 @@ def _as_float(ops: Any, cond: Any) -> Any:
 
 def importance_weights(ops: Any, per_token_logps: Any, old_logps: Any, mask: Any,
                        level: str) -> Any:
-    """``w = pi / pi_old`` per token [B, T] (token level) or per completion [B, 1] (sequence
-    level: the geometric mean of the token ratios over the mask)."""
+    """``w = pi / pi_old`` per token [B, T] (token level) or per completion [B, 1] (sequence:
+    geometric mean of the token ratios; sequence_sum: their product)."""
     log_ratio = ops.where(mask > 0, per_token_logps - old_logps, 0.0)
     if level == "token":
         return ops.exp(log_ratio)
     if level == "sequence":
         tokens = ops.maximum(ops.sum(mask, axis=1), 1.0)
         return ops.exp(ops.sum(log_ratio, axis=1) / tokens)[:, None]
-    raise ValueError(f"importance_sampling_level must be token or sequence, got {level!r}")
+    if level == "sequence_sum":
+        total = ops.clip(ops.sum(log_ratio, axis=1), -_MAX_SEQUENCE_LOG_RATIO,
+                         _MAX_SEQUENCE_LOG_RATIO)
+        return ops.exp(total)[:, None]
+    raise ValueError(f"importance_sampling_level must be token, sequence or sequence_sum, "
+                     f"got {level!r}")
+
+
+def kl_term(ops: Any, per_token_logps: Any, ref_logps: Any, mask: Any, estimator: str) -> Any:
+    """The per-token KL loss term (0 off the mask), ``d = logp - sg(ref)``: k1 ``d``, k2
+    ``d^2 / 2``, k3 ``exp(-d) + d - 1`` (Schulman's estimator: non-negative, unbiased)."""
+    d = ops.where(mask > 0, per_token_logps - ops.stop_gradient(ref_logps), 0.0)
+    if estimator == "k1":
+        return d
+    if estimator == "k2":
+        return 0.5 * ops.square(d)
+    if estimator == "k3":
+        return ops.exp(-d) + d - 1.0
+    raise ValueError(f"kl_estimator must be k1, k2 or k3, got {estimator!r}")
 
 
 def k3_kl(ops: Any, per_token_logps: Any, ref_logps: Any, mask: Any) -> Any:
-    """Schulman's k3 estimator of KL(pi || ref) per token: ``exp(d) - d - 1``, d = ref - logp
-    (0 off the mask). Non-negative, unbiased, gradient ``1 - exp(d)`` w.r.t. logp."""
-    d = ops.where(mask > 0, ops.stop_gradient(ref_logps) - per_token_logps, 0.0)
-    return ops.exp(d) - d - 1.0
+    """Schulman's k3 estimator of KL(pi || ref) per token (0 off the mask)."""
+    return kl_term(ops, per_token_logps, ref_logps, mask, "k3")
 
 
 def clipped_token_loss(ops: Any, w: Any, advantages: Any, eps_low: float, eps_high: float,
-                       delta: float = 0.0) -> Any:
+                       delta: float = 0.0, clip: bool = True) -> Any:
     """``-min(min(w, delta) A, clip(w, 1 - eps_low, 1 + eps_high) A)``; the ``delta`` cap
-    (INTELLECT-2) applies only when delta > 0."""
+    (INTELLECT-2) applies only when delta > 0; without ``clip``, ``-min(w, delta) A``."""
     unclipped = ops.minimum(w, delta) if delta > 0 else w
+    if not clip:
+        return -unclipped * advantages
     clipped = ops.clip(w, 1.0 - eps_low, 1.0 + eps_high)
     return -ops.minimum(unclipped * advantages, clipped * advantages)
 
@@ -100,27 +136,44 @@ def aggregate(ops: Any, per_token_loss: Any, mask: Any, batch: dict, loss_type: 
     raise ValueError(f"loss_type must be one of grpo, bnpo, dr_grpo, dapo, got {loss_type!r}")
 
 
-def policy_loss(ops: Any, per_token_logps: Any, batch: dict,
-                cfg: GRPOConfig) -> tuple[Any, dict[str, Any]]:
-    """The GRPO-family loss of one micro-batch and its metrics; see the module docstring."""
+def value_loss(ops: Any, values: Any, batch: dict, cliprange_value: float) -> tuple[Any, Any]:
+    """Per-token clipped value loss ``1/2 max((V - R)^2, (clip(V, V_old +- c) - R)^2)`` and
+    whether the clipped branch was the larger (a metric)."""
+    returns, old = batch["returns"], batch["old_values"]
+    clipped = ops.clip(values - old, -cliprange_value, cliprange_value) + old
+    plain_sq, clipped_sq = ops.square(values - returns), ops.square(clipped - returns)
+    return 0.5 * ops.maximum(plain_sq, clipped_sq), clipped_sq > plain_sq
+
+
+def policy_loss(ops: Any, per_token_logps: Any, batch: dict, cfg: OnlineConfig,
+                entropy: Any = None, values: Any = None) -> tuple[Any, dict[str, Any]]:
+    """The online loss of one micro-batch and its metrics; see the module docstring."""
     mask = batch["loss_mask"]
     advantages = batch["advantages"]
     if len(advantages.shape) == 1:
         advantages = advantages[:, None]
-    old = batch.get("old_logps")
+    old = batch.get("old_per_token_logps")
     old = ops.stop_gradient(per_token_logps if old is None else old)
     eps_low, eps_high = cfg.epsilon, cfg.effective_epsilon_high
     w = importance_weights(ops, per_token_logps, old, mask, cfg.importance_sampling_level)
-    per_token_loss = clipped_token_loss(ops, w, advantages, eps_low, eps_high, cfg.delta)
+    per_token_loss = clipped_token_loss(ops, w, advantages, eps_low, eps_high, cfg.delta,
+                                        cfg.clip_policy_ratio)
+    if "entropy_mask" in batch:
+        per_token_loss = per_token_loss * batch["entropy_mask"]
     kl = None
-    if cfg.beta > 0:
-        if "ref_logps" not in batch:
-            raise KeyError("beta > 0 needs batch['ref_logps'] (reference log-probs); "
-                           "set --beta 0 to train without the KL term")
-        kl = k3_kl(ops, per_token_logps, batch["ref_logps"], mask)
+    if cfg.beta > 0 and cfg.kl_penalty == "loss":
+        if "ref_per_token_logps" not in batch:
+            raise KeyError("a KL loss term needs batch['ref_per_token_logps'] (reference "
+                           "log-probs); set --beta 0 to train without it")
+        kl = kl_term(ops, per_token_logps, batch["ref_per_token_logps"], mask, cfg.kl_estimator)
         per_token_loss = per_token_loss + cfg.beta * kl
-    loss = aggregate(ops, per_token_loss, mask, batch, cfg.loss_type, cfg.max_completion_length)
+    if cfg.entropy_coef > 0:
+        per_token_loss = per_token_loss - cfg.entropy_coef * entropy
 
+    def agg(x: Any) -> Any:
+        return aggregate(ops, x, mask, batch, cfg.loss_type, cfg.max_completion_length)
+
+    loss = agg(per_token_loss)
     tokens = ops.maximum(ops.sum(mask), 1.0)
 
     def token_mean(x: Any) -> Any:
@@ -128,21 +181,39 @@ def policy_loss(ops: Any, per_token_logps: Any, batch: dict,
 
     low = _as_float(ops, w < 1.0 - eps_low) * _as_float(ops, advantages < 0)
     high = _as_float(ops, w > 1.0 + eps_high) * _as_float(ops, advantages > 0)
+    if not cfg.clip_policy_ratio:
+        low, high = 0.0 * low, 0.0 * high
     metrics = {
         "clip_ratio/low_mean": token_mean(low),
         "clip_ratio/high_mean": token_mean(high),
         "clip_ratio/region_mean": token_mean(low + high),
         "ratio/mean": token_mean(w),
+        "approx_kl": token_mean(0.5 * ops.square(per_token_logps - old)),
     }
+    if entropy is not None:
+        metrics["entropy"] = token_mean(entropy)
     if kl is not None:
         metrics["kl"] = token_mean(kl)
+    if values is not None:
+        v_loss, v_clipped = value_loss(ops, values, batch, cfg.cliprange_value)
+        value_term = agg(v_loss)
+        metrics.update({"loss/policy": ops.stop_gradient(loss),
+                        "loss/value": ops.stop_gradient(value_term),
+                        "values/mean": token_mean(values),
+                        "values/clip_ratio": token_mean(_as_float(ops, v_clipped))})
+        loss = loss + cfg.vf_coef * value_term
     return loss, metrics
 
 
-def make_loss(cfg: GRPOConfig):
-    """``loss(ops, per_token_logps, batch) -> (scalar, metrics)`` for the training loop."""
+def make_loss(cfg: OnlineConfig) -> Loss:
+    """The online loss for the training loop: log-probs with gradient, the entropy (with
+    gradient under an entropy bonus), and the values of the value head (gae)."""
 
-    def loss(ops: Any, per_token_logps: Any, batch: dict) -> tuple[Any, dict]:
-        return policy_loss(ops, per_token_logps, batch, cfg)
+    def loss(ops: Any, outputs: dict, batch: dict) -> tuple[Any, dict]:
+        return policy_loss(ops, outputs["logps"], batch, cfg, outputs.get("entropy"),
+                           outputs.get("values"))
 
-    return loss
+    wanted = {"logps": True, "entropy": cfg.entropy_coef > 0}
+    if cfg.uses_value_head:
+        wanted["values"] = True
+    return Loss(loss, wanted)

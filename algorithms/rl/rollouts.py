@@ -1,4 +1,4 @@
-"""One generation batch: sample ``num_generations`` completions per prompt, score, advantages.
+"""One generation batch: sample ``num_generations`` completions per prompt and score them.
 
 DAPO's dynamic sampling (Yu et al. 2025, Sec. 3.2) keeps only groups whose rewards are not all
 equal (``0 < |{correct o_i}| < G`` for a 0/1 reward): such a group has zero advantage everywhere
@@ -17,9 +17,11 @@ from typing import Any
 
 import numpy as np
 
-from .advantages import group_advantages, zero_std_groups
+from .advantages import zero_std_groups
 from .data import PromptExample, PromptStream
 from .sampling import Completion, SamplingParams
+
+MISSING_EOS = "missing_eos_penalty"
 
 
 @dataclasses.dataclass
@@ -28,13 +30,19 @@ class Rollouts:
 
     examples: list[PromptExample]       # the prompt of each completion (repeated G times)
     completions: list[Completion]
-    rewards: dict[str, np.ndarray]      # reward function name -> [N], NaN = not applicable
+    rewards: dict[str, np.ndarray]      # reward column name -> [N], NaN = not applicable
+    weights: dict[str, float]           # reward column name -> weight in the total
     total: np.ndarray                   # weighted total reward [N]
-    advantages: np.ndarray              # [N]
     stats: dict[str, float]             # logged with the step
 
     def __len__(self) -> int:
         return len(self.completions)
+
+    def reward_matrix(self) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """``rewards [N, F]``, ``weights [F]`` and the column names, in one order."""
+        names = list(self.rewards)
+        return (np.stack([self.rewards[n] for n in names], axis=1),
+                np.array([self.weights[n] for n in names]), names)
 
 
 def sampling_params(cfg: Any) -> SamplingParams:
@@ -59,11 +67,30 @@ def reward_view(example: PromptExample, completion: Completion) -> Any:
 
 
 def score(scorer: Any, examples: list[PromptExample], completions: list[Completion],
-          step: int) -> Any:
+          step: int, missing_eos_penalty: float = 0.0) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Reward columns by name and the weighted total of each completion. With a
+    ``missing_eos_penalty`` a column of that name holds ``-penalty`` for completions that hit
+    the length limit (0 for the others, NaN where no function scored the sample, which stays
+    unscorable), and the total includes it."""
     columns = {key: [e.columns[key] for e in examples] for key in examples[0].columns}
-    return scorer.score([e.prompt for e in examples],
-                        [reward_view(e, c) for e, c in zip(examples, completions)],
-                        [c.ids for c in completions], step=step, columns=columns)
+    scores = scorer.score([e.prompt for e in examples],
+                          [reward_view(e, c) for e, c in zip(examples, completions)],
+                          [c.ids for c in completions], step=step, columns=columns)
+    per_function, total = dict(scores.per_function), scores.total
+    if missing_eos_penalty:
+        truncated = np.array([c.truncated for c in completions])
+        column = np.where(np.isnan(total), np.nan, np.where(truncated, -missing_eos_penalty, 0.0))
+        per_function[MISSING_EOS] = column
+        total = total + np.nan_to_num(column)
+    return per_function, total
+
+
+def reward_weights(cfg: Any, scorer: Any) -> dict[str, float]:
+    """Weight of every reward column (the penalty column counts once)."""
+    weights = dict(zip(scorer.names, (float(w) for w in scorer.weights)))
+    if cfg.missing_eos_penalty:
+        weights[MISSING_EOS] = 1.0
+    return weights
 
 
 @dataclasses.dataclass
@@ -91,14 +118,14 @@ def generate(cfg: Any, backend: Any, stream: PromptStream, scorer: Any, step: in
                                      round_seed(cfg.seed, step, rounds))
         seconds["generation"] += time.perf_counter() - start
         start = time.perf_counter()
-        scores = score(scorer, examples, completions, step)
+        per_function, total = score(scorer, examples, completions, step, cfg.missing_eos_penalty)
         seconds["scoring"] += time.perf_counter() - start
-        flat = zero_std_groups(scores.total, g)
+        flat = zero_std_groups(total, g)
         flat_groups += int(np.sum(flat))
         for i in range(len(prompts)):
             rows = slice(i * g, (i + 1) * g)
             group = _Group(examples[rows], completions[rows],
-                           {k: v[rows] for k, v in scores.per_function.items()}, scores.total[rows])
+                           {k: v[rows] for k, v in per_function.items()}, total[rows])
             (dropped if cfg.dynamic_sampling and flat[i] else kept).append(group)
         rounds += 1
         sampled_groups += len(prompts)
@@ -108,14 +135,9 @@ def generate(cfg: Any, backend: Any, stream: PromptStream, scorer: Any, step: in
         topped_up += 1
     rewards = {k: np.concatenate([grp.rewards[k] for grp in kept]) for k in kept[0].rewards}
     total = np.concatenate([grp.total for grp in kept])
-    matrix = np.stack([rewards[name] for name in scorer.names], axis=1)
-    advantages, adv_stats = group_advantages(matrix, np.asarray(scorer.weights), g,
-                                             cfg.scale_rewards, cfg.multi_objective_aggregation,
-                                             names=scorer.names)
     completions = [c for grp in kept for c in grp.completions]
     lengths = np.array([len(c.ids) for c in completions], dtype=np.float64)
     stats = {
-        **adv_stats,  # reward mean / std per function and of the total, advantages/abs_mean
         # over every group sampled this step, before dynamic sampling dropped any
         "frac_reward_zero_std": flat_groups / sampled_groups,
         "completions/mean_length": float(lengths.mean()),
@@ -130,6 +152,6 @@ def generate(cfg: Any, backend: Any, stream: PromptStream, scorer: Any, step: in
                       "dynamic_sampling/dropped_groups": float(sampled_groups - len(kept)
                                                                + topped_up),
                       "dynamic_sampling/topped_up_groups": float(topped_up)})
-    return Rollouts([e for grp in kept for e in grp.examples], completions, rewards, total,
-                    np.asarray(advantages, dtype=np.float32), stats)
+    return Rollouts([e for grp in kept for e in grp.examples], completions, rewards,
+                    reward_weights(cfg, scorer), total, stats)
 

@@ -1,0 +1,185 @@
+"""What every training loop shares: step bookkeeping, timing, metrics, checkpoints, resume.
+
+The offline loop (:mod:`algorithms.loop`) and the online one (:mod:`algorithms.rl.trainer`)
+differ in where a step's data comes from; everything around the step is here, once:
+
+- :class:`Run` opens the metrics log, resumes from the latest checkpoint (``--resume``),
+  records each optimiser step (loss finite or the run stops, a timing window averaged over
+  ``--log-every`` steps with wall and CPU time, tokens/s, peak memory by kind), writes
+  evaluation records, checkpoints, and at the end the final checkpoint and the adapters.
+- A checkpoint holds the backend's state plus the step, the data cursor and the resolved
+  config (:mod:`algorithms.checkpoint`); a resumed run continues bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import checkpoint as ckpt
+from .metrics import MetricsLog
+
+
+@dataclasses.dataclass
+class Cursor:
+    """Where the data stream stands: ``index`` items into epoch ``epoch``."""
+
+    epoch: int = 0
+    index: int = 0
+
+
+@dataclasses.dataclass
+class TrainResult:
+    steps: int
+    final_train_loss: float | None
+    final_valid_loss: float | None
+    run_dir: Path
+    sample: str | None = None
+
+
+class Run:
+    """One training run's bookkeeping (see the module docstring). Use as a context manager:
+    the metrics log is closed whatever happens."""
+
+    def __init__(self, cfg: Any, backend: Any, run_dir: Path, n_steps: int):
+        self.cfg, self.backend, self.run_dir = cfg, backend, Path(run_dir)
+        self.n_steps = n_steps
+        self.step, self.cursor = 0, Cursor()
+        if cfg.resume:
+            self.step, self.cursor = resume(cfg, backend, self.run_dir)
+        self.log = MetricsLog(self.run_dir, n_steps, self.step, cfg.progress)
+        self.window = Window()
+        self.last_loss: float | None = None
+
+    def __enter__(self) -> Run:  # noqa: PYI034 (the class is not subclassed)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.log.close()
+
+    @property
+    def done(self) -> bool:
+        return self.step >= self.n_steps
+
+    def record(self, metrics: dict[str, float], *, lr: float, grad_norm: float, tokens: int,
+               epoch: float) -> None:
+        """One optimiser step is done: count it, check the loss, log at ``--log-every``."""
+        self.step += 1
+        self.last_loss = metrics["loss"]
+        if not math.isfinite(self.last_loss):
+            raise FloatingPointError(f"step {self.step}: loss is {self.last_loss}; lower "
+                                     "--learning-rate")
+        self.window.add({**metrics, "learning_rate": lr, "grad_norm": grad_norm}, tokens)
+        if self.step % self.cfg.log_every == 0 or self.done:
+            record = self.window.flush()
+            self.log.write({"split": "train", "step": self.step, "epoch": round(epoch, 4),
+                            **record, "peak_memory_gb": self.backend.peak_memory_bytes() / 1e9,
+                            **memory_stats(self.backend)})
+        self.log.advance()
+
+    def due(self, every: int) -> bool:
+        """Whether a periodic action (``every`` steps; 0 = never) falls on this step, before
+        the end (the end has its own)."""
+        return bool(every) and self.step % every == 0 and not self.done
+
+    def write_eval(self, record: dict | None) -> None:
+        """Log a validation record (evaluation time is not training time)."""
+        if record is not None:
+            self.log.write({"split": "valid", "step": self.step, **record})
+        self.window.restart()
+
+    def save(self, cursor: Cursor) -> None:
+        """A checkpoint of the run at this step with its data ``cursor``."""
+        self.cursor = cursor
+        state = {"step": self.step, "cursor": dataclasses.asdict(cursor),
+                 "config": self.cfg.to_dict(), "backend": self.backend.name}
+        ckpt.save_checkpoint(self.run_dir, self.step, self.backend, state)
+        self.window.restart()
+
+    def finish(self, cursor: Cursor, valid_loss: float | None = None) -> TrainResult:
+        """The final checkpoint and the adapters (then the ``--sample-prompt`` reply)."""
+        self.save(cursor)
+        ckpt.write_atomically(self.run_dir / "adapters",
+                              lambda d: self.backend.save_adapters(str(d)))
+        sample = None
+        if self.cfg.sample_prompt:
+            sample = self.backend.generate(self.cfg.sample_prompt, self.cfg.sample_max_tokens)
+        return TrainResult(self.step, self.last_loss, valid_loss, self.run_dir, sample)
+
+
+class Window:
+    """The steps between two log lines; each metric is averaged over the steps that logged it.
+
+    ``step_time`` is the mean wall time of the window's steps (with ``--log-every 1``: each
+    step's own time), evaluation and checkpoint time excluded; ``cpu_time`` the process CPU
+    time (all threads) per step, which a busy machine distorts less than wall time;
+    ``tokens_per_second`` counts the real (non-padding) tokens trained on.
+    """
+
+    def __init__(self) -> None:
+        self.steps: list[dict[str, float]] = []
+        self.tokens = self.trained_tokens = 0
+        self.paused = self.cpu_paused = 0.0
+        self.start, self.cpu_start = time.perf_counter(), time.process_time()
+
+    def restart(self) -> None:
+        """Restart the clock (after work that is not training: evaluation, checkpoints)."""
+        if self.steps:  # mid-window: keep the time already spent on its steps
+            self.paused += time.perf_counter() - self.start
+            self.cpu_paused += time.process_time() - self.cpu_start
+        self.start, self.cpu_start = time.perf_counter(), time.process_time()
+
+    def add(self, metrics: dict[str, float], tokens: int) -> None:
+        self.steps.append(metrics)
+        self.tokens += tokens
+
+    def flush(self) -> dict[str, float]:
+        elapsed = max(time.perf_counter() - self.start + self.paused, 1e-9)
+        cpu = time.process_time() - self.cpu_start + self.cpu_paused
+        keys = dict.fromkeys(k for m in self.steps for k in m)
+        means = {k: float(np.mean([m[k] for m in self.steps if k in m])) for k in keys}
+        self.trained_tokens += self.tokens
+        record = {**means, "tokens_per_second": self.tokens / elapsed,
+                  "tokens": self.trained_tokens, "step_time": elapsed / len(self.steps),
+                  "cpu_time": cpu / len(self.steps)}
+        self.steps, self.tokens, self.paused, self.cpu_paused = [], 0, 0.0, 0.0
+        self.start, self.cpu_start = time.perf_counter(), time.process_time()
+        return record
+
+
+def combine(metrics: list[dict[str, float]], fractions: list[float]) -> dict[str, float]:
+    """One step's metrics: ``loss`` summed (micro losses are already scaled), others averaged."""
+    out = {"loss": sum(m["loss"] for m in metrics)}
+    for key in metrics[0]:
+        if key != "loss":
+            out[key] = sum(f * m[key] for f, m in zip(fractions, metrics))
+    return out
+
+
+def memory_stats(backend: Any) -> dict[str, float]:
+    """Peak memory by kind (``memory/peak_rss_gb``, ``memory/mlx_peak_gb``,
+    ``memory/cuda_peak_gb``...) from a backend's optional ``memory_stats()`` (bytes)."""
+    stats = getattr(backend, "memory_stats", None)
+    if stats is None:
+        return {}
+    return {f"memory/{kind}_gb": value / 1e9 for kind, value in stats().items()}
+
+
+def resume(cfg: Any, backend: Any, run_dir: Path) -> tuple[int, Cursor]:
+    """Load the latest checkpoint into ``backend``; its step and data cursor. Refuses another
+    backend's checkpoint or a changed run-shaping setting."""
+    latest = ckpt.latest_checkpoint(run_dir)
+    if latest is None:
+        raise FileNotFoundError(f"--resume: no checkpoint under {run_dir / 'checkpoints'}")
+    state = ckpt.read_trainer_state(latest)
+    if state.get("backend") != backend.name:
+        raise ValueError(f"--resume: {latest} was written by the {state.get('backend')} backend; "
+                         f"this is the {backend.name} backend")
+    ckpt.check_resume_config(state["config"], cfg.to_dict(), latest)
+    backend.load_state(str(latest))
+    return state["step"], Cursor(**state["cursor"])
