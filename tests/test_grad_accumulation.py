@@ -56,7 +56,7 @@ def _run(prog, spec, argv, run_dir):
     losses = [r["loss"] for r in records if r["split"] == "train"]
     from safetensors.numpy import load_file
 
-    last = sorted((run_dir / "checkpoints").iterdir())[-1]
+    last = max((run_dir / "checkpoints").iterdir())
     return losses, load_file(str(last / "trainable.safetensors"))
 
 
