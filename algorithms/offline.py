@@ -33,7 +33,8 @@ def data_preparer(kind: str, kl: Callable[[Any], bool] = lambda cfg: False) -> C
         sets = {split: prepare_preference_dataset(cfg.data, split, tokenizer, cfg, kind=kind)
                 for split in ("train", "valid")}
         plans = {split: PreferenceBatchPlan(ds, cfg.batch_size, cfg.max_length, seed=cfg.seed,
-                                            packing=cfg.packing, kl=kl(cfg))
+                                            packing=cfg.packing, kl=kl(cfg),
+                                            kl_pairing=getattr(cfg, "kl_pairing", "shuffled"))
                  for split, ds in sets.items() if ds is not None and len(ds.examples)}
         return PreparedData(plans["train"], plans.get("valid"),
                             {s: ds.report for s, ds in sets.items() if ds is not None})

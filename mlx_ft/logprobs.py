@@ -31,7 +31,7 @@ import numpy as np
 from mlx import nn
 from mlx.utils import tree_flatten
 
-from . import varlen
+from . import precise, varlen
 from .model import lm_head_module
 
 PACKABLE = {"llama", "mistral", "qwen2", "qwen3", "olmo2", "granite", "internlm3"}
@@ -66,7 +66,7 @@ def chunked_token_logps(model: nn.Module, hidden: mx.array, targets: mx.array,
         if temperature != 1.0:
             logits = logits / temperature
         picked = mx.take_along_axis(logits, mx.stop_gradient(tgt)[:, None], axis=-1)[:, 0]
-        return picked - mx.logsumexp(logits, axis=-1)
+        return picked - precise.logsumexp(logits, axis=-1)
 
     checkpointed = mx.checkpoint(chunk_logps)
     params = head.trainable_parameters()
@@ -105,7 +105,7 @@ def fused_token_logps(weight: mx.array, hidden: mx.array, targets: mx.array, chu
             z = z / temperature
         m = mx.stop_gradient(z.max(axis=-1, keepdims=True))
         e = _exp_shifted(z, m)
-        s = e.sum(axis=-1, keepdims=True)
+        s = precise.blocked_sum(e, axis=-1, keepdims=True)
         logp = mx.take_along_axis(z, tgt[:, None], axis=-1)[:, 0] - m[:, 0] - mx.log(s[:, 0])
         grad = (weight[tgt].astype(mx.float32) - (e.astype(weight.dtype) @ weight) / s)
         if temperature != 1.0:
@@ -202,7 +202,7 @@ def chunked_log_sum_sq(model: nn.Module, hidden: mx.array, chunk_size: int) -> m
     ``logsumexp(2 z) - 2 logsumexp(z)`` for the logits ``z``."""
     return _chunked_statistic(
         model, hidden, chunk_size,
-        lambda z: mx.logsumexp(2 * z, axis=-1) - 2 * mx.logsumexp(z, axis=-1))
+        lambda z: precise.logsumexp(2 * z, axis=-1) - 2 * precise.logsumexp(z, axis=-1))
 
 
 def chunked_entropy(model: nn.Module, hidden: mx.array, chunk_size: int,
@@ -212,7 +212,7 @@ def chunked_entropy(model: nn.Module, hidden: mx.array, chunk_size: int,
 
     def entropy(z: mx.array) -> mx.array:
         z = z / temperature
-        return mx.logsumexp(z, axis=-1) - (mx.softmax(z, axis=-1) * z).sum(axis=-1)
+        return precise.logsumexp(z, axis=-1) - precise.blocked_sum(mx.softmax(z, axis=-1) * z)
 
     return _chunked_statistic(model, hidden, chunk_size, entropy)
 
@@ -221,4 +221,4 @@ def reference_token_logps(logits: mx.array, targets: mx.array) -> mx.array:
     """Plain ``log_softmax(logits)[targets]`` from full logits (tests only)."""
     logits = logits.astype(mx.float32)
     picked = mx.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return picked - mx.logsumexp(logits, axis=-1)
+    return picked - precise.logsumexp(logits, axis=-1)
