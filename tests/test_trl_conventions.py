@@ -166,3 +166,23 @@ def test_newline_after_end_of_turn_is_trained_only_on_request(write_jsonl, tiny_
     want = "Hello!<|im_end|>" + ("\n" if after_eot else "")
     assert tiny_tokenizer.decode(trained) == want
     assert tiny_tokenizer.decode(example.input_ids).endswith("<|im_end|>\n")
+
+
+def test_bias_corrected_kl_weights_the_k3_term_by_the_ratio():
+    # TRL 1.16 turned on DeepSeek-V3.2's importance-weighted KL by default; ours stays
+    # DeepSeekMath's plain k3 term and offers the weighted one behind --use-bias-correction-kl.
+    from algorithms.ops import NumpyOps
+    from algorithms.rl.config import GRPOConfig
+    from algorithms.rl.policy_loss import policy_loss
+
+    logp = np.array([[-1.0, -2.0, -0.5]])
+    batch = {"loss_mask": np.array([[1.0, 1.0, 0.0]]), "advantages": np.array([0.0]),
+             "old_logps": np.array([[-1.2, -1.9, 0.0]]), "ref_logps": np.array([[-0.8, -2.5, 0.0]])}
+    d = np.array([0.2, -0.5])
+    k3 = np.exp(d) - d - 1
+    w = np.exp(np.array([0.2, -0.1]))
+    for corrected, per_token in ((False, k3), (True, k3 * w)):
+        cfg = GRPOConfig(data="x", beta=0.1, use_bias_correction_kl=corrected)
+        loss, metrics = policy_loss(NumpyOps(), logp, batch, cfg)
+        assert metrics["kl"] == pytest.approx(per_token.mean(), rel=1e-12)
+        assert loss == pytest.approx(0.1 * per_token.mean(), rel=1e-12)  # A = 0: KL only

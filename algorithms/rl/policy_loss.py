@@ -21,6 +21,7 @@ eps_hi = ``effective_epsilon_high``::
                      reaches every token through the mean
     l_t = -min(min(w, delta) A, clip(w, 1 - eps_lo, 1 + eps_hi) A)   (the cap only if delta > 0)
         + beta (exp(ref - logp) - (ref - logp) - 1)                   (k3 KL, if beta > 0)
+          (times w with use_bias_correction_kl: DeepSeek-V3.2's unbiased KL gradient)
 
 Aggregation of one micro-batch of B rows, written so that the micro-batches of a step SUM to the
 step's loss (``f`` = ``micro_fraction``, ``L_max`` = ``max_completion_length``)::
@@ -118,6 +119,8 @@ def policy_loss(ops: Any, per_token_logps: Any, batch: dict,
             raise KeyError("beta > 0 needs batch['ref_logps'] (reference log-probs); "
                            "set --beta 0 to train without the KL term")
         kl = k3_kl(ops, per_token_logps, batch["ref_logps"], mask)
+        if cfg.use_bias_correction_kl:
+            kl = kl * w
         per_token_loss = per_token_loss + cfg.beta * kl
     loss = aggregate(ops, per_token_loss, mask, batch, cfg.loss_type, cfg.max_completion_length)
 
