@@ -186,3 +186,23 @@ def test_bias_corrected_kl_weights_the_k3_term_by_the_ratio():
         loss, metrics = policy_loss(NumpyOps(), logp, batch, cfg)
         assert metrics["kl"] == pytest.approx(per_token.mean(), rel=1e-12)
         assert loss == pytest.approx(0.1 * per_token.mean(), rel=1e-12)  # A = 0: KL only
+
+
+def test_torch_grad_norm_is_float64_accurate_on_a_large_vocabulary(tmp_path, tiny_tokenizer):
+    # TRL logs (and clips by) torch.nn.utils.clip_grad_norm_'s float32 norm, ~2e-5 off float64
+    # once the lm_head gradient has 49k x 64 entries; ours sums squares with torch's cascade sum
+    # and stays at ~1e-7, so on large vocabularies our grad_norm is the accurate one of the two.
+    torch = pytest.importorskip("torch")
+    from tiny import make_tiny_model
+
+    from cuda_ft.backend import TorchBackend
+
+    model = make_tiny_model(tmp_path / "big_vocab", vocab_size=49152)
+    backend = TorchBackend(TrainConfig(data="x", dtype="float32", fine_tune_type="full"), model,
+                           tiny_tokenizer)
+    gen = torch.Generator().manual_seed(0)
+    for p in backend.params.values():
+        p.grad = torch.randn(p.shape, generator=gen) * 1e-3
+    want = float(np.sqrt(sum((p.grad.double() ** 2).sum().item() for p in backend.params.values())))
+    got = backend.optimizer_step(learning_rate=0.0, max_grad_norm=0.0)
+    assert abs(got - want) / want < 1e-6
