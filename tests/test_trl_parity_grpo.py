@@ -11,9 +11,14 @@ ours is off by default, DeepSeekMath's k3 term): the loss, the KL and clip-ratio
 gradient of every weight (torch rel 1e-5, MLX rel 1e-4; a gradient entry against its tensor's
 largest).
 
-RLOO and PPO parity (issue 11) slot in here the same way: build the trainer, hand its
-``_compute_loss`` the same fixed batch as ours (RLOO: per-completion rewards -> leave-one-out
-advantages, checked against ours first; PPO: values, returns and old values too), compare.
+RLOO parity (issue 11) slots in the same way, reusing ``tp.fixed_batch`` / ``tp.online_rows``:
+TRL 1.16's ``RLOOTrainer._compute_loss`` takes the same ids and masks, ``advantages`` and
+SEQUENCE-level ``old_logps`` [n] (sum over the completion), and clips one ratio per completion;
+its advantages (leave-one-out baseline over the scorable siblings, the first-order KL
+``old - ref`` summed per completion subtracted from the reward with beta) are built in
+``_generate_and_score_completions``, so an RLOO case compares our advantage function on fixed
+rewards with that formula, then the loss and gradients as here. TRL 1.16 has no PPO trainer:
+PPO parity needs a by-hand reference (or an older TRL's experimental PPO).
 """
 
 from __future__ import annotations
@@ -26,9 +31,7 @@ pytestmark = pytest.mark.trl_parity
 pytest.importorskip("trl")
 torch = pytest.importorskip("torch")
 
-PROMPT = 5        # prompt tokens, the same for every completion
-LENGTHS = [7, 3, 9, 5, 9, 1]  # completion tokens
-MAX_COMPLETION = 9
+LENGTHS, MAX_COMPLETION = tp.LENGTHS, tp.MAX_COMPLETION
 TEMPERATURE = 0.7
 BETA, EPS, EPS_HIGH = 0.04, 0.2, 0.28
 RTOL = {"torch": 1e-5, "mlx": 1e-4}
@@ -36,20 +39,6 @@ RTOL = {"torch": 1e-5, "mlx": 1e-4}
 VARIANTS = [("grpo", "token", False), ("bnpo", "token", False), ("dr_grpo", "token", False),
             ("dapo", "token", False), ("grpo", "sequence", False), ("grpo", "token", True),
             ("dapo", "sequence", True)]
-
-
-def fixed_batch(vocab: int, pad: int):
-    """Prompt and completion ids, masks and advantages (numpy), fixed by a seed."""
-    rng = np.random.default_rng(7)
-    n = len(LENGTHS)
-    prompt = rng.integers(3, vocab, size=(n, PROMPT))
-    completion = np.full((n, MAX_COMPLETION), pad)
-    mask = np.zeros((n, MAX_COMPLETION), dtype=np.int64)
-    for i, length in enumerate(LENGTHS):
-        completion[i, :length] = rng.integers(3, vocab, size=length)
-        mask[i, :length] = 1
-    advantages = np.array([1.2, -0.7, 0.4, -1.5, 0.9, -0.3], dtype=np.float32)
-    return prompt, completion, mask, advantages
 
 
 def trl_side(model_dir, tmp_path, loss_type, level, corrected):
@@ -78,7 +67,8 @@ def trl_side(model_dir, tmp_path, loss_type, level, corrected):
         trainer = GRPOTrainer(model=model, args=args, processing_class=tok,
                               reward_funcs=lambda prompts, completions, **kw: [0.0] * len(prompts),
                               train_dataset=Dataset.from_list([{"prompt": "x"}] * n))
-    prompt, completion, mask, advantages = fixed_batch(model.config.vocab_size, tok.pad_token_id)
+    prompt, completion, mask, advantages = tp.fixed_batch(model.config.vocab_size,
+                                                          tok.pad_token_id)
     inputs = {"prompt_ids": torch.tensor(prompt), "prompt_mask": torch.ones_like(torch.tensor(prompt)),
               "completion_ids": torch.tensor(completion), "completion_mask": torch.tensor(mask),
               "advantages": torch.tensor(advantages),
@@ -102,35 +92,6 @@ def trl_side(model_dir, tmp_path, loss_type, level, corrected):
     metrics = {k: v[-1] for k, v in trainer._metrics["train"].items() if v}
     return (float(loss.detach()), metrics, grads, inputs["old_per_token_logps"].numpy(),
             inputs["ref_per_token_logps"].numpy())
-
-
-def our_batch(model_dir, old, ref):
-    """The same rows in our layout: prompt + completion, targets shifted by one, the loss mask
-    on the completion targets, log-probs placed at the positions that predict them."""
-    from transformers import AutoConfig, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
-    vocab = AutoConfig.from_pretrained(str(model_dir)).vocab_size
-    prompt, completion, mask, advantages = fixed_batch(vocab, tok.pad_token_id)
-    n, width = len(LENGTHS), PROMPT + MAX_COMPLETION
-    ids = np.concatenate([prompt, completion], 1).astype(np.int32)
-    targets = np.full_like(ids, tok.pad_token_id)
-    targets[:, :-1] = ids[:, 1:]
-    loss_mask = np.zeros((n, width), np.float32)
-    loss_mask[:, PROMPT - 1:-1] = mask
-    segment = np.zeros((n, width), np.int32)
-    for i, length in enumerate(LENGTHS):
-        segment[i, :PROMPT + length] = 1
-
-    def place(x):
-        out = np.zeros((n, width), np.float32)
-        out[:, PROMPT - 1:-1] = x
-        return out
-
-    return {"input_ids": ids, "targets": targets, "loss_mask": loss_mask, "segment_ids": segment,
-            "advantages": advantages, "old_logps": place(old), "ref_logps": place(ref),
-            "temperature": np.float32(TEMPERATURE), "num_items": np.float32(mask.sum()),
-            "micro_fraction": np.float32(1.0)}
 
 
 def our_side(backend_name, model_dir, batch, loss_type, level, corrected):
@@ -173,8 +134,9 @@ def test_grpo_loss_and_gradient_match_trl(loss_type, level, corrected, backend, 
     if key not in _TRL:
         _TRL[key] = trl_side(tiny_llama_dir, tmp_path, loss_type, level, corrected)
     trl_loss, trl_metrics, trl_grads, old, ref = _TRL[key]
-    ours, grads = our_side(backend, tiny_llama_dir, our_batch(tiny_llama_dir, old, ref),
-                           loss_type, level, corrected)
+    batch = tp.online_rows(tiny_llama_dir, {"old_logps": old, "ref_logps": ref})
+    batch.update(temperature=np.float32(TEMPERATURE), micro_fraction=np.float32(1.0))
+    ours, grads = our_side(backend, tiny_llama_dir, batch, loss_type, level, corrected)
     rtol = RTOL[backend]
     label = (f"{loss_type}/{level}{'/kl-corrected' if corrected else ''} on {backend} "
              f"vs TRL {tp.trl_version()}")

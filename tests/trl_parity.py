@@ -173,6 +173,57 @@ def run_ours(backend: str, algorithm: str, model_dir: Path, data: Path, out: Pat
 
 
 # ---------------------------------------------------------------------------------------------
+# Online RL: one fixed generation batch, in TRL's layout and in ours
+
+PROMPT = 5                     # prompt tokens, the same for every completion (no left padding)
+LENGTHS = [7, 3, 9, 5, 9, 1]   # completion tokens, right-padded to MAX_COMPLETION
+MAX_COMPLETION = 9
+
+
+def fixed_batch(vocab: int, pad: int):
+    """``prompt [n, PROMPT]``, ``completion [n, MAX_COMPLETION]`` ids, the completion mask and
+    advantages of both signs (numpy), fixed by a seed: TRL's ``_compute_loss`` inputs."""
+    rng = np.random.default_rng(7)
+    n = len(LENGTHS)
+    prompt = rng.integers(3, vocab, size=(n, PROMPT))
+    completion = np.full((n, MAX_COMPLETION), pad)
+    mask = np.zeros((n, MAX_COMPLETION), dtype=np.int64)
+    for i, length in enumerate(LENGTHS):
+        completion[i, :length] = rng.integers(3, vocab, size=length)
+        mask[i, :length] = 1
+    advantages = np.array([1.2, -0.7, 0.4, -1.5, 0.9, -0.3], dtype=np.float32)
+    return prompt, completion, mask, advantages
+
+
+def online_rows(model_dir: Path, per_token: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """:func:`fixed_batch` in our layout (:mod:`algorithms.backend`): prompt + completion rows,
+    targets shifted by one, the loss mask on the completion targets, ``advantages``,
+    ``num_items``, and each ``[n, MAX_COMPLETION]`` array of ``per_token`` (old / reference
+    log-probs...) placed at the positions that predict its tokens."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    vocab = AutoConfig.from_pretrained(str(model_dir)).vocab_size
+    prompt, completion, mask, advantages = fixed_batch(vocab, tok.pad_token_id)
+    n, width = len(LENGTHS), PROMPT + MAX_COMPLETION
+    ids = np.concatenate([prompt, completion], 1).astype(np.int32)
+    targets = np.full_like(ids, tok.pad_token_id)
+    targets[:, :-1] = ids[:, 1:]
+    segment = np.zeros((n, width), np.int32)
+    for i, length in enumerate(LENGTHS):
+        segment[i, :PROMPT + length] = 1
+
+    def place(x):
+        out = np.zeros((n, width), np.float32)
+        out[:, PROMPT - 1:-1] = x
+        return out
+
+    return {"input_ids": ids, "targets": targets, "loss_mask": place(mask), "segment_ids": segment,
+            "advantages": advantages, "num_items": np.float32(mask.sum()),
+            **{k: place(v) for k, v in per_token.items()}}
+
+
+# ---------------------------------------------------------------------------------------------
 # Comparison
 
 
