@@ -64,6 +64,9 @@ class TrainConfig:
         "for messages, everything for text",
         ["auto", "completion", "all"],
     )
+    train_after_eot: bool = field(
+        False, "chat data: also train the whitespace the template writes after each end-of-turn "
+        "token (TRL does; it is never generated, so by default it carries no loss)")
     skip_invalid: bool = field(False, "skip malformed examples (reported by rule) instead of failing")
     # loop
     seed: int = field(0, "seed for data order, adapter init and dropout")
@@ -75,7 +78,10 @@ class TrainConfig:
     lr_schedule: str = field("constant", "learning-rate schedule", ["constant", "linear", "cosine"])
     warmup_steps: int = field(0, "linear warm-up steps from 0 to the peak learning rate")
     min_lr_ratio: float = field(0.0, "final LR of linear/cosine decay as a fraction of the peak")
-    weight_decay: float = field(0.0, "AdamW decoupled weight decay")
+    weight_decay: float = field(
+        0.0, "AdamW decoupled weight decay (biases and norm weights exempt, as in transformers)")
+    decay_norms_and_biases: bool = field(
+        False, "apply --weight-decay to biases and norm weights too (default: exempt)")
     adam_beta1: float = field(0.9, "AdamW beta1")
     adam_beta2: float = field(0.999, "AdamW beta2")
     adam_epsilon: float = field(1e-8, "AdamW epsilon")

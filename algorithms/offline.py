@@ -29,8 +29,10 @@ KL_KEYS = ("input_ids", "targets", "loss_mask", "segment_ids")  # of the mismatc
 Prepare = Callable[[Any, list, list, Any], None]
 
 
-def data_preparer(kind: str, kl: Callable[[Any], bool] = lambda cfg: False) -> Callable:
-    """``prepare_data`` for paired (DPO, CPO, ORPO...) or unpaired (KTO) preference data."""
+def data_preparer(kind: str, kl: Callable[[Any], bool] = lambda cfg: False,
+                  kl_pairing: Callable[[Any], str] = lambda cfg: "shuffled") -> Callable:
+    """``prepare_data`` for paired (DPO, CPO, ORPO...) or unpaired (KTO) preference data;
+    ``kl(cfg)`` and ``kl_pairing(cfg)`` say whether and how KTO's mismatched pairs are built."""
 
     def prepare_data(cfg: Any, tokenizer: Any) -> PreparedData:
         from .data.preference import prepare_preference_dataset
@@ -39,7 +41,8 @@ def data_preparer(kind: str, kl: Callable[[Any], bool] = lambda cfg: False) -> C
         sets = {split: prepare_preference_dataset(cfg.data, split, tokenizer, cfg, kind=kind)
                 for split in ("train", "valid")}
         plans = {split: PreferenceBatchPlan(ds, cfg.batch_size, cfg.max_length, seed=cfg.seed,
-                                            packing=cfg.packing, kl=kl(cfg))
+                                            packing=cfg.packing, kl=kl(cfg),
+                                            kl_pairing=kl_pairing(cfg))
                  for split, ds in sets.items() if ds is not None and len(ds.examples)}
         return PreparedData(plans["train"], plans.get("valid"),
                             {s: ds.report for s, ds in sets.items() if ds is not None})

@@ -31,7 +31,7 @@ class Algorithm:
     make_loss: Callable[[Any], Loss]
     loop: Callable
     normaliser: str = "tokens"
-    make_prepare: Callable = lambda cfg, backend, data, model_path: None  # noqa: E731
+    make_prepare: Callable = lambda cfg, backend, data, model_path: None
 
     def train(self, cfg: Any, backend: Any, data: Any, run_dir: Path, model_path: Path):
         return self.loop(self, cfg, backend, data, run_dir, model_path)
@@ -103,7 +103,8 @@ def algorithms() -> dict[str, Algorithm]:
                    make_prepare=orpo_prepare),
         preference("kto", kto.KTOConfig, kto, "Kahneman-Tversky optimisation on desirable / "
                    "undesirable completions (paired data is unpaired)",
-                   data_preparer("unpaired", kl=lambda cfg: cfg.needs_kl_batch),
+                   data_preparer("unpaired", kl=lambda cfg: cfg.needs_kl_batch,
+                                 kl_pairing=lambda cfg: cfg.kl_pairing),
                    reference_prepare),
         *(online(name, config_cls, summary) for name, config_cls, summary in presets.PRESETS),
     ]

@@ -32,6 +32,7 @@ from algorithms.backend import (
     save_value_head,
     value_head_init,
 )
+from algorithms.weight_decay import decayed_names
 
 from . import varlen
 from .device import choose_device
@@ -64,10 +65,15 @@ class TorchBackend(ForwardShortcuts):
         self.params = canonical_parameters(self.model)
         self.value_head = self._make_value_head() if cfg.uses_value_head else None
         self.reference = Reference(self.model, self.hf_model, cfg, self.model_path, self.choice)
+        # Weight decay on all but biases and norm weights (algorithms.weight_decay): two groups.
+        decayed = set(decayed_names(self.params, cfg.decay_norms_and_biases))
+        groups = [{"params": [p for n, p in self.params.items() if n in decayed],
+                   "weight_decay": cfg.weight_decay},
+                  {"params": [p for n, p in self.params.items() if n not in decayed],
+                   "weight_decay": 0.0}]
         self.optimizer = torch.optim.AdamW(
-            list(self.params.values()), lr=cfg.learning_rate,
+            [g for g in groups if g["params"]], lr=cfg.learning_rate,
             betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
-            weight_decay=cfg.weight_decay,
         )
 
     def _make_value_head(self) -> torch.nn.Linear:

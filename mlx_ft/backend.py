@@ -32,8 +32,9 @@ from algorithms.backend import (
     save_value_head,
     value_head_init,
 )
+from algorithms.weight_decay import decayed_names
 
-from . import blas
+from . import blas, precise
 from . import model as mlx_model
 from .logprobs import model_outputs
 from .ops import MLXOps
@@ -82,8 +83,8 @@ class MLXBackend(ForwardShortcuts):
         self.value_head = self._make_value_head() if cfg.uses_value_head else None
         self.optimizer = optim.AdamW(
             learning_rate=cfg.learning_rate, betas=[cfg.adam_beta1, cfg.adam_beta2],
-            eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay, bias_correction=True,
-        )
+            eps=cfg.adam_epsilon, weight_decay=0.0, bias_correction=True,
+        )  # weight decay is applied in optimizer_step, to the tensors algorithms.weight_decay names
         self.reference = Reference(self.model, cfg, self.model_path, self.dtype)
         self._grads = None
         self._micro_batches = 0  # dropout is re-seeded from (seed, this count): resumable RNG
@@ -160,16 +161,27 @@ class MLXBackend(ForwardShortcuts):
         if self._grads is None:
             raise RuntimeError("optimizer_step called before forward_backward")
         grads = self._grads
-        norm = mx.sqrt(sum(mx.sum(mx.square(g.astype(mx.float32)))
-                           for _, g in tree_flatten(grads)))
+        norm = precise.global_norm(g for _, g in tree_flatten(grads))
         if max_grad_norm > 0:
             scale = mx.minimum(1.0, max_grad_norm / (norm + 1e-6))
             grads = tree_map(lambda g: (g * scale).astype(g.dtype), grads)
         self.optimizer.learning_rate = mx.array(learning_rate, dtype=mx.float32)
+        self._decay_weights(learning_rate)
         self.optimizer.update(self.model, grads)
         mx.eval(self.model.parameters(), self.optimizer.state, norm)
         self._grads = None
         return norm.item()
+
+    def _decay_weights(self, learning_rate: float) -> None:
+        """Decoupled weight decay ``p <- p * (1 - lr * wd)`` (what AdamW does next to the Adam
+        step) on the trainable tensors that are neither biases nor norm weights."""
+        if self.cfg.weight_decay <= 0:
+            return
+        factor = mx.array(1.0 - learning_rate * self.cfg.weight_decay, dtype=mx.float32)
+        params = mlx_model.trainable(self.model)
+        names = decayed_names(params, self.cfg.decay_norms_and_biases)
+        self.model.update(tree_unflatten([(n, (params[n] * factor).astype(params[n].dtype))
+                                          for n in names]))
 
     # --- state ----------------------------------------------------------------------------
     def trainable_parameters(self) -> dict[str, np.ndarray]:

@@ -33,7 +33,7 @@ import numpy as np
 from mlx import nn
 from mlx.utils import tree_flatten
 
-from . import varlen
+from . import precise, varlen
 from .model import lm_head_module
 
 PACKABLE = {"llama", "mistral", "qwen2", "qwen3", "olmo2", "granite", "internlm3"}
@@ -60,7 +60,7 @@ HEAD_OUTPUTS = ("logps", "entropy", "log_sum_sq")
 def _statistics(z: mx.array, targets: mx.array, names: tuple[str, ...]) -> list[mx.array]:
     """The ``names`` statistics of float32 logits ``z [n, V]`` (already divided by T):
     ``z[t] - lse(z)``, ``-sum p log p``, ``log sum p^2``."""
-    lse = mx.logsumexp(z, axis=-1)
+    lse = precise.logsumexp(z, axis=-1)
     logp = z - lse[:, None] if ("entropy" in names or "log_sum_sq" in names) else None
     out = []
     for name in names:
@@ -68,9 +68,9 @@ def _statistics(z: mx.array, targets: mx.array, names: tuple[str, ...]) -> list[
             out.append(mx.take_along_axis(z, mx.stop_gradient(targets)[:, None], axis=-1)[:, 0]
                        - lse)
         elif name == "entropy":
-            out.append(-(mx.exp(logp) * logp).sum(axis=-1))
+            out.append(-precise.blocked_sum(mx.exp(logp) * logp, axis=-1))
         else:  # log_sum_sq
-            out.append(mx.logsumexp(2 * logp, axis=-1))
+            out.append(precise.logsumexp(2 * logp, axis=-1))
     return out
 
 
@@ -152,7 +152,7 @@ def _fused_outputs(weight: mx.array, hidden: mx.array, targets: mx.array, chunk_
             z = z / temperature
         m = mx.stop_gradient(z.max(axis=-1, keepdims=True))
         e = _exp_shifted(z, m)
-        s = e.sum(axis=-1, keepdims=True)
+        s = precise.blocked_sum(e, axis=-1, keepdims=True)
         log_s = mx.log(s[:, 0])
         logp = mx.take_along_axis(z, tgt[:, None], axis=-1)[:, 0] - m[:, 0] - log_s
         grad = (weight[tgt].astype(mx.float32) - (e.astype(weight.dtype) @ weight) / s)
@@ -161,9 +161,9 @@ def _fused_outputs(weight: mx.array, hidden: mx.array, targets: mx.array, chunk_
         stats = []
         for name in extra:
             if name == "entropy":  # log s + m - sum(e z) / s
-                stats.append(log_s + m[:, 0] - (e * z).sum(axis=-1) / s[:, 0])
+                stats.append(log_s + m[:, 0] - precise.blocked_sum(e * z, axis=-1) / s[:, 0])
             else:  # log sum p^2 = log sum e^2 - 2 log s
-                stats.append(mx.log(mx.square(e).sum(axis=-1)) - 2 * log_s)
+                stats.append(mx.log(precise.blocked_sum(mx.square(e), axis=-1)) - 2 * log_s)
         return (logp, grad.astype(h.dtype), *stats)
 
     @chunk.vjp
@@ -283,4 +283,4 @@ def reference_token_logps(logits: mx.array, targets: mx.array) -> mx.array:
     """Plain ``log_softmax(logits)[targets]`` from full logits (tests only)."""
     logits = logits.astype(mx.float32)
     picked = mx.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return picked - mx.logsumexp(logits, axis=-1)
+    return picked - precise.logsumexp(logits, axis=-1)

@@ -153,15 +153,37 @@ def test_mpo_weights_combine_two_losses():
     assert loss == pytest.approx(expected("sigmoid") + expected("hinge"), rel=1e-12)
 
 
-@pytest.mark.parametrize(("kind", "score"), [
-    ("forward_kl", lambda r: -math.exp(-r)),
-    ("js_divergence", logsig),
-    ("alpha_divergence", lambda r: math.exp((0.5 - 1) * r) / (0.5 - 1)),
-])
+F_SCORES = [  # f'(exp(rho)), 0 at the reference
+    ("forward_kl", lambda r: 1.0 - math.exp(-r)),
+    ("js_divergence", lambda r: math.log(2.0) + logsig(r)),
+    ("alpha_divergence", lambda r: (math.exp((0.5 - 1) * r) - 1.0) / (0.5 - 1)),
+]
+
+
+@pytest.mark.parametrize(("kind", "score"), F_SCORES)
 def test_f_divergences(kind, score):
     loss, _ = run(cfg(f_divergence_type=kind))
     want = pairs(lambda c, r: -logsig(BETA * (score(c) - score(r))), RHO_C, RHO_R)
     assert loss == pytest.approx(want, rel=1e-12)
+
+
+@pytest.mark.parametrize(("kind", "score"), F_SCORES)
+def test_f_divergence_scores_are_zero_at_the_reference_under_ipo(kind, score):
+    # Regression: the scores lacked the shift that makes them 0 at rho = 0; it cancels in
+    # s_c - s_r but not after IPO's division by the lengths (IPO + forward_kl was 6.6e-3 off TRL).
+    assert score(0.0) == pytest.approx(0.0, abs=1e-15)
+    loss, _ = run(cfg(loss_type=["ipo"], f_divergence_type=kind))
+    want = pairs(lambda c, r, lc, lr: (score(c) / lc - score(r) / lr - 1 / (2 * BETA)) ** 2,
+                 RHO_C, RHO_R, LEN_C, LEN_R)
+    assert loss == pytest.approx(want, rel=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["nca_pair", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
+                                  "apo_zero", "apo_down"])
+def test_f_divergence_refused_with_losses_on_raw_log_ratios(kind):
+    with pytest.raises(ConfigError, match="--f-divergence-type='forward_kl'.*" + kind):
+        cfg(loss_type=[kind], f_divergence_type="forward_kl", label_smoothing=_eps_for(kind))
+    cfg(loss_type=[kind], label_smoothing=_eps_for(kind))  # reverse_kl stays allowed
 
 
 def test_alpha_divergence_near_one_is_reverse_kl():

@@ -100,7 +100,8 @@ def prepare_dataset(path: str | Path, split: str, tokenizer: Any,
                 raise DataError(f"{file}: --train-on completion needs prompt/completion or "
                                 "messages data; this file is text (use --train-on auto or "
                                 "all)", source=file)
-        examples.append(tokenize_record(record, record_format, tokenizer, train_on, max_length))
+        examples.append(tokenize_record(record, record_format, tokenizer, train_on, max_length,
+                                        bool(getattr(cfg, "train_after_eot", False))))
 
     skipped, messages = validate_records(records, handle, skip_invalid)
     if not examples:

@@ -44,6 +44,7 @@ Rules counted by ``--skip-invalid``: those of :mod:`.formats` (``invalid_json``,
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import sys
 from dataclasses import dataclass
@@ -78,6 +79,10 @@ class PromptResponse:
     prompt_length: int  # input_ids[:prompt_length] are prompt tokens
     truncated: bool = False
     prompt_truncated: bool = False
+    # the response tokens (and mask) cut off at max_length, kept for KTO's KL rows, which pair
+    # this response with another prompt and cut the pair once (empty when nothing was cut)
+    cut_ids: list[int] = dataclasses.field(default_factory=list)
+    cut_mask: list[int] = dataclasses.field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -93,6 +98,10 @@ class PromptResponse:
     @property
     def response_mask(self) -> list[int]:
         return self.loss_mask[self.prompt_length:]
+
+    def whole_response(self) -> tuple[list[int], list[int]]:
+        """The response's ids and loss mask before this row was cut to ``max_length``."""
+        return self.response_ids + self.cut_ids, self.response_mask + self.cut_mask
 
 
 @dataclass(slots=True)
@@ -189,6 +198,7 @@ def prepare_preference_dataset(path: str | Path, split: str, tokenizer: Any, cfg
         raise DataError(f"--max-prompt-length={max_prompt}: must be in [1, --max-length "
                         f"{max_length}) so that a response token fits")
     skip_invalid = bool(getattr(cfg, "skip_invalid", False))
+    after_eot = bool(getattr(cfg, "train_after_eot", False))
     records = load_split(path, split)
     if records is None:
         return None
@@ -205,7 +215,8 @@ def prepare_preference_dataset(path: str | Path, split: str, tokenizer: Any, cfg
             fmt, first_source = record_format, record.source
         sides = split_record(record, record_format)
         seqs = [_tokenize_side(record, name, prompt, response, record_format, tokenizer,
-                               max_length, max_prompt) for name, prompt, response in sides]
+                               max_length, max_prompt, after_eot)
+                for name, prompt, response in sides]
         if record_format in UNPAIRED_FORMATS:
             unpaired.append(UnpairedExample(seqs[0], record.data["label"], record.source))
         else:
@@ -250,11 +261,12 @@ def _sequences(example: PreferenceExample | UnpairedExample) -> tuple[PromptResp
 
 
 def _tokenize_side(record: Record, side: str, prompt: Any, response: Any, fmt: str,
-                   tokenizer: Any, max_length: int, max_prompt: int | None) -> PromptResponse:
+                   tokenizer: Any, max_length: int, max_prompt: int | None,
+                   after_eot: bool = False) -> PromptResponse:
     extras = {k: record.data[k] for k in CHAT_EXTRAS if k in record.data}
     view = Record(record.file, record.line, {"prompt": prompt, "completion": response, **extras})
     sft_fmt = CHAT_PROMPT_COMPLETION if fmt in CHAT else PROMPT_COMPLETION
-    example = tokenize_record(view, sft_fmt, tokenizer, "completion", sys.maxsize)
+    example = tokenize_record(view, sft_fmt, tokenizer, "completion", sys.maxsize, after_eot)
     ids, mask = example.input_ids, example.loss_mask
     if sft_fmt == PROMPT_COMPLETION:
         n_prompt = len(tokenizer(prompt)["input_ids"])
@@ -266,6 +278,7 @@ def _tokenize_side(record: Record, side: str, prompt: Any, response: Any, fmt: s
         cut = n_prompt - max_prompt
         ids, mask, n_prompt = ids[cut:], mask[cut:], max_prompt
     truncated = len(ids) > max_length
+    cut_ids, cut_mask = ids[max(max_length, n_prompt):], mask[max(max_length, n_prompt):]
     if truncated:
         ids, mask = ids[:max_length], mask[:max_length]
         n_prompt = min(n_prompt, max_length)
@@ -277,7 +290,7 @@ def _tokenize_side(record: Record, side: str, prompt: Any, response: Any, fmt: s
                           f"response {n_tokens - n_prompt_tokens} tokens); raise --max-length"
                           f"{' or lower --max-prompt-length' if max_prompt else ''}, or shorten "
                           "the prompt")
-    return PromptResponse(ids, mask, n_prompt, truncated, prompt_truncated)
+    return PromptResponse(ids, mask, n_prompt, truncated, prompt_truncated, cut_ids, cut_mask)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,15 +20,23 @@ Unpaired layout (``collate_unpaired``, KTO), for B examples: the four arrays and
 ``z = mean_i log pi(y'_i|x_i) / ref(y'_i|x_i)``, mismatched pairs
 
     kl_input_ids / kl_targets / kl_loss_mask / kl_segment_ids / kl_prompt_mask  [B, T']
-    row i = prompt_i + completion_{(i + 1) mod B}
+    row i = prompt_i + completion_{(i + offset) mod B}
 
-(TRL rotates the other way, ``y_{i-1}``; any derangement gives the same estimator). A KL row
-longer than ``max_length`` keeps its first ``max_length`` tokens, like every other row. With
-B = 1 the only partner is the example's own completion, which turns z into the matched reward;
-``collate_unpaired`` refuses it, and :class:`PreferenceBatchPlan` never builds such a batch: it
-requires ``batch_size >= 2`` and folds a trailing one-example batch into the batch before it
-(that batch then has ``batch_size + 1`` rows). ``kl=False`` (``apo_zero_unpaired``) drops the KL
-arrays and the restriction.
+``kl_pairing`` (KTO's ``--kl-pairing``) chooses the pairs:
+
+- ``shuffled`` (default): the examples are reshuffled every epoch and each prompt takes the NEXT
+  example's completion (offset +1), so the mismatched pairs change from epoch to epoch;
+- ``sequential`` (TRL): the examples stay in data-set order every epoch (for data unpaired from
+  pairs: every desirable example first, then every undesirable one) and each prompt takes the
+  PREVIOUS example's completion (offset -1), the same pairs every epoch.
+
+A KL row is ``prompt_i`` + the WHOLE completion of its partner, as tokenised before that
+completion's own row was cut to ``max_length``, cut once to ``max_length`` (keep start), as TRL
+cuts it. With B = 1 the only partner is the example's own completion, which turns z into the
+matched reward; ``collate_unpaired`` refuses it, and :class:`PreferenceBatchPlan` never builds
+such a batch: it requires ``batch_size >= 2`` and folds a trailing one-example batch into the
+batch before it (that batch then has ``batch_size + 1`` rows; TRL would pair that example with
+itself). ``kl=False`` (``apo_zero_unpaired``) drops the KL arrays and the restriction.
 """
 
 from __future__ import annotations
@@ -40,12 +48,15 @@ import numpy as np
 from .batching import Batch, epoch_rng
 from .preference import PreferenceExample, PromptResponse, UnpairedExample
 
+KL_PAIRINGS = ("shuffled", "sequential")
+
 
 class PreferenceBatchPlan:
     """Micro-batches of a :class:`.preference.PreferenceDataset`, epoch by epoch."""
 
     def __init__(self, dataset: Any, batch_size: int, max_length: int, seed: int = 0,
-                 shuffle: bool = True, packing: bool = False, kl: bool = True):
+                 shuffle: bool = True, packing: bool = False, kl: bool = True,
+                 kl_pairing: str = "shuffled"):
         if packing:
             raise ValueError("--packing is not supported for preference data (chosen and "
                              "rejected rows are padded side by side); drop --packing")
@@ -55,8 +66,11 @@ class PreferenceBatchPlan:
         self.batch_size = batch_size
         self.max_length = max_length
         self.seed = seed
-        self.shuffle = shuffle
+        if kl_pairing not in KL_PAIRINGS:
+            raise ValueError(f"kl_pairing must be one of {', '.join(KL_PAIRINGS)}, got {kl_pairing!r}")
         self.kl = kl and dataset.kind == "unpaired"
+        self.kl_offset = -1 if self.kl and kl_pairing == "sequential" else 1
+        self.shuffle = shuffle and not (self.kl and kl_pairing == "sequential")
         if self.kl and batch_size < 2:
             raise ValueError(f"--batch-size={batch_size}: KTO's KL estimate pairs each prompt "
                              "with another example's completion, so a micro-batch needs >= 2 "
@@ -88,14 +102,17 @@ class PreferenceBatchPlan:
     def collate(self, batch: Batch) -> dict[str, np.ndarray]:
         if self.dataset.kind == "paired":
             return collate_paired(self.dataset, batch)
-        return collate_unpaired(self.dataset, batch, kl=self.kl, max_length=self.max_length)
+        return collate_unpaired(self.dataset, batch, kl=self.kl, max_length=self.max_length,
+                                offset=self.kl_offset)
 
     def kl_rows(self, batches: list[Batch]) -> dict[str, np.ndarray]:
         """The mismatched rows of a whole optimiser step: every example of ``batches`` in
-        order, each prompt with the next example's completion (rotating over the step), as the
-        four arrays of :func:`_rows`."""
+        order, each prompt with the completion ``kl_offset`` places on (rotating over the whole
+        step, so gradient accumulation does not change the pairs), as the arrays of
+        :func:`_rows`."""
         step = Batch(tuple(row for b in batches for row in b.rows))
-        arrays = collate_unpaired(self.dataset, step, kl=True, max_length=self.max_length)
+        arrays = collate_unpaired(self.dataset, step, kl=True, max_length=self.max_length,
+                                  offset=self.kl_offset)
         return {k[len("kl_"):]: v for k, v in arrays.items() if k.startswith("kl_")}
 
 
@@ -105,9 +122,10 @@ def collate_paired(dataset: Any, batch: Batch) -> dict[str, np.ndarray]:
     return _rows([p.chosen for p in pairs] + [p.rejected for p in pairs], dataset.pad_id)
 
 
-def collate_unpaired(dataset: Any, batch: Batch, kl: bool = True,
-                     max_length: int | None = None) -> dict[str, np.ndarray]:
-    """``[B, T]`` arrays, ``label`` ``[B]`` and (``kl``) the mismatched ``kl_*`` arrays."""
+def collate_unpaired(dataset: Any, batch: Batch, kl: bool = True, max_length: int | None = None,
+                     offset: int = 1) -> dict[str, np.ndarray]:
+    """``[B, T]`` arrays, ``label`` ``[B]`` and (``kl``) the mismatched ``kl_*`` arrays, row i
+    pairing prompt i with completion ``(i + offset) mod B``."""
     examples: list[UnpairedExample] = [dataset.examples[i] for i in batch.indices]
     seqs = [e.sequence for e in examples]
     arrays = _rows(seqs, dataset.pad_id)
@@ -117,7 +135,7 @@ def collate_unpaired(dataset: Any, batch: Batch, kl: bool = True,
             raise ValueError("KTO's KL estimate needs >= 2 examples per micro-batch (with one, "
                              "the mismatched completion would be its own); got 1")
         limit = max_length or dataset.max_length
-        mismatched = [kl_sequence(seqs[i], seqs[(i + 1) % len(seqs)], limit)
+        mismatched = [kl_sequence(seqs[i], seqs[(i + offset) % len(seqs)], limit)
                       for i in range(len(seqs))]
         arrays.update({f"kl_{k}": v for k, v in _rows(mismatched, dataset.pad_id).items()})
     return arrays
@@ -125,9 +143,11 @@ def collate_unpaired(dataset: Any, batch: Batch, kl: bool = True,
 
 def kl_sequence(prompt_of: PromptResponse, completion_of: PromptResponse,
                 max_length: int) -> PromptResponse:
-    """``prompt_of``'s prompt tokens + ``completion_of``'s response tokens, keep-start cut."""
-    ids = (prompt_of.prompt_ids + completion_of.response_ids)[:max_length]
-    mask = ([0] * prompt_of.prompt_length + completion_of.response_mask)[:max_length]
+    """``prompt_of``'s prompt tokens + ``completion_of``'s whole response (before its own row was
+    cut), cut once to ``max_length`` (keep start)."""
+    response_ids, response_mask = completion_of.whole_response()
+    ids = (prompt_of.prompt_ids + response_ids)[:max_length]
+    mask = ([0] * prompt_of.prompt_length + response_mask)[:max_length]
     if mask:
         mask[0] = 0
     return PromptResponse(ids, mask, min(prompt_of.prompt_length, max_length))
@@ -151,4 +171,4 @@ def _rows(seqs: list[PromptResponse], pad: int) -> dict[str, np.ndarray]:
             "segment_ids": segment_ids, "prompt_mask": prompt_mask}
 
 
-__all__ = ["PreferenceBatchPlan", "collate_paired", "collate_unpaired", "kl_sequence"]
+__all__ = ["KL_PAIRINGS", "PreferenceBatchPlan", "collate_paired", "collate_unpaired", "kl_sequence"]

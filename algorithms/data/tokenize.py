@@ -20,7 +20,8 @@ Assistant spans are found on the rendered STRING: turn ``i`` spans characters
 ``[len(render(m[:i], add_generation_prompt=True)), len(render(m[:i+1])))``, and both renderings
 must be prefixes of the full rendering (else the template is not prefix-stable and we refuse to
 guess). Whitespace the template writes after the end-of-turn token (the eos or another special
-token) is not trained; the end-of-turn token is. A token is trained iff its character offsets
+token) is not trained; the end-of-turn token is (``after_eot=True``, ``--train-after-eot``: that
+whitespace is trained too, as TRL does). A token is trained iff its character offsets
 overlap a trained span (so a token that merges the prompt's trailing space with the first word of
 the reply is trained).
 
@@ -58,7 +59,7 @@ class Example:
 
 
 def tokenize_record(record: Record, fmt: str, tokenizer: Any, train_on: str,
-                    max_length: int) -> Example:
+                    max_length: int, after_eot: bool = False) -> Example:
     """Tokenise one validated record of format ``fmt`` and build its loss mask (see module doc)."""
     data = record.data
     if fmt == TEXT:
@@ -70,7 +71,7 @@ def tokenize_record(record: Record, fmt: str, tokenizer: Any, train_on: str,
         ids = prompt + completion
         mask = [int(train_on == "all")] * len(prompt) + [1] * len(completion)
     elif fmt in (CHAT_PROMPT_COMPLETION, MESSAGES):
-        ids, mask = _tokenize_chat(record, fmt, tokenizer, train_on)
+        ids, mask = _tokenize_chat(record, fmt, tokenizer, train_on, after_eot)
     else:  # pragma: no cover - formats.detect_format returns one of the four
         raise ValueError(fmt)
     if mask:
@@ -97,8 +98,10 @@ def render_chat(tokenizer: Any, messages: list, tools: list | None, kwargs: dict
                                          add_generation_prompt=add_generation_prompt, **extra)
 
 
-def chat_spans(record: Record, fmt: str, tokenizer: Any) -> tuple[str, list[tuple[int, int]]]:
-    """The full rendering of a chat example and the character spans that carry loss."""
+def chat_spans(record: Record, fmt: str, tokenizer: Any,
+               after_eot: bool = False) -> tuple[str, list[tuple[int, int]]]:
+    """The full rendering of a chat example and the character spans that carry loss (with
+    ``after_eot``, each span keeps the whitespace written after its end-of-turn token)."""
     messages = _conversation(record, fmt)
     if fmt == MESSAGES:
         turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
@@ -118,7 +121,8 @@ def chat_spans(record: Record, fmt: str, tokenizer: Any) -> tuple[str, list[tupl
                     "of rendering the whole conversation, so the assistant tokens cannot be "
                     "located; use a template that renders earlier turns identically (or "
                     "--train-on all)"))
-        spans.append((len(before), _trim_after_eos(full, len(before), len(after), tokenizer)))
+        end = len(after) if after_eot else _trim_after_eos(full, len(before), len(after), tokenizer)
+        spans.append((len(before), end))
     return full, spans
 
 
@@ -152,8 +156,8 @@ def _trim_after_eos(full: str, start: int, end: int, tokenizer: Any) -> int:
     return end
 
 
-def _tokenize_chat(record: Record, fmt: str, tokenizer: Any,
-                   train_on: str) -> tuple[list[int], list[int]]:
+def _tokenize_chat(record: Record, fmt: str, tokenizer: Any, train_on: str,
+                   after_eot: bool = False) -> tuple[list[int], list[int]]:
     if not getattr(tokenizer, "chat_template", None):
         raise DataError(f"{record.file}: {fmt} data needs a tokenizer with a chat template; this "
                         "tokenizer has none (use text or prompt/completion strings)",
@@ -162,7 +166,7 @@ def _tokenize_chat(record: Record, fmt: str, tokenizer: Any,
         full = _render(record, tokenizer, _conversation(record, fmt), False)
         spans = [(0, len(full))]
     else:
-        full, spans = chat_spans(record, fmt, tokenizer)
+        full, spans = chat_spans(record, fmt, tokenizer, after_eot)
     try:
         enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     except NotImplementedError:

@@ -3,10 +3,15 @@
 Sequence log-probs are masked sums: ``logp_c``, ``logp_r`` (policy), ``ref_c``, ``ref_r``
 (reference; 0 when ``reference_free``), log-ratios ``rho = logp - ref``. With ``ld_alpha < 1``
 (LD-DPO, arXiv 2409.06411) the tokens past ``min(|y_c|, |y_r|)`` count ``ld_alpha`` times, for
-policy and reference alike. The f-divergence score ``s(rho)`` (``f_divergence_type``) is
-``rho`` (reverse_kl), ``-exp(-rho)`` (forward_kl), ``log sigma(rho)`` (js_divergence) or
-``exp((a - 1) rho) / (a - 1)`` (alpha_divergence, exponent clamped at 80; ``a ~ 1`` gives
-``rho``). ``Delta = s_c - s_r``, ``z = beta * Delta``, ``eps = label_smoothing``. Per pair:
+policy and reference alike. The f-divergence score ``s(rho) = f'(exp(rho))``
+(``f_divergence_type``, Wang et al. 2023) is ``rho`` (reverse_kl), ``1 - exp(-rho)``
+(forward_kl), ``log 2 + log sigma(rho)`` (js_divergence) or ``(exp((a - 1) rho) - 1) / (a - 1)``
+(alpha_divergence, exponent clamped at 80; ``a ~ 1`` gives ``rho``): each is 0 at the reference
+(``rho = 0``). The shift cancels in ``s_c - s_r`` but not after ipo's or sigmoid_norm's division
+by the lengths. The losses that use the raw log-ratio or score each side alone (nca_pair,
+bco_pair, sppo_hard, aot, aot_unpaired, apo_zero, apo_down) refuse an f-divergence other than
+reverse_kl, as TRL does. ``Delta = s_c - s_r``, ``z = beta * Delta``, ``eps = label_smoothing``.
+Per pair:
 
 - sigmoid: ``-log sigma(z)``;  hinge (SLiC): ``relu(1 - z)``
 - ipo: ``(s_c / |y_c| - s_r / |y_r| - 1 / (2 beta))^2`` (beta is IPO's tau)
@@ -57,6 +62,10 @@ LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust", "exo_pair", "nca_pair", "bco_
               "sigmoid_norm", "sft")
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 SMOOTHED = {"robust", "exo_pair", "aot", "aot_unpaired"}
+# the loss types built on the f-divergence score of the pair difference (TRL accepts an
+# f-divergence other than reverse_kl with these only)
+F_DIVERGENCE_LOSSES = {"sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop",
+                       "sft"}
 NEEDS_REFERENCE = {"aot", "aot_unpaired", "apo_zero", "apo_down"}
 
 
@@ -75,12 +84,13 @@ class Pairs(NamedTuple):
 
 
 def f_score(ops: Any, rho: Any, kind: str, alpha: float) -> Any:
+    """``f'(exp(rho))`` of the chosen f-divergence: 0 at ``rho = 0`` for every kind."""
     if kind == "forward_kl":
-        return -ops.exp(-rho)
+        return 1.0 - ops.exp(-rho)
     if kind == "js_divergence":
-        return ops.log_sigmoid(rho)
+        return math.log(2.0) + ops.log_sigmoid(rho)
     if kind == "alpha_divergence" and abs(alpha - 1.0) > 1e-6:
-        return ops.exp(ops.clip((alpha - 1.0) * rho, None, 80.0)) / (alpha - 1.0)
+        return (ops.exp(ops.clip((alpha - 1.0) * rho, None, 80.0)) - 1.0) / (alpha - 1.0)
     return rho
 
 
@@ -248,6 +258,11 @@ class DPOConfig(ReferenceConfig):
             _bad("discopop_tau", self.discopop_tau, "must be > 0")
         if self.f_alpha_divergence_coef <= 0:
             _bad("f_alpha_divergence_coef", self.f_alpha_divergence_coef, "must be > 0")
+        raw = sorted(set(self.loss_type) - F_DIVERGENCE_LOSSES)
+        if self.f_divergence_type != "reverse_kl" and raw:
+            _bad("f_divergence_type", self.f_divergence_type,
+                 f"works with loss types {', '.join(sorted(F_DIVERGENCE_LOSSES))}; "
+                 f"{', '.join(raw)} use the log-ratios themselves (drop --f-divergence-type)")
         if self.use_weighting and {"aot", "aot_unpaired"} & set(self.loss_type):
             _bad("use_weighting", True, "is not supported with aot / aot_unpaired")
         anchored = NEEDS_REFERENCE.intersection(self.loss_type)

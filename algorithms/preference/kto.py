@@ -22,6 +22,7 @@ from typing import Any
 
 from ..backend import Loss, logps_loss
 from ..config import _bad, field
+from ..data.preference_batching import KL_PAIRINGS
 from .common import check_beta, sequence_logps
 from .config import ReferenceConfig
 
@@ -83,6 +84,10 @@ class KTOConfig(ReferenceConfig):
     desirable_weight: float = field(1.0, "lambda_D, weight of desirable completions' loss")
     undesirable_weight: float = field(1.0, "lambda_U, weight of undesirable completions' loss")
     loss_type: str = field("kto", "kto; apo_zero_unpaired (no KL estimate)", KTO_LOSS_TYPES)
+    kl_pairing: str = field(
+        "shuffled", "the mismatched pairs of the KL estimate: shuffled = data reshuffled every "
+        "epoch, each prompt with the next example's completion; sequential = TRL: data in file "
+        "order every epoch, each prompt with the previous example's completion", KL_PAIRINGS)
 
     def validate(self) -> None:
         super().validate()

@@ -84,6 +84,9 @@ class OnlineConfig(TrainConfig):
     epsilon_high: float = field(
         0.0, "upper clip: the ratio is clipped above at 1 + epsilon_high (DAPO clip-higher); "
              "0 = same as --epsilon")
+    use_bias_correction_kl: bool = field(
+        False, "multiply the k3 KL term by the importance ratio (DeepSeek-V3.2: an unbiased "
+        "reverse-KL gradient; TRL's default); off = DeepSeekMath's plain k3 term")
     delta: float = field(
         0.0, "INTELLECT-2 two-sided clipping: cap the unclipped ratio at delta (must be > 1 + "
              "epsilon_high; the paper uses 4); 0 = off")

@@ -28,7 +28,9 @@ eps_hi = ``effective_epsilon_high``::
     l_t = -min(min(w, delta) A, clip(w, 1 - eps_lo, 1 + eps_hi) A)   (clipped; delta if > 0)
         = -min(w, delta) A                                           (--no-clip-policy-ratio)
     l_t *= entropy_mask_t                                   (top_entropy_quantile < 1)
-    l_t += beta kl_t(logp, ref)                             (KL in the loss: k1, k2 or k3)
+    l_t += beta kl_t(logp, ref)                             (KL in the loss: k1, k2 or k3;
+                                                             times w with
+                                                             use_bias_correction_kl)
     l_t -= entropy_coef H_t                                 (entropy bonus)
 
 with ``d = logp - ref``: k1 ``d``, k2 ``d^2 / 2``, k3 ``exp(-d) + d - 1`` (its gradient
@@ -166,6 +168,8 @@ def policy_loss(ops: Any, per_token_logps: Any, batch: dict, cfg: OnlineConfig,
             raise KeyError("a KL loss term needs batch['ref_per_token_logps'] (reference "
                            "log-probs); set --beta 0 to train without it")
         kl = kl_term(ops, per_token_logps, batch["ref_per_token_logps"], mask, cfg.kl_estimator)
+        if cfg.use_bias_correction_kl:  # DeepSeek-V3.2: the KL gradient unbiased off-policy
+            kl = kl * w
         per_token_loss = per_token_loss + cfg.beta * kl
     if cfg.entropy_coef > 0:
         per_token_loss = per_token_loss - cfg.entropy_coef * entropy
