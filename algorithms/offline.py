@@ -98,6 +98,27 @@ def _trim(chunk: dict) -> dict:
     return {k: v[:, :width] for k, v in chunk.items()}
 
 
+def with_chosen_items(make_prepare: Callable | None = None) -> Callable:
+    """``make_prepare`` for paired data: the algorithm's own hook (if any), then the step's
+    count of chosen-response NLL tokens, ``num_chosen_items``, which the NLL terms (DPO's
+    ``sft``, CPO's, ORPO's) divide by so that micro-batches sum to the step's token mean."""
+
+    def make(cfg: Any, backend: Any, data: PreparedData, model_path: Path) -> Prepare:
+        inner = make_prepare(cfg, backend, data, model_path) if make_prepare else None
+
+        def prepare(backend: Any, arrays: list[dict], batches: list, plan: Any) -> None:
+            if inner is not None:
+                inner(backend, arrays, batches, plan)
+            chosen = sum(float(a.get("nll_loss_mask", a["loss_mask"])[:len(a["loss_mask"]) // 2]
+                               .sum()) for a in arrays)
+            for a in arrays:
+                a["num_chosen_items"] = np.float32(max(chosen, 1.0))
+
+        return prepare
+
+    return make
+
+
 def orpo_prepare(cfg: Any, backend: Any, data: PreparedData, model_path: Path) -> Prepare | None:
     """``make_prepare`` of ORPO: with ``--nll-include-prompt`` the NLL term covers prompt +
     chosen tokens (``nll_loss_mask``); None otherwise."""

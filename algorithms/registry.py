@@ -56,15 +56,9 @@ def online_loop(algo: Algorithm, cfg: Any, backend: Any, data: Any, run_dir: Pat
     return train(cfg, backend, algo.make_loss(cfg), data, run_dir)
 
 
-def micro_fraction_scaled(make_loss: Callable[[Any], Loss]) -> Callable[[Any], Loss]:
-    """For losses that average over the sequences / pairs of their micro-batch: scale by the
-    micro-batch's share of the step, so accumulated micro-batches sum to the step's mean."""
-    return lambda cfg: make_loss(cfg).scaled("micro_fraction")
-
-
 def algorithms() -> dict[str, Algorithm]:
     from . import sft
-    from .offline import data_preparer, orpo_prepare, reference_prepare
+    from .offline import data_preparer, orpo_prepare, reference_prepare, with_chosen_items
     from .preference import cpo, dpo, kto, orpo
     from .rl import data as rl_data
     from .rl import policy_loss, presets
@@ -80,8 +74,10 @@ def algorithms() -> dict[str, Algorithm]:
 
     def preference(name: str, config_cls: type, module: Any, summary: str,
                    prepare_data: Callable = paired, make_prepare: Callable | None = None):
-        return offline(name, config_cls, summary, micro_fraction_scaled(module.make_loss),
-                       prepare_data, "rows", make_prepare)
+        if prepare_data is paired:  # NLL terms divide by the step's chosen tokens
+            make_prepare = with_chosen_items(make_prepare)
+        return offline(name, config_cls, summary, module.make_loss, prepare_data, "rows",
+                       make_prepare)
 
     def online(name: str, config_cls: type, summary: str):
         return Algorithm(name=name, config_cls=config_cls, summary=summary,

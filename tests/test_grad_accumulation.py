@@ -5,7 +5,9 @@ generation batch). Regression: a loss whose micro-batch share (``micro_fraction`
 denominator (``num_items``) is wrong gives ~4x the update with 4 micro-batches and fails here.
 
 KTO's KL estimate needs two examples per micro-batch, so its ``kto`` loss is checked as 2 x 2
-against 1 x 4 (the estimate is taken over the whole step); ``apo_zero_unpaired`` as 4 x 1.
+against 1 x 4 (the estimate is taken over the whole step); ``apo_zero_unpaired`` as 4 x 1. Not
+covered, by nature: ``aot`` (it sorts within the micro-batch), ``bnpo`` (a token mean per
+micro-batch, as TRL), WPO with the ``sft`` term (the micro-batch's mean pair weight).
 """
 
 from __future__ import annotations
@@ -75,8 +77,9 @@ def _compare(a, b):
 OFFLINE = {
     "sft": ("mlx", "sft.jsonl", [], (1, 4)),
     "dpo": ("torch", "pairs.jsonl", [], (1, 4)),
-    "dpo_wpo_mpo": ("mlx", "pairs.jsonl", ["--loss-type", "sigmoid", "sft", "--use-weighting"],
+    "dpo_wpo_mpo": ("mlx", "pairs.jsonl", ["--loss-type", "sigmoid", "ipo", "--use-weighting"],
                     (1, 4)),
+    "dpo_rpo": ("torch", "pairs.jsonl", ["--loss-type", "sigmoid", "sft"], (1, 4)),
     "cpo": ("torch", "pairs.jsonl", [], (1, 4)),
     "simpo": ("mlx", "pairs.jsonl", [], (1, 4)),
     "orpo": ("torch", "pairs.jsonl", ["--nll-include-prompt"], (1, 4)),

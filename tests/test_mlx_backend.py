@@ -82,6 +82,36 @@ def test_qlora_on_a_quantised_model(tiny_llama_dir, tokenizer, tmp_path):
     assert set(after) == set(before) and all(k.endswith(("lora_A", "lora_B")) for k in after)
 
 
+def test_value_head_on_a_quantised_model(tiny_llama_dir, tokenizer, tmp_path):
+    """QLoRA + PPO: the value head reads the hidden size from the config (the quantised
+    output weight is packed) and trains with the adapters."""
+    from mlx import nn
+    from mlx_lm.utils import load_model, save_config, save_model
+    from test_backend_conformance import sft_and_value_loss
+
+    from algorithms.rl.presets import PPOConfig
+
+    quantised = tmp_path / "q4"
+    shutil.copytree(tiny_llama_dir, quantised)
+    model, config = load_model(quantised)
+    nn.quantize(model, group_size=32, bits=4)
+    save_model(quantised, model)
+    save_config({**config, "quantization": {"group_size": 32, "bits": 4}}, quantised / "config.json")
+    cfg = PPOConfig(data="unused", reward=["r"], max_completion_length=8, logprob_chunk_size=7,
+                    seed=3)
+    be = MLXBackend(cfg, quantised, tokenizer)
+    assert isinstance(be.model.layers[0].self_attn.q_proj.linear, nn.QuantizedLinear)
+    batch = _batch(np.random.default_rng(9), b=2)
+    values = be.forward(batch, ("values",))["values"]
+    assert values.shape == (2, 12) and np.abs(values).max() > 0
+    before = be.trainable_parameters()
+    for _ in range(2):
+        be.forward_backward(batch, sft_and_value_loss())
+        be.optimizer_step(1e-2, 1.0)
+    after = be.trainable_parameters()
+    assert not np.array_equal(before["v_head.weight"], after["v_head.weight"])
+
+
 def test_openblas_is_loaded_before_mlx_when_present():
     import os
     import subprocess

@@ -97,7 +97,7 @@ def trl_side(model_dir, tmp_path, loss_type, level, corrected):
 def our_side(backend_name, model_dir, batch, loss_type, level, corrected):
     from algorithms.cli import load_tokenizer
     from algorithms.rl import policy_loss
-    from algorithms.rl.config import GRPOConfig
+    from algorithms.rl.presets import GRPOConfig
 
     cfg = GRPOConfig(data="unused", fine_tune_type="full", dtype="float32", beta=BETA,
                      epsilon=EPS, epsilon_high=EPS_HIGH, loss_type=loss_type,

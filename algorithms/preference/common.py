@@ -7,6 +7,11 @@ is present when the algorithm uses a reference model.
 
 Every division by a length uses ``max(length, 1)``, so an all-masked row gives a sequence
 log-prob of 0 (and a finite loss and gradient) instead of NaN.
+
+Losses aggregate over the optimiser step, not the micro-batch: a mean over pairs is scaled by
+``micro_fraction`` (:func:`pair_share`), a token-mean NLL divides by the step's token count
+(:func:`step_nll`), so gradient accumulation changes nothing. Batches without those keys (a
+loss called on hand-made arrays) are one whole step.
 """
 
 from __future__ import annotations
@@ -49,6 +54,22 @@ def ld_token_weights(ops: Any, mask_c: Any, mask_r: Any, ld_alpha: float) -> tup
 def masked_nll(ops: Any, per_token_logps: Any, mask: Any) -> Any:
     """Token-mean negative log-likelihood over the masked tokens of the given rows."""
     return -ops.sum(per_token_logps * mask) / ops.maximum(ops.sum(mask), 1.0)
+
+
+def step_nll(ops: Any, per_token_logps: Any, mask: Any, batch: dict) -> Any:
+    """This micro-batch's part of the token-mean NLL over the whole optimiser step: its masked
+    NLL sum divided by ``batch["num_chosen_items"]`` (the step's chosen-response tokens, set by
+    the loop), so the micro-batches of a step sum to the step's token mean; without that key,
+    this micro-batch's own token mean."""
+    if "num_chosen_items" in batch:
+        return -ops.sum(per_token_logps * mask) / batch["num_chosen_items"]
+    return masked_nll(ops, per_token_logps, mask)
+
+
+def pair_share(batch: dict) -> Any:
+    """The factor that turns a mean over this micro-batch's pairs (or rows) into its part of
+    the step's mean: ``micro_fraction`` (1 when the batch is the whole step)."""
+    return batch.get("micro_fraction", 1.0)
 
 
 def log1mexp(ops: Any, x: Any) -> Any:

@@ -27,8 +27,10 @@ from .common import (
     check_label_smoothing,
     masked_nll,
     pair_metrics,
+    pair_share,
     sequence_logps,
     split_pairs,
+    step_nll,
 )
 from .config import PreferenceConfig
 
@@ -65,7 +67,10 @@ def cpo_loss(ops: Any, per_token_logps: Any, batch: dict, *, loss_type: str, bet
     nll = masked_nll(ops, lp_c, mask_c)
     metrics = {f"loss/{loss_type}": ops.stop_gradient(pref), "loss/nll": ops.stop_gradient(nll)}
     metrics.update(pair_metrics(ops, beta * pi_c, beta * pi_r, logps_c, logps_r))
-    return pref + cpo_alpha * nll, metrics
+    loss = pref * pair_share(batch)
+    if cpo_alpha:
+        loss = loss + cpo_alpha * step_nll(ops, lp_c, mask_c, batch)
+    return loss, metrics
 
 
 @dataclasses.dataclass

@@ -31,7 +31,10 @@ Per pair:
 - sigmoid_norm: ``-log sigma(beta (s_c / |y_c| - s_r / |y_r|))`` (Tulu-3)
 - sft: token-mean NLL of the chosen responses over the batch (with sigmoid: RPO)
 
-``L = sum_k w_k * mean_pairs(l_k)`` (``loss_weights``, MPO). With ``use_weighting`` (WPO,
+``L = sum_k w_k * mean_pairs(l_k)`` (``loss_weights``, MPO), each pair mean scaled by the
+micro-batch's share of the step and the ``sft`` term a token mean over the step's chosen tokens
+(``common.pair_share``, ``common.step_nll``); under WPO the ``sft`` term is weighted by the
+micro-batch's mean pair weight. With ``use_weighting`` (WPO,
 arXiv 2406.11827) every ``l`` is multiplied by the detached ``w_c * w_r``,
 ``w = exp(mean_t[log p_t - log sum_v p_v^2])``; the backend computes ``log sum_v p_v^2`` per
 token in the same pass as the log-probs (the ``log_sum_sq`` model output, [2B, T]).
@@ -52,8 +55,10 @@ from .common import (
     lengths,
     masked_nll,
     pair_metrics,
+    pair_share,
     sequence_logps,
     split_pairs,
+    step_nll,
 )
 from .config import ReferenceConfig
 
@@ -80,7 +85,8 @@ class Pairs(NamedTuple):
     s_r: Any
     len_c: Any      # response lengths, at least 1
     len_r: Any
-    nll: Any        # scalar: token-mean NLL of the chosen responses
+    nll: Any        # scalar: token-mean NLL of the chosen responses (this micro-batch)
+    step_nll: Any   # scalar: this micro-batch's part of the step's chosen-token NLL mean
 
 
 def f_score(ops: Any, rho: Any, kind: str, alpha: float) -> Any:
@@ -162,7 +168,7 @@ def _pairs(ops: Any, per_token_logps: Any, batch: dict, cfg: DPOConfig) -> Pairs
         f_score(ops, logp_c - ref_c, cfg.f_divergence_type, alpha),
         f_score(ops, logp_r - ref_r, cfg.f_divergence_type, alpha),
         lengths(ops, mask_c), lengths(ops, mask_r),
-        masked_nll(ops, lp_c, mask_c),
+        masked_nll(ops, lp_c, mask_c), step_nll(ops, lp_c, mask_c, batch),
     )
 
 
@@ -192,7 +198,11 @@ def dpo_loss(ops: Any, per_token_logps: Any, batch: dict, cfg: DPOConfig,
             terms = terms * pair_weight
         component = ops.mean(terms)
         metrics[f"loss/{kind}"] = ops.stop_gradient(component)
-        total = total + w * component
+        if kind == "sft":  # a token mean over the step's chosen tokens
+            share = p.step_nll if pair_weight is None else p.step_nll * ops.mean(pair_weight)
+        else:
+            share = component * pair_share(batch)
+        total = total + w * share
     rho_c, rho_r = p.logp_c - p.ref_c, p.logp_r - p.ref_r
     metrics.update(pair_metrics(ops, cfg.beta * rho_c, cfg.beta * rho_r, p.logp_c, p.logp_r))
     if "bco_pair" in cfg.loss_type:

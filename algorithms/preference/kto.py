@@ -23,7 +23,7 @@ from typing import Any
 from ..backend import Loss, logps_loss
 from ..config import _bad, field
 from ..data.preference_batching import KL_PAIRINGS
-from .common import check_beta, sequence_logps
+from .common import check_beta, pair_share, sequence_logps
 from .config import ReferenceConfig
 
 KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
@@ -73,7 +73,7 @@ def kto_loss(ops: Any, per_token_logps: Any, batch: dict, *, beta: float,
         "logps/chosen": ops.sum(sg(logps) * label) / n_good,
         "logps/rejected": ops.sum(sg(logps) * (1.0 - label)) / n_bad,
     })
-    return loss, metrics
+    return loss * pair_share(batch), metrics
 
 
 @dataclasses.dataclass

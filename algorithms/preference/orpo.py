@@ -22,7 +22,16 @@ from typing import Any
 
 from ..backend import Loss, logps_loss
 from ..config import field
-from .common import check_beta, log1mexp, masked_nll, pair_metrics, sequence_logps, split_pairs
+from .common import (
+    check_beta,
+    log1mexp,
+    masked_nll,
+    pair_metrics,
+    pair_share,
+    sequence_logps,
+    split_pairs,
+    step_nll,
+)
 from .config import PreferenceConfig
 
 _MAX_MEAN_LOGP = -1e-6
@@ -40,11 +49,12 @@ def orpo_loss(ops: Any, per_token_logps: Any, batch: dict, beta: float) -> tuple
     ratio = ops.mean(ops.log_sigmoid(log_odds))
     nll_mask_c, _ = split_pairs(batch.get("nll_loss_mask", batch["loss_mask"]))
     nll = masked_nll(ops, lp_c, nll_mask_c)
+    loss = step_nll(ops, lp_c, nll_mask_c, batch) - beta * ratio * pair_share(batch)
     sg = ops.stop_gradient
     metrics = {"loss/nll": sg(nll), "loss/or": sg(-ratio), "log_odds_ratio": sg(ratio),
                "log_odds_chosen": sg(ops.mean(log_odds))}
     metrics.update(pair_metrics(ops, beta * mean_c, beta * mean_r, mean_c, mean_r))
-    return nll - beta * ratio, metrics
+    return loss, metrics
 
 
 @dataclasses.dataclass
