@@ -172,8 +172,8 @@ def test_bias_corrected_kl_weights_the_k3_term_by_the_ratio():
     # TRL 1.16 turned on DeepSeek-V3.2's importance-weighted KL by default; ours stays
     # DeepSeekMath's plain k3 term and offers the weighted one behind --use-bias-correction-kl.
     from algorithms.ops import NumpyOps
-    from algorithms.rl.presets import GRPOConfig
     from algorithms.rl.policy_loss import policy_loss
+    from algorithms.rl.presets import GRPOConfig
 
     logp = np.array([[-1.0, -2.0, -0.5]])
     batch = {"loss_mask": np.array([[1.0, 1.0, 0.0]]), "advantages": np.array([0.0]),
