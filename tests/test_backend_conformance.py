@@ -14,36 +14,14 @@ import pytest
 pytest.importorskip("mlx")
 torch = pytest.importorskip("torch")
 
+from tiny import DOC_A, DOC_B, DOC_C, DOC_D, make_batch
+
 from algorithms.backend import Loss, lora_a_init, value_head_init
 from algorithms.config import TrainConfig
 from algorithms.rl.presets import PPOConfig
 from algorithms.sft import nll_loss
 
 BACKENDS = {"mlx": "mlx_ft.backend:MLXBackend", "torch": "cuda_ft.backend:TorchBackend"}
-PAD = 0
-DOC_A = [5, 17, 100, 200, 3, 44, 255]
-DOC_B = [300, 1, 2, 7, 9, 120, 64, 33]
-DOC_C = [11, 12, 13, 14]
-DOC_D = [250, 251, 40, 41, 42, 43, 90, 91, 92]
-
-
-def make_batch(rows: list[list[list[int]]], length: int | None = None) -> dict[str, np.ndarray]:
-    """Rows of documents -> the [B, T] layout of algorithms.backend (right padding)."""
-    length = length or max(sum(len(d) for d in row) for row in rows)
-    shape = (len(rows), length)
-    batch = {"input_ids": np.full(shape, PAD, np.int32), "targets": np.full(shape, PAD, np.int32),
-             "loss_mask": np.zeros(shape, np.float32), "segment_ids": np.zeros(shape, np.int32)}
-    for b, row in enumerate(rows):
-        start = 0
-        for seg, doc in enumerate(row, start=1):
-            end = start + len(doc)
-            batch["input_ids"][b, start:end] = doc
-            batch["targets"][b, start:end - 1] = doc[1:]
-            batch["loss_mask"][b, start:end - 1] = 1.0
-            batch["segment_ids"][b, start:end] = seg
-            start = end
-    batch["num_items"] = np.float32(batch["loss_mask"].sum())
-    return batch
 
 
 def make_backend(name: str, model_dir, tokenizer, value_head: bool = False, **overrides):

@@ -58,16 +58,23 @@ def test_chunked_logps_match_full_logits_with_gradients(tiny_llama_dir, tokenize
         np.testing.assert_allclose(np.array(grad), np.array(want_grad), atol=1e-6)
 
 
-def test_qlora_on_a_quantised_model(tiny_llama_dir, tokenizer, tmp_path):
+def _quantised_copy(model_dir, out):
+    """The tiny model quantised to 4 bits (group 32) by mlx-lm, as an MLX model dir."""
     from mlx import nn
     from mlx_lm.utils import load_model, save_config, save_model
 
-    quantised = tmp_path / "q4"
-    shutil.copytree(tiny_llama_dir, quantised)
-    model, config = load_model(quantised)
+    shutil.copytree(model_dir, out)
+    model, config = load_model(out)
     nn.quantize(model, group_size=32, bits=4)
-    save_model(quantised, model)
-    save_config({**config, "quantization": {"group_size": 32, "bits": 4}}, quantised / "config.json")
+    save_model(out, model)
+    save_config({**config, "quantization": {"group_size": 32, "bits": 4}}, out / "config.json")
+    return out
+
+
+def test_qlora_on_a_quantised_model(tiny_llama_dir, tokenizer, tmp_path):
+    from mlx import nn
+
+    quantised = _quantised_copy(tiny_llama_dir, tmp_path / "q4")
 
     be = MLXBackend(_cfg(), quantised, tokenizer)
     assert isinstance(be.model.layers[0].self_attn.q_proj.linear, nn.QuantizedLinear)
@@ -86,17 +93,11 @@ def test_value_head_on_a_quantised_model(tiny_llama_dir, tokenizer, tmp_path):
     """QLoRA + PPO: the value head reads the hidden size from the config (the quantised
     output weight is packed) and trains with the adapters."""
     from mlx import nn
-    from mlx_lm.utils import load_model, save_config, save_model
     from test_backend_conformance import sft_and_value_loss
 
     from algorithms.rl.presets import PPOConfig
 
-    quantised = tmp_path / "q4"
-    shutil.copytree(tiny_llama_dir, quantised)
-    model, config = load_model(quantised)
-    nn.quantize(model, group_size=32, bits=4)
-    save_model(quantised, model)
-    save_config({**config, "quantization": {"group_size": 32, "bits": 4}}, quantised / "config.json")
+    quantised = _quantised_copy(tiny_llama_dir, tmp_path / "q4")
     cfg = PPOConfig(data="unused", reward=["r"], max_completion_length=8, logprob_chunk_size=7,
                     seed=3)
     be = MLXBackend(cfg, quantised, tokenizer)
