@@ -11,14 +11,13 @@ ours is off by default, DeepSeekMath's k3 term): the loss, the KL and clip-ratio
 gradient of every weight (torch rel 1e-5, MLX rel 1e-4; a gradient entry against its tensor's
 largest).
 
-RLOO parity (issue 11) slots in the same way, reusing ``tp.fixed_batch`` / ``tp.online_rows``:
-TRL 1.16's ``RLOOTrainer._compute_loss`` takes the same ids and masks, ``advantages`` and
-SEQUENCE-level ``old_logps`` [n] (sum over the completion), and clips one ratio per completion;
-its advantages (leave-one-out baseline over the scorable siblings, the first-order KL
-``old - ref`` summed per completion subtracted from the reward with beta) are built in
-``_generate_and_score_completions``, so an RLOO case compares our advantage function on fixed
-rewards with that formula, then the loss and gradients as here. TRL 1.16 has no PPO trainer:
-PPO parity needs a by-hand reference (or an older TRL's experimental PPO).
+RLOO: TRL 1.16's ``RLOOTrainer._compute_loss`` on the same ids, masks and advantages, with
+SEQUENCE-level ``old_logps`` [n] (sum over the completion), one clipped ratio per completion,
+against our ``rloo`` preset (``importance_sampling_level=sequence_sum``). Its advantages
+(leave-one-out over the scorable siblings, the first-order KL summed per completion subtracted
+from the reward) are pinned by hand in tests/test_rl_estimators.py. TRL 1.16 has no PPO
+trainer: PPO's losses and GAE are pinned by hand (tests/test_rl_loss_ppo.py,
+tests/test_rl_estimators.py).
 """
 
 from __future__ import annotations
@@ -155,3 +154,96 @@ def test_grpo_loss_and_gradient_match_trl(loss_type, level, corrected, backend, 
     print(f"{label}: loss {abs(ours['loss'] - trl_loss) / abs(trl_loss):.1e}, "
           f"grad {worst:.1e}")
     assert worst <= rtol, label
+
+
+# --- RLOO: TRL's RLOOTrainer._compute_loss (one clipped ratio per completion) ------------------
+
+def trl_rloo_side(model_dir, tmp_path):
+    """TRL's RLOO loss, clip metrics and gradients on the fixed batch; the sequence-level old
+    log-probs it was given ([n], the current ones + noise) and their per-token form."""
+    import logging
+    import warnings
+
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import RLOOConfig, RLOOTrainer
+
+    logging.getLogger("trl").setLevel(logging.ERROR)
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    n = len(LENGTHS)
+    args = RLOOConfig(
+        output_dir=str(tmp_path / "trl"), per_device_train_batch_size=n, num_generations=n,
+        max_completion_length=MAX_COMPLETION, temperature=TEMPERATURE, beta=0.0, epsilon=EPS,
+        epsilon_high=EPS_HIGH, use_cpu=True, bf16=False, fp16=False,
+        gradient_checkpointing=False, report_to="none", logging_steps=1, save_strategy="no",
+        seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = RLOOTrainer(model=model, args=args, processing_class=tok,
+                              reward_funcs=lambda prompts, completions, **kw: [0.0] * len(prompts),
+                              train_dataset=Dataset.from_list([{"prompt": "x"}] * n))
+    prompt, completion, mask, advantages = tp.fixed_batch(model.config.vocab_size,
+                                                          tok.pad_token_id)
+    inputs = {"prompt_ids": torch.tensor(prompt), "prompt_mask": torch.ones_like(torch.tensor(prompt)),
+              "completion_ids": torch.tensor(completion), "completion_mask": torch.tensor(mask),
+              "advantages": torch.tensor(advantages)}
+    trainer.model.train()
+    with torch.no_grad():
+        ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+        att = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+        current, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, att,
+                                                                    MAX_COMPLETION)
+    # per-token noise whose sums push ratios out of [1 - eps, 1 + eps_high] both ways
+    noise = np.random.default_rng(12).uniform(-0.25, 0.25, size=mask.shape) * mask
+    old_per_token = (current.numpy() + noise) * mask
+    inputs["old_logps"] = torch.tensor(old_per_token.sum(1), dtype=torch.float32)
+    loss = trainer._compute_loss(trainer.model, inputs)
+    loss.backward()
+    grads = {k: p.grad.detach().numpy().copy() for k, p in trainer.model.named_parameters()
+             if p.grad is not None}
+    metrics = {k: v[-1] for k, v in trainer._metrics["train"].items() if v}
+    return float(loss.detach()), metrics, grads, old_per_token.astype(np.float32)
+
+
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+def test_rloo_loss_and_gradient_match_trl(backend, tiny_llama_dir, tmp_path):
+    """Our ``rloo`` preset's loss (the whole completion's probability ratio, clipped, mean over
+    completions) against TRL's RLOO on the same advantages and rollout log-probs. The
+    advantages themselves (leave-one-out, KL summed in the reward) are pinned by hand in
+    tests/test_rl_estimators.py, with TRL's formula."""
+    from algorithms.cli import load_backend_class, load_tokenizer
+    from algorithms.rl import policy_loss
+    from algorithms.rl.presets import RLOOConfig
+
+    trl_loss, trl_metrics, trl_grads, old = trl_rloo_side(tiny_llama_dir, tmp_path)
+    batch = tp.online_rows(tiny_llama_dir, {"old_per_token_logps": old})
+    batch.update(temperature=np.float32(TEMPERATURE), micro_fraction=np.float32(1.0))
+    cfg = RLOOConfig(data="unused", fine_tune_type="full", dtype="float32", beta=0.0,
+                     epsilon=EPS, epsilon_high=EPS_HIGH, num_iterations=2,
+                     max_completion_length=MAX_COMPLETION, temperature=TEMPERATURE,
+                     max_length=64)
+    spec = {"torch": "cuda_ft.backend:TorchBackend", "mlx": "mlx_ft.backend:MLXBackend"}[backend]
+    if backend == "mlx":
+        pytest.importorskip("mlx")
+    model = load_backend_class(spec)(cfg, tiny_llama_dir, load_tokenizer(tiny_llama_dir))
+    ours = model.forward_backward(batch, policy_loss.make_loss(cfg))
+    if backend == "mlx":
+        from mlx.utils import tree_flatten
+
+        grads = {k: np.array(v) for k, v in tree_flatten(model._grads)}
+    else:
+        grads = {k: p.grad.numpy() for k, p in model.params.items() if p.grad is not None}
+    rtol = RTOL[backend]
+    assert trl_metrics["clip_ratio/low_mean"] > 0 and trl_metrics["clip_ratio/high_mean"] > 0
+    assert ours["loss"] == pytest.approx(trl_loss, rel=rtol)
+    # (TRL's clip ratios count completions, ours tokens: not compared)
+    clipped = ours["clip_ratio/region_mean"] * batch["loss_mask"].sum()
+    assert set(grads) == set(trl_grads)
+    worst = max(float(np.abs(grads[k] - w).max() / max(np.abs(w).max(), 1e-12))
+                for k, w in trl_grads.items())
+    print(f"rloo on {backend} vs TRL {tp.trl_version()}: loss "
+          f"{abs(ours['loss'] - trl_loss) / abs(trl_loss):.1e}, grad {worst:.1e}, "
+          f"clipped tokens {clipped:.0f}")
+    assert worst <= rtol
