@@ -18,6 +18,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from converters.cli import ArgumentParser
+
 
 class ConfigError(ValueError):
     """A flag, YAML key or value broke a rule; the message names it and the rule."""
@@ -212,7 +214,7 @@ def build_config(cls: type, argv: Sequence[str], prog: str) -> TrainConfig:
 
 
 def make_parser(cls: type, prog: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog=prog, description=(cls.__doc__ or "").strip(), allow_abbrev=False
     )
     parser.add_argument("--config", help="YAML file setting any option below; flags override it")

@@ -270,7 +270,7 @@ def fuse(base: str | Path, adapter_dir: str | Path, out: str | Path, *, fmt: str
         raise ValueError(f"--group-size {group_size}: must be one of {GROUP_SIZES}")
     from .adapters import read_adapter
 
-    check_output_dir(Path(out), force)
+    check_output_dir(Path(out), force, "fuse")
     model = read_base_model(base, fmt)
     adapter = read_adapter(adapter_dir)
     model.check_adapter(adapter)
@@ -300,7 +300,7 @@ def fuse(base: str | Path, adapter_dir: str | Path, out: str | Path, *, fmt: str
     elif new_q is not None:
         config["quantization"] = dict(new_q)
         config["quantization_config"] = dict(new_q)
-    with atomic_output_dir(out, force) as tmp:
+    with atomic_output_dir(out, force, "fuse") as tmp:
         weight_map, total = {}, 0
         for shard in model.shards:
             tensors, metadata = read_tensors(model.directory / shard)
