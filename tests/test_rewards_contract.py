@@ -341,7 +341,7 @@ def test_a_base_exception_stops_the_run_naming_the_function(make, is_async):
 def test_an_async_function_that_blocks_its_loop_times_out():
     """Regression: time.sleep in an async reward hung the run forever (the loop never woke)."""
     async def blocks(prompts, completions, **kw):
-        time.sleep(2)
+        time.sleep(2)  # noqa: ASYNC251 - the bug being tested
         return [0.0] * len(completions)
 
     start = time.perf_counter()
