@@ -23,6 +23,7 @@ import numpy as np
 
 from . import checkpoint as ckpt
 from .data import BatchPlan
+from .guards import DivergenceGuard
 from .metrics import MetricsLog
 from .schedule import learning_rate
 
@@ -121,6 +122,7 @@ def train(cfg: Any, backend: Any, loss_fn: Any, train_plan: BatchPlan,
     log = MetricsLog(run_dir, n_steps, step, cfg.progress)
     stream = micro_batch_stream(train_plan, cursor)
     window = _Window()
+    guard = DivergenceGuard(cfg)  # stops on a NaN/inf loss or a collapsed gradient
     last_loss = valid_loss = None
 
     def run_eval() -> float | None:
@@ -144,12 +146,11 @@ def train(cfg: Any, backend: Any, loss_fn: Any, train_plan: BatchPlan,
             step += 1
             last_loss = metrics["loss"]
             window.add(metrics)
-            if not math.isfinite(last_loss):
-                raise FloatingPointError(f"step {step}: loss is {last_loss}; lower --learning-rate")
             if step % cfg.log_every == 0 or step == n_steps:
                 epoch = cursor.epoch + cursor.index / train_plan.num_batches
                 record = window.flush(step, epoch, lr, grad_norm, backend.peak_memory_bytes())
                 log.write({**record, **memory_stats(backend)})
+            guard.check(step, last_loss, grad_norm)
             log.advance()
             if cfg.eval_every and step % cfg.eval_every == 0 and step < n_steps:
                 valid_loss = run_eval()
@@ -228,15 +229,7 @@ def save(cfg: Any, backend: Any, run_dir: Path, step: int, cursor: Cursor) -> No
 
 
 def resume(cfg: Any, backend: Any, run_dir: Path) -> tuple[int, Cursor]:
-    """Load the latest checkpoint into ``backend``; its step and data cursor. Refuses another
-    backend's checkpoint or a changed run-shaping setting."""
-    latest = ckpt.latest_checkpoint(run_dir)
-    if latest is None:
-        raise FileNotFoundError(f"--resume: no checkpoint under {run_dir / 'checkpoints'}")
-    state = ckpt.read_trainer_state(latest)
-    if state.get("backend") != backend.name:
-        raise ValueError(f"--resume: {latest} was written by the {state.get('backend')} backend; "
-                         f"this is the {backend.name} backend")
-    ckpt.check_resume_config(state["config"], cfg.to_dict(), latest)
-    backend.load_state(str(latest))
+    """Load the newest usable checkpoint into ``backend`` (see
+    :func:`checkpoint.resume_from_checkpoint`); its step and data cursor."""
+    state = ckpt.resume_from_checkpoint(cfg, backend, run_dir)
     return state["step"], Cursor(**state["cursor"])

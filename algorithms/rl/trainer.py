@@ -30,6 +30,7 @@ import numpy as np
 
 from .. import checkpoint as ckpt
 from ..data.dataset import pad_token_id
+from ..guards import DivergenceGuard, UnscoredGuard
 from ..loop import Cursor, TrainResult, combine, memory_stats, resume, save
 from ..metrics import MetricsLog
 from ..schedule import learning_rate
@@ -62,10 +63,12 @@ def train(cfg: Any, backend: Any, loss_fn: Any, data: Any, run_dir: Path,
     arrays: list[dict] = []
     rollout_stats: dict[str, float] = {}
     last_loss = None
+    guard, unscored = DivergenceGuard(cfg), UnscoredGuard(cfg.unscored_patience, scorer.names)
     try:
         while step < n_steps:
             if step % cfg.num_iterations == 0:
                 rollouts = generate(cfg, backend, stream, scorer, step)
+                unscored.check(step + 1, rollouts.total)
                 arrays, rollout_stats = _prepare_batches(cfg, backend, rollouts, pad_id)
                 if cfg.log_completions_every and step % cfg.log_completions_every == 0:
                     _write_completions(run_dir, step, rollouts, cfg.num_generations)
@@ -78,8 +81,6 @@ def train(cfg: Any, backend: Any, loss_fn: Any, data: Any, run_dir: Path,
             metrics["time/update"] = time.perf_counter() - start
             step += 1
             last_loss = metrics["loss"]
-            if not math.isfinite(last_loss):
-                raise FloatingPointError(f"step {step}: loss is {last_loss}; lower --learning-rate")
             window.append({**rollout_stats, **metrics, "grad_norm": grad_norm})
             rollout_stats = {}  # logged once per generation batch
             window_tokens += sum(int((a["segment_ids"] > 0).sum()) for a in arrays)
@@ -92,6 +93,9 @@ def train(cfg: Any, backend: Any, loss_fn: Any, data: Any, run_dir: Path,
                            "peak_memory_gb": backend.peak_memory_bytes() / 1e9,
                            **memory_stats(backend)})
                 window, window_start, window_tokens = [], time.perf_counter(), 0
+            # no gradient by construction: every advantage 0 and no KL term
+            guard.check(step, last_loss, grad_norm,
+                        zero_grad_expected=cfg.beta == 0 and not np.any(rollouts.advantages))
             log.advance()
             at_boundary = step % cfg.num_iterations == 0
             if data.valid is not None and cfg.eval_every and step % cfg.eval_every == 0 \
