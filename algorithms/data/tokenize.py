@@ -100,8 +100,9 @@ def render_chat(tokenizer: Any, messages: list, tools: list | None, kwargs: dict
 def chat_spans(record: Record, fmt: str, tokenizer: Any) -> tuple[str, list[tuple[int, int]]]:
     """The full rendering of a chat example and the character spans that carry loss."""
     messages = _conversation(record, fmt)
-    if fmt == MESSAGES:
-        turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    if fmt == MESSAGES:  # "weight": 0 turns are context, not trained (formats.py)
+        turns = [i for i, m in enumerate(messages)
+                 if m["role"] == "assistant" and m.get("weight", 1) != 0]
     else:
         turns = [len(record.data["prompt"])]  # one span: from the end of the prompt to the end
     full = _render(record, tokenizer, messages, False)
