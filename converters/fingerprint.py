@@ -67,3 +67,53 @@ def differences(before: dict[str, str], now: dict[str, str]) -> list[str]:
         elif before[name] != now[name]:
             out.append(f"{name} changed")
     return out
+
+
+# --- what an adapter was trained on ------------------------------------------------------------
+BASE_RECORD = "posttrain_base.json"
+ARCHITECTURE_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "intermediate_size",
+                     "num_attention_heads", "num_key_value_heads", "vocab_size")
+
+
+def _architecture(config: dict) -> dict:
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    return {k: config.get(k, text.get(k)) for k in ARCHITECTURE_KEYS}
+
+
+def write_base_record(adapter_dir: str | os.PathLike, base_dir: str | os.PathLike) -> None:
+    """Record next to an adapter which base it was trained on: the architecture (the config's
+    shape-defining keys) and the base's content fingerprint."""
+    import json
+
+    config = json.loads((Path(base_dir) / "config.json").read_text())
+    record = {"base_model": str(base_dir), "architecture": _architecture(config),
+              "base_fingerprint": combined(model_fingerprint(base_dir))}
+    (Path(adapter_dir) / BASE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def check_base_record(adapter_dir: str | os.PathLike, base_dir: str | os.PathLike,
+                      base_config: dict, ignore_fingerprint: bool = False) -> None:
+    """A ValueError when the adapter's recorded base is not ``base_dir``: another architecture
+    always, other weights unless ``ignore_fingerprint`` (the same model in another format,
+    e.g. converted with hf-to-mlx). Adapters without a record (other tools) pass."""
+    import json
+
+    file = Path(adapter_dir) / BASE_RECORD
+    if not file.is_file():
+        return
+    try:
+        record = json.loads(file.read_text())
+        recorded, fingerprint = record["architecture"], record["base_fingerprint"]
+    except (ValueError, KeyError, TypeError):
+        raise ValueError(f"{file}: unreadable (not the JSON this tool writes)") from None
+    now = _architecture(base_config)
+    differ = [f"{k} {recorded.get(k)!r} vs {now[k]!r}" for k in ARCHITECTURE_KEYS
+              if recorded.get(k) != now[k]]
+    if differ:
+        raise ValueError(f"{adapter_dir}: trained on another architecture than {base_dir} "
+                         f"({'; '.join(differ[:3])}); fuse it into the base it was trained on "
+                         f"({record.get('base_model')})")
+    if not ignore_fingerprint and fingerprint != combined(model_fingerprint(base_dir)):
+        raise ValueError(f"{adapter_dir}: trained on {record.get('base_model')}, whose weights "
+                         f"differ from {base_dir}'s; fuse it into that base, or pass "
+                         "--ignore-base-fingerprint if this is the same model in another format")

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 
 from .atomic import atomic_output_dir, check_output_dir
+from .fingerprint import check_base_record
 from .jsonfile import read_json_object
 
 if TYPE_CHECKING:
@@ -254,8 +255,13 @@ def merge(w: np.ndarray, adapter: Adapter, path: str) -> np.ndarray:
 # --- the verb --------------------------------------------------------------------------------
 def fuse(base: str | Path, adapter_dir: str | Path, out: str | Path, *, fmt: str,
          dequantize_all: bool = False, quantize_bits: int | None = None,
-         group_size: int | None = None, force: bool = False) -> Path:
-    """Write ``base`` with ``adapter_dir`` merged to ``out``, in ``base``'s format ("hf"/"mlx")."""
+         group_size: int | None = None, force: bool = False,
+         ignore_base_fingerprint: bool = False) -> Path:
+    """Write ``base`` with ``adapter_dir`` merged to ``out``, in ``base``'s format ("hf"/"mlx").
+
+    An adapter that records its base (``converters.fingerprint.BASE_RECORD``, written by both
+    trainers) is refused on another architecture, and on other weights unless
+    ``ignore_base_fingerprint``."""
     if fmt not in ("hf", "mlx"):
         raise ValueError(f"--format {fmt!r}: must be 'hf' or 'mlx'")
     if fmt == "hf" and (dequantize_all or quantize_bits is not None):
@@ -273,6 +279,7 @@ def fuse(base: str | Path, adapter_dir: str | Path, out: str | Path, *, fmt: str
     check_output_dir(Path(out), force, "fuse")
     model = read_base_model(base, fmt)
     adapter = read_adapter(adapter_dir)
+    check_base_record(adapter_dir, base, model.config, ignore_base_fingerprint)
     model.check_adapter(adapter)
     new_q = None if quantize_bits is None else {
         "group_size": group_size or 64, "bits": quantize_bits, "mode": "affine"}

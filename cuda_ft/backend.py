@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from algorithms.backend import LossFn, attention_allowed
+from converters.fingerprint import write_base_record
 
 from . import varlen
 from .device import choose_device
@@ -276,6 +277,8 @@ class TorchBackend:
         self.model.save_pretrained(str(path))
         if self.cfg.fine_tune_type == "full":
             self.tokenizer.save_pretrained(str(path))
+        else:
+            write_base_record(path, self.model_path)  # fuse refuses it on another base
 
     # generation and memory ---------------------------------------------------------------------
     def generate(self, prompt: str, max_tokens: int) -> str:

@@ -21,6 +21,7 @@ from mlx import nn
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from algorithms.backend import attention_allowed
+from converters.fingerprint import write_base_record
 
 from . import blas
 from . import model as mlx_model
@@ -187,6 +188,7 @@ class MLXBackend:
         config = {**self.adapter_config, "base_model": str(self.model_path),
                   "lora_alpha": self.cfg.lora_alpha}
         (d / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        write_base_record(d, self.model_path)  # fuse refuses it on another base
 
     # --- generation and resources ---------------------------------------------------------
     def generate(self, prompt: str, max_tokens: int) -> str:

@@ -171,7 +171,7 @@ def test_a_second_run_in_the_same_dir_is_refused(tiny_llama_dir, data, tmp_path,
 
 
 def test_checkpoints_are_fsynced_before_the_rename(finished, tiny_llama_dir, data, monkeypatch):
-    import converters.atomic as atomic
+    from converters import atomic
 
     events = []
     real_fsync, real_replace = os.fsync, os.replace
