@@ -81,9 +81,12 @@ def run_training(prog: str, backend_spec: str, algo, cfg):
 
     try:
         model_path = resolve_model(cfg.model)
-        model_config = check_model_dir(model_path)
     except (FileNotFoundError, ValueError, ImportError) as e:
         raise UserError(f"--model {cfg.model}: {e}") from None
+    try:
+        model_config = check_model_dir(model_path)
+    except ModelError as e:
+        raise UserError(str(e)) from None
     tokenizer = load_tokenizer(model_path)
     try:
         data = algo.prepare_data(cfg, tokenizer)

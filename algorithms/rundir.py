@@ -142,9 +142,12 @@ def _check_fresh(path: Path) -> None:
 
 def _check_resume(cfg: Any, path: Path, backend_name: str, planned_steps: int,
                   fingerprints: dict[str, Any]) -> None:
-    latest = next(ckpt.usable_checkpoints(path, say=lambda message: None), None)
+    problems: list[str] = []
+    latest = next(ckpt.usable_checkpoints(path, say=problems.append), None)
     if latest is None:
-        raise RunDirError(f"--resume: no complete checkpoint under {path / 'checkpoints'}")
+        why = f" ({len(problems)} incomplete or corrupt, the newest: " \
+              f"{problems[0].split(': ', 1)[1]})" if problems else ""
+        raise RunDirError(f"--resume: no complete checkpoint under {path / 'checkpoints'}{why}")
     state = ckpt.read_trainer_state(latest)
     if state.get("backend") != backend_name:
         raise RunDirError(f"--resume: {latest} was written by the {state.get('backend')} "
