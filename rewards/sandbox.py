@@ -159,9 +159,10 @@ class Session:
         self.deadline = time.monotonic() + STARTUP_S
         hello = self._receive()
         if not hello or hello.get("ready") != nonce:
-            self.close()
+            result = self.close()
+            tail = " | ".join(result.stderr.strip().splitlines()[-3:]) or "no output"
             raise SandboxError("code_exec: the sandbox worker did not start"
-                               f" ({self.tool.mode}): {self._tail()}")
+                               f" ({self.tool.mode}): {tail}")
         self.net_isolated = bool(hello.get("net_isolated"))
         self.deadline = time.monotonic() + limits.wall_s
 
@@ -226,10 +227,6 @@ class Session:
         stdout, stderr = (_read_capped(f, cap) for f in self._files[1:])
         self._cleanup()
         return SandboxResult(code, stdout, stderr, self.timed_out, self.net_isolated)
-
-    def _tail(self) -> str:
-        text = _read_capped(self._files[2], 100_000).strip().splitlines()
-        return " | ".join(text[-3:]) or "no output"
 
     def _cleanup(self) -> None:
         self._sock.close()

@@ -80,11 +80,16 @@ def bwrap_command(bwrap: str, worker: list[str], disk_bytes: int, as_root: bool)
     py_dirs, py_files = _python_files()
     lib_dirs = _library_dirs()
     mounts = [(d, d) for d in [*lib_dirs, *py_dirs]]
+
+    def visible(path: str) -> bool:  # inside a directory that is mounted anyway
+        return any(path == d or path.startswith(d + os.sep) for d, _ in mounts)
+
     links = []
     for f in py_files:
         real = os.path.realpath(f)
-        mounts.append((real, real))
-        if real != f and os.path.islink(f):
+        if not visible(real):
+            mounts.append((real, real))
+        if real != f and os.path.islink(f) and not visible(f):
             links.append((os.readlink(f), f))
     for p in ("/lib", "/lib64", "/usr/lib64"):
         if os.path.islink(p):
