@@ -11,7 +11,7 @@ other end of, outside the sandbox), then answers the trainer's requests one at a
 - ``exit``: end the process.
 
 Nothing the program prints is read as a verdict: replies go only to the channel, each carrying
-the request's id. Confinement, by mode (``rewards.sandbox_tools`` says who chose it):
+the request's id. Confinement, by mode (``rewards.sandbox_launch`` says who chose it):
 
 - ``bwrap``: the namespaces, mounts and capabilities are bubblewrap's; as root the worker then
   drops to a throwaway uid (so ``RLIMIT_NPROC`` applies) before any program code runs.

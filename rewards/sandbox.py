@@ -33,7 +33,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -43,8 +42,9 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from . import sandbox_tools
+from . import sandbox_launch
 from .contract import RewardError
+from .sandbox_launch import kill_all
 
 _CHILD_SOURCE = Path(__file__).with_name("_sandbox_child.py").read_text(encoding="utf-8")
 _UID_BASE = 200_000
@@ -126,7 +126,7 @@ class Session:
         self.uid = _next_uid() if root and self.tool.mode in ("bwrap", "weak") else None
         self._host_workdir = None
         if self.tool.mode == "bwrap":
-            workdir = sandbox_tools.WORKDIR_IN_SANDBOX
+            workdir = sandbox_launch.WORKDIR_IN_SANDBOX
         else:
             self._host_workdir = workdir = os.path.realpath(
                 tempfile.mkdtemp(prefix="posttrain-sandbox-"))
@@ -142,7 +142,7 @@ class Session:
         config = {"mode": self.tool.mode, "fd": child.fileno(), "workdir": workdir,
                   "uid": self.uid, "nonce": nonce,
                   "limits": {**asdict(limits), "max_file_bytes": file_cap}}
-        worker = [sandbox_tools.interpreter(), "-I", "-S", "-B", "-X", "utf8", "-c",
+        worker = [sandbox_launch.interpreter(), "-I", "-S", "-B", "-X", "utf8", "-c",
                   _CHILD_SOURCE, json.dumps(config)]
         argv = _command(self.tool, worker, limits, root, workdir)
         env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": workdir, "TMPDIR": workdir}
@@ -219,7 +219,7 @@ class Session:
             except (OSError, subprocess.TimeoutExpired):
                 pass
         killed = self.proc.poll() is None
-        _kill_all(self.proc, self.uid if (killed or self.tool.mode == "weak") else None)
+        kill_all(self.proc, self.uid if (killed or self.tool.mode == "weak") else None)
         code = self.proc.returncode
         if self.tool.mode == "bwrap" and code > 128:  # bwrap reports a signal as 128 + signo
             code = -(code - 128)
@@ -239,10 +239,10 @@ class Session:
 def _command(tool: SandboxTool, worker: list[str], limits: SandboxLimits, root: bool,
              workdir: str) -> list[str]:
     if tool.mode == "bwrap":
-        return sandbox_tools.bwrap_command(shutil.which("bwrap") or "bwrap", worker,
+        return sandbox_launch.bwrap_command(shutil.which("bwrap") or "bwrap", worker,
                                            limits.disk_mb << 20, root)
     if tool.mode == "seatbelt":
-        return ["/usr/bin/sandbox-exec", "-p", sandbox_tools.seatbelt_profile(workdir), *worker]
+        return ["/usr/bin/sandbox-exec", "-p", sandbox_launch.seatbelt_profile(workdir), *worker]
     return worker
 
 
@@ -349,54 +349,6 @@ def capabilities() -> dict[str, bool | str]:
     result = run_python("pass", limits=SandboxLimits(wall_s=20.0))
     return {"tool": tool.mode, "strong": tool.strong, "network_namespace": result.net_isolated,
             "uid_drop": os.geteuid() == 0 and result.ok}
-
-
-# ---- killing -----------------------------------------------------------------------------------
-
-def _live_pids(uid: int) -> list[int]:
-    """Processes owned by ``uid`` that are not zombies (read from /proc)."""
-    pids = []
-    for name in os.listdir("/proc") if os.path.isdir("/proc") else []:
-        if not name.isdigit():
-            continue
-        try:
-            if os.stat(f"/proc/{name}").st_uid != uid:
-                continue
-            with open(f"/proc/{name}/stat", "rb") as f:
-                state = f.read().rsplit(b")", 1)[1].split()[0]
-        except (FileNotFoundError, ProcessLookupError, IndexError):
-            continue
-        if state != b"Z":
-            pids.append(int(name))
-    return pids
-
-
-def _signal_uid(uid: int) -> None:
-    """kill(-1, SIGKILL) from a forked helper that became ``uid``: one sweep over every process
-    of that uid, including children that left the process group with setsid()."""
-    pid = os.fork()
-    if pid == 0:  # the forked helper: plain syscalls only, until _exit
-        try:
-            os.setgid(uid)
-            os.setuid(uid)
-            os.kill(-1, signal.SIGKILL)
-        finally:
-            os._exit(0)
-    os.waitpid(pid, 0)
-
-
-def _kill_all(proc: subprocess.Popen, uid: int | None, patience_s: float = 5.0) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    proc.wait()
-    if uid is None:
-        return
-    deadline = time.monotonic() + patience_s
-    while _live_pids(uid) and time.monotonic() < deadline:
-        _signal_uid(uid)
-        time.sleep(0.01)
 
 
 def _read_capped(f, cap: int) -> str:

@@ -1,4 +1,5 @@
-"""The command lines that start the sandbox worker under each sandboxing tool.
+"""Starting and stopping the sandbox worker: its command line under each sandboxing tool, and
+the sweep that kills whatever it leaves behind.
 
 - Linux: bubblewrap (``bwrap``, Debian package ``bubblewrap``, installed by
   ``scripts/install.sh``): new mount, pid, ipc, network, uts (and cgroup) namespaces; a root
@@ -20,8 +21,11 @@ from __future__ import annotations
 
 import glob
 import os
+import signal
+import subprocess
 import sys
 import sysconfig
+import time
 from pathlib import Path
 
 WORKDIR_IN_SANDBOX = "/sandbox"
@@ -146,3 +150,50 @@ def seatbelt_profile(workdir: str) -> str:
 (allow file-ioctl (literal "/dev/null"))
 (deny network*)
 """
+
+
+# --- stopping ---------------------------------------------------------------------------------
+def _live_pids(uid: int) -> list[int]:
+    """Processes owned by ``uid`` that are not zombies (read from /proc)."""
+    pids = []
+    for name in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if not name.isdigit():
+            continue
+        try:
+            if os.stat(f"/proc/{name}").st_uid != uid:
+                continue
+            with open(f"/proc/{name}/stat", "rb") as f:
+                state = f.read().rsplit(b")", 1)[1].split()[0]
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            continue
+        if state != b"Z":
+            pids.append(int(name))
+    return pids
+
+
+def _signal_uid(uid: int) -> None:
+    """kill(-1, SIGKILL) from a forked helper that became ``uid``: one sweep over every process
+    of that uid, including children that left the process group with setsid()."""
+    pid = os.fork()
+    if pid == 0:  # the forked helper: plain syscalls only, until _exit
+        try:
+            os.setgid(uid)
+            os.setuid(uid)
+            os.kill(-1, signal.SIGKILL)
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+
+
+def kill_all(proc: subprocess.Popen, uid: int | None, patience_s: float = 5.0) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait()
+    if uid is None:
+        return
+    deadline = time.monotonic() + patience_s
+    while _live_pids(uid) and time.monotonic() < deadline:
+        _signal_uid(uid)
+        time.sleep(0.01)
