@@ -112,7 +112,8 @@ def bwrap_command(bwrap: str, worker: list[str], disk_bytes: int, as_root: bool)
             args += ["--symlink", target, link]
     for hidden in _masked(py_dirs + lib_dirs):
         args += ["--size", "4096", "--tmpfs", hidden, "--remount-ro", hidden]
-    args += ["--dev", "/dev", "--size", str(disk_bytes), "--tmpfs", WORKDIR_IN_SANDBOX,
+    args += ["--dev", "/dev", "--remount-ro", "/dev",  # device nodes still work; no /dev/shm
+             "--size", str(disk_bytes), "--tmpfs", WORKDIR_IN_SANDBOX,
              "--chmod", "0777", WORKDIR_IN_SANDBOX, "--remount-ro", "/",
              "--chdir", WORKDIR_IN_SANDBOX, "--clearenv",
              "--setenv", "HOME", WORKDIR_IN_SANDBOX, "--setenv", "TMPDIR", WORKDIR_IN_SANDBOX,
