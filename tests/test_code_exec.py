@@ -171,3 +171,32 @@ def test_the_tool_in_use_is_announced(monkeypatch, capsys):
     monkeypatch.setattr(sandbox_module, "_announced", False)
     make_code_exec()
     assert f"code_exec: sandbox: {sandbox_tool().summary}" in capsys.readouterr().err
+
+
+def test_the_expected_value_never_enters_the_sandbox(reward):
+    """A program that searches its whole process and file system for the expected answer (the
+    harness's memory, argv, environment, files, frames) finds nothing to return; the control
+    shows the same search finds the value once a test puts it inside."""
+    secret = "SECRET-7f3a9c1e"
+    snoop = (
+        "import gc, os, re, sys\n"
+        "PATTERN = re.compile('SEC' + 'RET-[0-9a-f]{8}')\n"
+        "def found():\n"
+        "    seen = [repr(o) for o in gc.get_objects() if isinstance(o, (dict, list, tuple))]\n"
+        "    seen += sys.argv + list(os.environ.values())\n"
+        "    f = sys._getframe()\n"
+        "    while f:\n"
+        "        seen.append(repr(f.f_locals)); f = f.f_back\n"
+        "    for root, _, files in os.walk('/sandbox'):\n"
+        "        seen += [open(os.path.join(root, n), errors='ignore').read() for n in files]\n"
+        "    for text in seen:\n"
+        "        m = PATTERN.search(text)\n"
+        "        if m:\n"
+        "            return m.group(0)\n"
+        "    return 'nothing'\n")
+    hidden = [f"assert found() == {secret!r}", f"assert {secret!r} == found()",
+              f"assert found() in [{secret!r}]"]
+    assert reward(["p"] * 2, [snoop, f"def found():\n    return {secret!r}\n"],
+                  tests=[hidden, hidden]) == [0.0, 1.0]
+    visible = [f"x = {secret!r}\nassert found() == x"]  # the control: x is in its namespace
+    assert reward(["p"], [snoop], tests=[visible]) == [1.0]

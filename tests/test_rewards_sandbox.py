@@ -261,8 +261,8 @@ def test_no_privileges_and_no_setuid_programs():
         assert "uid 0" not in out
 
 
-@strong
 def test_switching_off_the_audit_hook_gains_nothing(tmp_path):
+    """Regression: one line (`M._WORKDIR = ''`) switched the weak mode's hook off."""
     target = tmp_path / "escape.txt"
     code = f"import __main__ as M\nM._WORKDIR = ''\nopen({str(target)!r}, 'w').write('x')\n"
     result = run_python(code, limits=FAST)
