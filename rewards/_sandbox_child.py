@@ -165,7 +165,7 @@ def _encoder():
     return encode
 
 
-def _serve(fd, mode, workdir, hook):
+def _serve(fd, workdir, hook):
     """The request loop; everything it needs is bound here, before program code runs."""
     import builtins
     import traceback
@@ -265,7 +265,7 @@ def _main():
     sys.path[:0] = [workdir]
     os.write(fd, (json.dumps({"ready": config["nonce"], "net_isolated": net_isolated,
                               "uid": os.getuid()}) + "\n").encode())
-    _serve(fd, mode, workdir, hook)
+    _serve(fd, workdir, hook)
 
 
 if __name__ == "__main__":  # `python -c <source>` runs as __main__; importing this does nothing
