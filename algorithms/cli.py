@@ -15,7 +15,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from .config import ConfigError, build_config, save_config
+from .config import ConfigError, build_config, config_json
 from .registry import algorithms
 
 
@@ -70,14 +70,23 @@ def load_backend_class(spec: str) -> type:
 
 
 def run_training(prog: str, backend_spec: str, algo, cfg):
+    from converters.atomic import DiskFullError
     from converters.models import resolve_model
+    from rewards import RewardError
 
+    from . import rundir
     from .data import DataError
+    from .guards import TrainingStopped, extreme_settings
+    from .model_check import ModelError, check_model_dir
 
     try:
         model_path = resolve_model(cfg.model)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, ImportError) as e:
         raise UserError(f"--model {cfg.model}: {e}") from None
+    try:
+        model_config = check_model_dir(model_path)
+    except ModelError as e:
+        raise UserError(str(e)) from None
     tokenizer = load_tokenizer(model_path)
     try:
         data = algo.prepare_data(cfg, tokenizer)
@@ -86,30 +95,33 @@ def run_training(prog: str, backend_spec: str, algo, cfg):
     for split, report in data.reports.items():
         print(f"{prog}: {split}: {report}", file=sys.stderr)
 
-    run_dir = Path(cfg.run_dir)
-    if not cfg.resume and (run_dir / "checkpoints").exists():
-        raise UserError(f"--run-dir {run_dir} already holds checkpoints; pass --resume to "
-                        "continue that run or choose another --run-dir")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.json", {"backend": prog, "model_path": str(model_path)})
-
-    started = time.perf_counter()
-    backend = load_backend_class(backend_spec)(cfg, model_path, tokenizer)
-    try:
-        result = algo.train(cfg, backend, data, run_dir, model_path)
-    except (FileNotFoundError, ValueError) as e:
-        if "--resume" in str(e):
             raise UserError(str(e)) from None
-        raise
+        run.commit(config_json(cfg, {"backend": prog, "model_path": str(model_path)}),
+                   fingerprints)
+        try:
+            result = algo.train(cfg, backend, data, run.path, model_path)
+        except (RewardError, TrainingStopped, DiskFullError) as e:
+            raise UserError(str(e)) from None
+        except (FileNotFoundError, ValueError) as e:
+            if "--resume" in str(e):
+                raise UserError(str(e)) from None
+            raise
+        failed = False
+    finally:
+        run.close(failed)
     print(f"{prog}: {result.steps} steps in {time.perf_counter() - started:.1f}s; "
-          f"adapters in {run_dir / 'adapters'}", file=sys.stderr)
+          f"adapters in {run.path / 'adapters'}", file=sys.stderr)
     return result
 
 
 def load_tokenizer(model_path: Path):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(model_path))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(model_path))
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise UserError(f"--model {model_path}: the tokenizer does not load "
+                        f"({' '.join(str(e).split())[:300]})") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

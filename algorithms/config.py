@@ -13,10 +13,13 @@ import argparse
 import dataclasses
 import difflib
 import json
+import math
 import typing
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from converters.cli import ArgumentParser
 
 
 class ConfigError(ValueError):
@@ -46,7 +49,7 @@ class TrainConfig:
     fine_tune_type: str = field("lora", "which weights are trained", ["lora", "dora", "full"])
     lora_rank: int = field(8, "LoRA/DoRA rank r")
     lora_alpha: float = field(16.0, "LoRA/DoRA alpha; the update is scaled by alpha / rank")
-    lora_dropout: float = field(0.0, "dropout on the LoRA input")
+    lora_dropout: float = field(0.0, "dropout on the LoRA input, in [0, 1)")
     target_modules: list = field(  # noqa: RUF009 (field() returns a default_factory field)
         [], "module names to adapt (e.g. q_proj v_proj); empty = every linear layer of every block"
     )
@@ -69,7 +72,7 @@ class TrainConfig:
         "token (TRL does; it is never generated, so by default it carries no loss)")
     skip_invalid: bool = field(False, "skip malformed examples (reported by rule) instead of failing")
     # loop
-    seed: int = field(0, "seed for data order, adapter init and dropout")
+    seed: int = field(0, "seed for data order, adapter init and dropout (0 to 2**32 - 1)")
     batch_size: int = field(4, "examples (or packed rows) per micro-batch")
     grad_accumulation_steps: int = field(1, "micro-batches per optimiser step")
     steps: int = field(0, "optimiser steps; 0 = run --epochs epochs")
@@ -86,6 +89,9 @@ class TrainConfig:
     adam_beta2: float = field(0.999, "AdamW beta2")
     adam_epsilon: float = field(1e-8, "AdamW epsilon")
     max_grad_norm: float = field(1.0, "clip gradients to this global L2 norm; 0 = no clipping")
+    zero_grad_patience: int = field(
+        10, "stop the run when the gradient norm is exactly 0 for this many steps in a row (the "
+            "weights collapsed); a NaN/inf loss or gradient always stops it; 0 = never")
     logprob_chunk_size: int = field(
         512, "tokens per chunk of the lm_head + log-softmax (the [B, T, V] logits never exist)"
     )
@@ -102,13 +108,17 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Check values that types cannot; raise ConfigError naming the flag."""
+        for f in dataclasses.fields(self):  # NaN passes every comparison below: refuse it first
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                _bad(f.name, value, "must be a finite number")
         positive = ["lora_rank", "batch_size", "grad_accumulation_steps", "max_length",
                     "logprob_chunk_size", "log_every"]
         for name in positive:
             if getattr(self, name) <= 0:
                 _bad(name, getattr(self, name), "must be > 0")
         for name in ["steps", "epochs", "warmup_steps", "eval_every", "eval_batches", "save_every",
-                     "sample_max_tokens"]:
+                     "sample_max_tokens", "zero_grad_patience"]:
             if getattr(self, name) < 0:
                 _bad(name, getattr(self, name), "must be >= 0")
         if self.steps == 0 and self.epochs == 0:
@@ -116,9 +126,16 @@ class TrainConfig:
         for name in ["learning_rate", "weight_decay", "max_grad_norm", "adam_epsilon"]:
             if getattr(self, name) < 0:
                 _bad(name, getattr(self, name), "must be >= 0")
-        for name in ["lora_dropout", "min_lr_ratio"]:
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                _bad(name, getattr(self, name), "must be in [0, 1]")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            _bad("min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            _bad("lora_dropout", self.lora_dropout,
+                 "must be in [0, 1): dropout 1 zeroes every LoRA input, so nothing trains")
+        if not self.lora_alpha > 0:
+            _bad("lora_alpha", self.lora_alpha,
+                 "must be > 0: the update is scaled by alpha / rank, so 0 trains nothing")
+        if not 0 <= self.seed < 2**32:
+            _bad("seed", self.seed, "must be in [0, 2**32)")
         for name in ["adam_beta1", "adam_beta2"]:
             if not 0.0 <= getattr(self, name) < 1.0:
                 _bad(name, getattr(self, name), "must be in [0, 1)")
@@ -198,12 +215,35 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"--config {path}: no such file")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_unique_key_loader()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: must be a mapping of option: value, got {type(data).__name__}")
     return data
+
+
+def _unique_key_loader():
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        """SafeLoader that refuses a mapping with the same key twice (YAML keeps the last
+        silently, so one of the two settings would be ignored)."""
+
+        def construct_mapping(self, node, deep=False):
+            seen = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} appears twice (line {seen[key]} and line "
+                        f"{key_node.start_mark.line + 1}); keep one", key_node.start_mark)
+                seen[key] = key_node.start_mark.line + 1
+            return super().construct_mapping(node, deep=deep)
+
+    return Loader
 
 
 def build_config(cls: type, argv: Sequence[str], prog: str) -> TrainConfig:
@@ -239,7 +279,7 @@ def build_config(cls: type, argv: Sequence[str], prog: str) -> TrainConfig:
 
 
 def make_parser(cls: type, prog: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog=prog, description=(cls.__doc__ or "").strip(), allow_abbrev=False
     )
     parser.add_argument("--config", help="YAML file setting any option below; flags override it")
@@ -263,7 +303,7 @@ def make_parser(cls: type, prog: str) -> argparse.ArgumentParser:
     return parser
 
 
-def save_config(cfg: TrainConfig, path: str | Path, extra: dict | None = None) -> None:
-    """Write the resolved config (every field, defaults included) as JSON."""
+def config_json(cfg: TrainConfig, extra: dict | None = None) -> str:
+    """The resolved config (every field, defaults included) as the text of ``config.json``."""
     payload = {"algorithm": type(cfg).__name__, **cfg.to_dict(), **(extra or {})}
-    Path(path).write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    return json.dumps(payload, indent=2, sort_keys=True) + "\n"

@@ -36,6 +36,17 @@ class Algorithm:
     def train(self, cfg: Any, backend: Any, data: Any, run_dir: Path, model_path: Path):
         return self.loop(self, cfg, backend, data, run_dir, model_path)
 
+    def total_steps(self, cfg: Any, data: Any) -> int:
+        """Optimiser steps the run will reach (``--steps``, else from ``--epochs`` and the
+        data), known before the model loads."""
+        if self.loop is online_loop:
+            from .rl.trainer import total_steps
+
+            return total_steps(cfg, len(data.train))
+        from .loop import total_steps
+
+        return total_steps(cfg, data.train.num_batches)
+
 
 def offline_loop(algo: Algorithm, cfg: Any, backend: Any, data: Any, run_dir: Path,
                  model_path: Path):

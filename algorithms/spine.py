@@ -14,7 +14,6 @@ differ in where a step's data comes from; everything around the step is here, on
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from . import checkpoint as ckpt
+from .guards import DivergenceGuard
 from .metrics import MetricsLog
 
 
@@ -54,6 +54,7 @@ class Run:
             self.step, self.cursor = resume(cfg, backend, self.run_dir)
         self.log = MetricsLog(self.run_dir, n_steps, self.step, cfg.progress)
         self.window = Window()
+        self.guard = DivergenceGuard(cfg)  # stops on a NaN/inf loss or a collapsed gradient
         self.last_loss: float | None = None
 
     def __enter__(self) -> Run:  # noqa: PYI034 (the class is not subclassed)
@@ -67,19 +68,19 @@ class Run:
         return self.step >= self.n_steps
 
     def record(self, metrics: dict[str, float], *, lr: float, grad_norm: float, tokens: int,
-               epoch: float) -> None:
-        """One optimiser step is done: count it, check the loss, log at ``--log-every``."""
+               epoch: float, zero_grad_expected: bool = False) -> None:
+        """One optimiser step is done: count it, log at ``--log-every``, then stop the run if
+        it diverged or its gradient collapsed (:class:`algorithms.guards.DivergenceGuard`;
+        ``zero_grad_expected``: this step's loss has no gradient by construction)."""
         self.step += 1
         self.last_loss = metrics["loss"]
-        if not math.isfinite(self.last_loss):
-            raise FloatingPointError(f"step {self.step}: loss is {self.last_loss}; lower "
-                                     "--learning-rate")
         self.window.add({**metrics, "learning_rate": lr, "grad_norm": grad_norm}, tokens)
         if self.step % self.cfg.log_every == 0 or self.done:
             record = self.window.flush()
             self.log.write({"split": "train", "step": self.step, "epoch": round(epoch, 4),
                             **record, "peak_memory_gb": self.backend.peak_memory_bytes() / 1e9,
                             **memory_stats(self.backend)})
+        self.guard.check(self.step, self.last_loss, grad_norm, zero_grad_expected)
         self.log.advance()
 
     def due(self, every: int) -> bool:
@@ -171,15 +172,8 @@ def memory_stats(backend: Any) -> dict[str, float]:
 
 
 def resume(cfg: Any, backend: Any, run_dir: Path) -> tuple[int, Cursor]:
-    """Load the latest checkpoint into ``backend``; its step and data cursor. Refuses another
-    backend's checkpoint or a changed run-shaping setting."""
-    latest = ckpt.latest_checkpoint(run_dir)
-    if latest is None:
-        raise FileNotFoundError(f"--resume: no checkpoint under {run_dir / 'checkpoints'}")
-    state = ckpt.read_trainer_state(latest)
-    if state.get("backend") != backend.name:
-        raise ValueError(f"--resume: {latest} was written by the {state.get('backend')} backend; "
-                         f"this is the {backend.name} backend")
-    ckpt.check_resume_config(state["config"], cfg.to_dict(), latest)
-    backend.load_state(str(latest))
+    """Load the newest usable checkpoint into ``backend`` (falling back past a corrupt one, the
+    logs cut back to its step: :func:`checkpoint.resume_from_checkpoint`); its step and data
+    cursor."""
+    state = ckpt.resume_from_checkpoint(cfg, backend, run_dir)
     return state["step"], Cursor(**state["cursor"])

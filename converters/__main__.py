@@ -14,6 +14,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from .cli import ArgumentParser
 from .models import resolve_model
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -36,7 +37,7 @@ VERB_MODULES = ("verbs_hf_mlx", "verbs_adapters", "verbs_gguf")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m converters",
+    parser = ArgumentParser(prog="python -m converters",
                                      description="Convert models between formats.")
     subparsers = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     for add in VERBS:

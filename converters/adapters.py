@@ -367,7 +367,8 @@ def write_value_head(directory: Path, head: dict | None) -> None:
 
 
 def _convert(src, out, base, force, reader, fmt, weights_name, make_config) -> Path:
-    check_output_dir(Path(out), force)
+    verb = "mlx-adapter-to-peft" if fmt == "peft" else "peft-to-mlx-adapter"
+    check_output_dir(Path(out), force, verb)
     adapter = reader(src)
     base_layers = hidden = None
     if base is not None:
@@ -381,7 +382,7 @@ def _convert(src, out, base, force, reader, fmt, weights_name, make_config) -> P
     tensors = {join_key(path, leaf, fmt): adapter.oriented(path, leaf.name, fmt)
                for path, parts in adapter.modules.items() for leaf in LEAVES if leaf.name in parts}
     metadata = {**adapter.metadata, "format": "pt" if fmt == "peft" else "mlx"}
-    with atomic_output_dir(out, force) as tmp:
+    with atomic_output_dir(out, force, verb) as tmp:
         write_tensors(tmp / weights_name, tensors, metadata)
         (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
         write_value_head(tmp, head)

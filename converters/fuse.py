@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 
 from .atomic import atomic_output_dir, check_output_dir
+from .fingerprint import check_base_record
 from .jsonfile import read_json_object
 
 if TYPE_CHECKING:
@@ -254,8 +255,13 @@ def merge(w: np.ndarray, adapter: Adapter, path: str) -> np.ndarray:
 # --- the verb --------------------------------------------------------------------------------
 def fuse(base: str | Path, adapter_dir: str | Path, out: str | Path, *, fmt: str,
          dequantize_all: bool = False, quantize_bits: int | None = None,
-         group_size: int | None = None, force: bool = False) -> Path:
-    """Write ``base`` with ``adapter_dir`` merged to ``out``, in ``base``'s format ("hf"/"mlx")."""
+         group_size: int | None = None, force: bool = False,
+         ignore_base_fingerprint: bool = False) -> Path:
+    """Write ``base`` with ``adapter_dir`` merged to ``out``, in ``base``'s format ("hf"/"mlx").
+
+    An adapter that records its base (``converters.fingerprint.BASE_RECORD``, written by both
+    trainers) is refused on another architecture, and on other weights unless
+    ``ignore_base_fingerprint``."""
     if fmt not in ("hf", "mlx"):
         raise ValueError(f"--format {fmt!r}: must be 'hf' or 'mlx'")
     if fmt == "hf" and (dequantize_all or quantize_bits is not None):
@@ -270,9 +276,10 @@ def fuse(base: str | Path, adapter_dir: str | Path, out: str | Path, *, fmt: str
         raise ValueError(f"--group-size {group_size}: must be one of {GROUP_SIZES}")
     from .adapters import read_adapter, read_value_head, write_value_head
 
-    check_output_dir(Path(out), force)
+    check_output_dir(Path(out), force, "fuse")
     model = read_base_model(base, fmt)
     adapter = read_adapter(adapter_dir)
+    check_base_record(adapter_dir, base, model.config, ignore_base_fingerprint)
     model.check_adapter(adapter)
     head = read_value_head(adapter_dir, model.config.get("hidden_size"))
     new_q = None if quantize_bits is None else {
@@ -301,7 +308,7 @@ def fuse(base: str | Path, adapter_dir: str | Path, out: str | Path, *, fmt: str
     elif new_q is not None:
         config["quantization"] = dict(new_q)
         config["quantization_config"] = dict(new_q)
-    with atomic_output_dir(out, force) as tmp:
+    with atomic_output_dir(out, force, "fuse") as tmp:
         weight_map, total = {}, 0
         for shard in model.shards:
             tensors, metadata = read_tensors(model.directory / shard)

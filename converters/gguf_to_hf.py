@@ -165,11 +165,11 @@ def gguf_to_hf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike,
     check_dtype(dtype)
     if not source.is_file():
         raise FileNotFoundError(f"{source}: no such GGUF file")
-    check_output_dir(out_dir, force)
+    check_output_dir(out_dir, force, "gguf-to-hf")
     model = open_gguf_model(source, dtype)
     planned = [PlannedTensor(t.hf_name, SAFETENSORS_DTYPE[dtype], t.shape,
                              partial(dequantize, source, t)) for t in model.tensors]
-    with atomic_output_dir(out_dir, force) as tmp:
+    with atomic_output_dir(out_dir, force, "gguf-to-hf") as tmp:
         save_weights(planned, tmp, max_shard_bytes)
         write_model_files(tmp, model, model.config)
     return out_dir

@@ -199,7 +199,7 @@ def gguf_to_mlx(gguf_path: str | os.PathLike, out_dir: str | os.PathLike,
         raise ValueError(f"group_size = {group_size} is not one of 32, 64, 128")
     if not source.is_file():
         raise FileNotFoundError(f"{source}: no such GGUF file")
-    check_output_dir(out_dir, force)
+    check_output_dir(out_dir, force, "gguf-to-mlx")
     model = open_gguf_model(source, dtype)
     planned, modules = _plan(source, model.tensors, dtype, requantize_bits, group_size)
     config = dict(model.config)
@@ -207,7 +207,7 @@ def gguf_to_mlx(gguf_path: str | os.PathLike, out_dir: str | os.PathLike,
     if quantization is not None:
         config["quantization"] = quantization
         config["quantization_config"] = quantization  # mlx_lm's save_config writes both
-    with atomic_output_dir(out_dir, force) as tmp:
+    with atomic_output_dir(out_dir, force, "gguf-to-mlx") as tmp:
         save_weights(planned, tmp, max_shard_bytes)
         write_model_files(tmp, model, config)
     return out_dir

@@ -180,7 +180,7 @@ def hf_to_mlx(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: s
     if bits is None and (mixed or group_size != 64):
         raise ValueError("mixed / group_size (--mixed / --group-size) need bits (--bits)")
     quant = Quantisation(bits, group_size, mixed) if bits is not None else None
-    check_output_dir(out, force)
+    check_output_dir(out, force, "hf-to-mlx")
     config_path, config = read_config(src)
     for key in keymaps.QUANT_CONFIG_KEYS:
         if key in config:
@@ -213,7 +213,7 @@ def hf_to_mlx(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: s
     if dtype:
         _set_dtype(mlx_config, dtype)
 
-    with atomic_output_dir(out, force) as tmp:
+    with atomic_output_dir(out, force, "hf-to-mlx") as tmp:
         writer = ShardWriter(tmp, max_shard_bytes, {"format": "mlx"})
         for _, key, array in _tensors_with_progress(src):
             if key not in plan:
@@ -290,7 +290,7 @@ def mlx_to_hf(mlx_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: 
 
     src, out = Path(mlx_dir), Path(out_dir)
     _check_dtype(dtype)
-    check_output_dir(out, force)
+    check_output_dir(out, force, "mlx-to-hf")
     config_path, config = read_config(src)
     family = keymaps.family_for(config, config_path)
     entry = config.get("quantization")
@@ -329,7 +329,7 @@ def mlx_to_hf(mlx_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: 
         _set_dtype(hf_config, first.dtype)
     cast = getattr(mx, dtype) if dtype else None
 
-    with atomic_output_dir(out, force) as tmp:
+    with atomic_output_dir(out, force, "mlx-to-hf") as tmp:
         writer = ShardWriter(tmp, max_shard_bytes, {"format": "pt"})
         pending: dict[str, dict[str, Any]] = {}  # a quantised module's parts until all three came
         for _, key, array in _tensors_with_progress(src):

@@ -31,7 +31,7 @@ from typing import Any
 import gguf
 import numpy as np
 
-from .atomic import atomic_output_file
+from .atomic import atomic_output_file, check_output_file
 from .gguf_read import ARCHITECTURES, expected_shapes, gguf_tensor_name, permute_rotary
 from .gguf_tokenizer import gguf_tokenizer_fields
 
@@ -237,6 +237,12 @@ def add_gguf_metadata(writer: gguf.GGUFWriter, config: dict[str, Any], name: str
         writer.add_chat_template(tokenizer["tokenizer.chat_template"])
 
 
+def _is_gguf(path: Path) -> bool:
+    """Whether ``path`` is a GGUF file (what ``--force`` may replace)."""
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
 def hf_to_gguf(model_dir: str | os.PathLike, out_file: str | os.PathLike, outtype: str = "f16",
                force: bool = False, name: str | None = None) -> Path:
     """Write the llama / qwen2 model at `model_dir` as the GGUF file `out_file`; returns it.
@@ -250,13 +256,12 @@ def hf_to_gguf(model_dir: str | os.PathLike, out_file: str | os.PathLike, outtyp
         raise ValueError(f"outtype = {outtype!r} is not supported (choose from {', '.join(OUTTYPES)})")
     if not model_dir.is_dir():
         raise FileNotFoundError(f"{model_dir}: no such model directory")
-    if out_file.exists() and not force:
-        raise FileExistsError(f"{out_file}: already exists (pass force=True / --force to replace it)")
+    check_output_file(out_file, force, _is_gguf)
     qtype, file_type = OUTTYPES[outtype]
     config = read_hf_config(model_dir)
     planned = plan_tensors(model_dir, config, qtype)
     tokenizer = gguf_tokenizer_fields(model_dir, config["vocab_size"], config)
-    with atomic_output_file(out_file, force) as tmp:
+    with atomic_output_file(out_file, force, _is_gguf) as tmp:
         writer = gguf.GGUFWriter(tmp, config["model_type"])
         try:
             add_gguf_metadata(writer, config, name or model_dir.resolve().name, file_type, tokenizer)

@@ -77,12 +77,18 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, Tens
     except (AttributeError, KeyError, TypeError, IndexError) as error:
         raise ValueError(f"{path}: not a safetensors file (bad header: {error!r})") from error
     tensors: dict[str, TensorInfo] = {}
+    data_end = 0
     for name, entry in entries:
         if entry.get("dtype") not in DTYPES:
             raise ValueError(f"{path}: tensor {name} has unknown dtype {entry.get('dtype')}")
         start, end = entry["data_offsets"]
         tensors[name] = TensorInfo(path, DTYPES[entry["dtype"]][0], tuple(entry["shape"]),
                                    end - start)
+        data_end = max(data_end, end)
+    actual = path.stat().st_size
+    if 8 + size + data_end > actual:
+        raise ValueError(f"{path}: truncated: its header describes {8 + size + data_end} bytes, "
+                         f"the file has {actual}")
     return metadata, tensors
 
 

@@ -59,7 +59,8 @@ def _fuse(args: argparse.Namespace) -> int:
 
     print(fuse(args.model, args.adapter, args.out, fmt=args.format,
                dequantize_all=args.dequantize, quantize_bits=args.quantize,
-               group_size=args.group_size, force=args.force))
+               group_size=args.group_size, force=args.force,
+               ignore_base_fingerprint=args.ignore_base_fingerprint))
     return 0
 
 
@@ -83,6 +84,9 @@ def _add_fuse(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--group-size", type=int, default=None,
                         help="group size for --quantize (32, 64 or 128; default 64)")
     parser.add_argument("--force", action="store_true", help="replace an existing output dir")
+    parser.add_argument("--ignore-base-fingerprint", action="store_true",
+                        help="fuse although the adapter records other base weights (the same "
+                             "model in another format); another architecture is always refused")
     parser.set_defaults(func=_fuse)
 
 

@@ -33,6 +33,7 @@ from algorithms.backend import (
     value_head_init,
 )
 from algorithms.weight_decay import decayed_names
+from converters.fingerprint import write_base_record
 
 from . import varlen
 from .device import choose_device
@@ -278,6 +279,8 @@ class TorchBackend(ForwardShortcuts):
         self.model.save_pretrained(str(path))
         if self.cfg.fine_tune_type == "full":
             self.tokenizer.save_pretrained(str(path))
+        else:
+            write_base_record(path, self.model_path)  # fuse refuses it on another base
         if self.value_head is not None:
             params = self.trainable_parameters()
             save_value_head(path, {k: params[k] for k in VALUE_HEAD_KEYS})

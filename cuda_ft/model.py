@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from algorithms.backend import lora_a_init
+from algorithms.model_check import ModelError, is_mlx_quantized
 
 from .device import DeviceChoice
 
@@ -60,15 +61,65 @@ def default_target_modules(model: nn.Module) -> list[str]:
     return sorted(names)
 
 
+def check_model(path: Path, config: dict) -> None:
+    """A ModelError for a dir transformers cannot build as a causal LM, or an MLX-quantised one."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    quantized = is_mlx_quantized(config)
+    if quantized:
+        raise ModelError(
+            f"{path}: an MLX-quantised model ({quantized['bits']}-bit, group size "
+            f"{quantized['group_size']}), which PyTorch cannot load: train it with mlx_ft "
+            f"(QLoRA), or dequantise it first: python -m converters mlx-to-hf {path} OUT_DIR")
+    model_type = config.get("model_type")
+    if model_type not in CONFIG_MAPPING_NAMES:
+        raise ModelError(f"{Path(path) / 'config.json'}: model_type {model_type!r} is not an "
+                         "architecture transformers knows")
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise ModelError(f"{Path(path) / 'config.json'}: model_type {model_type!r} is not a "
+                         "causal language model (no AutoModelForCausalLM class)")
+
+
+def _from_pretrained(model_path: str | Path) -> nn.Module:
+    """The model in float32; a ModelError for missing or misshapen tensors (transformers would
+    initialise them randomly, or raise pointing at a table it logged)."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(
+            str(model_path), dtype=torch.float32, output_loading_info=True,
+            ignore_mismatched_sizes=True)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise ModelError(f"{model_path}: transformers cannot load it "
+                         f"({' '.join(str(e).split())[:400]})") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    mismatched = sorted(info.get("mismatched_keys") or [])
+    if mismatched:
+        key, *shapes = mismatched[0]
+        detail = f" (checkpoint {tuple(shapes[0])}, config {tuple(shapes[1])})" \
+            if len(shapes) == 2 else ""
+        raise ModelError(f"{model_path}: tensor {key} has the wrong shape{detail}; the weights "
+                         f"do not fit config.json ({len(mismatched)} tensor(s) differ)")
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        raise ModelError(f"{model_path}: the weights lack {len(missing)} tensor(s) the model "
+                         f"needs, e.g. {missing[0]}; refusing to train them from a random "
+                         "initialisation")
+    return model
+
+
 def load_model(cfg: Any, model_path: str | Path, choice: DeviceChoice) -> nn.Module:
     """The HF model (full) or PEFT model (lora/dora) for ``cfg``, on ``choice.device``.
 
     Base dropout is off (eval mode) and stays off; only adapter dropout follows train mode
     (:func:`set_adapter_training`). MLX models have no dropout, so this keeps parity.
     """
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch.float32)
+    model = _from_pretrained(model_path)
     model.to("cpu").eval()
     if cfg.fine_tune_type == "full":
         for param in model.parameters():
@@ -90,6 +141,7 @@ def _attach_lora(cfg: Any, model: nn.Module) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
     targets = list(cfg.target_modules) or default_target_modules(model)
+    _check_targets(model, list(cfg.target_modules))
     config = LoraConfig(
         r=cfg.lora_rank,
         lora_alpha=cfg.lora_alpha,
@@ -103,6 +155,19 @@ def _attach_lora(cfg: Any, model: nn.Module) -> nn.Module:
     init_lora_weights(peft_model, cfg.seed)
     peft_model.eval()
     return peft_model
+
+
+def _check_targets(model: nn.Module, targets: list[str]) -> None:
+    """Every ``--target-modules`` name must match a linear layer of the blocks (PEFT would adapt
+    the ones that match and drop the others silently, or fail with its own message)."""
+    _, layers = decoder_blocks(model)
+    found = sorted({name.split(".", 1)[1] for name, module in layers.named_modules()
+                    if isinstance(module, nn.Linear) and "." in name})
+    missing = [t for t in targets
+               if not any(k == t or k.rsplit(".", 1)[-1] == t for k in found)]
+    if missing:
+        raise ModelError(f"--target-modules {' '.join(missing)}: no such linear layer in the "
+                         f"model's blocks; available: {', '.join(found)}")
 
 
 def lora_layers(peft_model: nn.Module) -> dict[str, nn.Module]:

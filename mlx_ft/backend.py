@@ -33,6 +33,7 @@ from algorithms.backend import (
     value_head_init,
 )
 from algorithms.weight_decay import decayed_names
+from converters.fingerprint import write_base_record
 
 from . import blas, precise
 from . import model as mlx_model
@@ -220,6 +221,7 @@ class MLXBackend(ForwardShortcuts):
         config = {**self.adapter_config, "base_model": str(self.model_path),
                   "lora_alpha": self.cfg.lora_alpha}
         (d / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        write_base_record(d, self.model_path)  # fuse refuses it on another base
 
     # --- generation and resources ---------------------------------------------------------
     def generate(self, prompt: str, max_tokens: int) -> str:

@@ -19,8 +19,20 @@ from mlx import nn
 from mlx.utils import tree_flatten
 
 from algorithms.backend import lora_a_init
+from algorithms.model_check import ModelError
 
 LORA_LEAVES = {"lora_a": "lora_A", "lora_b": "lora_B", "m": "magnitude"}
+
+
+def check_model(path: Path, config: dict) -> None:
+    """A ModelError when mlx-lm has no model class for ``config`` (the architecture)."""
+    from mlx_lm.utils import _get_classes
+
+    try:
+        _get_classes(config)
+    except (ValueError, ImportError, KeyError) as e:
+        raise ModelError(f"{Path(path) / 'config.json'}: model_type {config.get('model_type')!r} "
+                         f"is not an architecture mlx-lm can build ({e})") from None
 
 
 def load_model(path: Path, dtype: Any) -> tuple[nn.Module, dict]:
@@ -32,7 +44,11 @@ def load_model(path: Path, dtype: Any) -> tuple[nn.Module, dict]:
     # families do not read (they would silently use rope_theta 10000): pass the flat keys.
     saved = json.loads((Path(path) / "config.json").read_text())
     overrides = {k: v for k, v in flat_rope(saved).items() if saved.get(k) is None}
-    model, config = mlx_lm_load_model(Path(path), model_config=overrides)
+    try:
+        model, config = mlx_lm_load_model(Path(path), model_config=overrides)
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:  # shapes, missing tensors...
+        raise ModelError(f"{path}: the weights do not fit the config ({' '.join(str(e).split())})"
+                         ) from None
     if dtype is not None:
         # Cast floating weights only; quantised weights (uint32) and their scales stay as stored.
         model.update(_cast_floats(model.parameters(), dtype))
@@ -62,7 +78,7 @@ def block_linear_keys(model: nn.Module, targets: list[str]) -> list[str]:
     keys = [k for k in found if k in targets or k.rsplit(".", 1)[-1] in targets]
     missing = [t for t in targets if not any(k == t or k.rsplit(".", 1)[-1] == t for k in found)]
     if missing:
-        raise ValueError(f"--target-modules {' '.join(missing)}: no such linear layer in the "
+        raise ModelError(f"--target-modules {' '.join(missing)}: no such linear layer in the "
                          f"model's blocks; available: {', '.join(found)}")
     return keys
 

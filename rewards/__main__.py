@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
 import numpy as np
+
+from converters.cli import ArgumentParser
 
 from . import (
     ON_ERROR_CHOICES,
@@ -49,6 +52,16 @@ def read_rows(path: Path) -> list[dict]:
 
 
 def score_file(args: argparse.Namespace) -> int:
+    if not (math.isfinite(args.timeout) and args.timeout > 0):
+        raise RewardError(f"--timeout {args.timeout!r}: must be a finite number of seconds > 0")
+    out = Path(args.out) if args.out else None
+    if out is not None and (out.is_dir() or not out.parent.is_dir()):
+        raise RewardError(f"--out {out}: " + ("is a directory" if out.is_dir() else
+                                              f"{out.parent} is not a directory"))
+    if args.allow_weak_sandbox:
+        from .code_exec import allow_weak_sandbox
+
+        allow_weak_sandbox()
     weights = parse_reward_weights(args.reward_weights, len(args.reward))
     funcs = [load_reward(spec) for spec in args.reward]
     rows = read_rows(Path(args.data))
@@ -62,10 +75,13 @@ def score_file(args: argparse.Namespace) -> int:
         mean = float(np.mean(values[scored])) if scored.any() else float("nan")
         print(f"{name:<32} mean {mean:.4f}  scored {int(scored.sum())}/{len(values)}")
     if args.out:
-        with Path(args.out).open("w") as f:
-            for i in range(len(rows)):
-                record = {n: _none_if_nan(v[i]) for n, v in scores.per_function.items()}
-                f.write(json.dumps({**record, "total": _none_if_nan(scores.total[i])}) + "\n")
+        from converters.atomic import write_text_atomically
+
+        lines = []
+        for i in range(len(rows)):
+            record = {n: _none_if_nan(v[i]) for n, v in scores.per_function.items()}
+            lines.append(json.dumps({**record, "total": _none_if_nan(scores.total[i])}) + "\n")
+        write_text_atomically(args.out, "".join(lines))  # whole, or not at all
     return 0
 
 
@@ -74,7 +90,7 @@ def _none_if_nan(x: float) -> float | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m rewards", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="python -m rewards", description=__doc__.split("\n")[0])
     parser.add_argument("--list-rewards", action="store_true", help="list every available reward")
     sub = parser.add_subparsers(dest="verb")
     score = sub.add_parser("score", help="score a JSONL file of completions")
@@ -86,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
                        help="a raising function stops (raise) or scores None (none)")
     score.add_argument("--timeout", type=float, default=60.0, help="seconds per function call")
     score.add_argument("--out", help="write per-row scores here (JSONL)")
+    score.add_argument("--allow-weak-sandbox", action="store_true",
+                       help="let code_exec run where no sandboxing tool (bubblewrap, "
+                            "sandbox-exec) works, under the weaker in-process guard")
     args = parser.parse_args(argv)
     try:
         if args.list_rewards:
@@ -93,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.verb == "score":
             return score_file(args)
-    except RewardError as e:
+    except (RewardError, OSError) as e:  # OSError: --out could not be written (disk full...)
         print(f"error: {e}", file=sys.stderr)
         return 2
     parser.print_help()

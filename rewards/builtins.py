@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from .code_exec import code_exec, make_code_exec
+from .code_exec import make_code_exec
 from .formatting import format_regex, json_schema, json_valid, xml_tags
 from .length import length_penalty, soft_overlong_punishment
 from .math_answer import math_answer
@@ -26,5 +26,5 @@ BUILTINS: dict[str, tuple[Callable[..., Any], bool]] = {
     "code_exec": (make_code_exec, True),
 }
 
-__all__ = ["BUILTINS", "code_exec", "format_regex", "json_schema", "json_valid", "length_penalty",
+__all__ = ["BUILTINS", "format_regex", "json_schema", "json_valid", "length_penalty",
            "make_code_exec", "math_answer", "soft_overlong_punishment", "xml_tags"]

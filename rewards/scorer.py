@@ -5,19 +5,22 @@
     scores.per_function["math_answer"]  # float64 [N], NaN where the function returned None
     scores.total                         # float64 [N] = nansum_f w_f * r_f; NaN if all were None
 
-Every function is called once per batch, all of them concurrently: ``async def`` functions on an
-event loop, sync functions each in a fresh daemon thread. Each call has ``timeout_s``. A thread
-cannot be killed, so a hung sync function is abandoned (it keeps its thread until it returns) and
-reported as a timeout; a subprocess per call would be killable but would need every function,
-closure and column to be picklable and would cost a process start per batch. Code written by the
-model never runs in these threads: ``code_exec`` runs it in ``rewards.sandbox``.
+Every function is called once per batch, all of them concurrently, each in a fresh daemon thread
+(an ``async def`` function on its own event loop in that thread, so one that blocks its loop --
+``time.sleep`` in a coroutine -- still times out). Each call has ``timeout_s``. A thread cannot
+be killed, so a hung function is abandoned (a coroutine is cancelled) and reported as a timeout;
+a subprocess per call would be killable but would need every function, closure and column to be
+picklable and would cost a process start per batch. Code written by the model never runs in
+these threads: ``code_exec`` runs it in ``rewards.sandbox``.
 
 Faults: a function that raises is called again one sample at a time to find the index (so it must
 tolerate repeated calls); with ``on_error="raise"`` (default) a ``RewardError`` names the function
 and the first failing sample; with ``on_error="none"`` failing samples score None and the others
 keep their per-sample values. A timeout is the same error, without an index (the whole batch is
 None under ``on_error="none"``). A wrong length, a non-numeric value, NaN or inf always raise:
-they are bugs in the function, not in the sample.
+they are bugs in the function, not in the sample. So does a ``BaseException`` that is not an
+``Exception`` (``sys.exit``, ``KeyboardInterrupt``...): it would otherwise end the run, with exit
+code 0 for ``sys.exit(0)``.
 """
 
 from __future__ import annotations
@@ -87,26 +90,86 @@ def _invoke(fn: RewardFunction, kwargs: dict[str, Any]) -> Any:
     return fn(kwargs["prompts"], kwargs["completions"], **rest)
 
 
-def _run_in_thread(fn: RewardFunction, kwargs: dict[str, Any]) -> concurrent.futures.Future:
-    future: concurrent.futures.Future = concurrent.futures.Future()
+class _Carried(Exception):
+    """A ``BaseException`` of a coroutine, carried past asyncio (which would re-raise
+    ``SystemExit`` / ``KeyboardInterrupt`` out of the loop and leave the task unretrieved)."""
 
-    def target() -> None:
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(repr(error))
+        self.error = error
+
+
+async def _guarded(awaitable: Any) -> Any:
+    try:
+        return await awaitable
+    except (Exception, asyncio.CancelledError):
+        raise
+    except BaseException as e:  # noqa: BLE001 - re-raised as the caller's error
+        raise _Carried(e) from None
+
+
+class _Call:
+    """One call of a reward function in its own daemon thread; ``cancel`` stops a coroutine."""
+
+    def __init__(self, fn: RewardFunction, kwargs: dict[str, Any]) -> None:
+        self.future: concurrent.futures.Future = concurrent.futures.Future()
+        self._cancel = None
+        threading.Thread(target=self._run, args=(fn, kwargs), daemon=True,
+                         name=f"reward-{reward_name(fn)}").start()
+
+    def _run(self, fn: RewardFunction, kwargs: dict[str, Any]) -> None:
         try:
-            result = _invoke(fn, kwargs)
-        except BaseException as e:  # noqa: BLE001 - handed to the caller
-            result, error = None, e
+            result = self._run_async(fn, kwargs) if _is_async(fn) else _invoke(fn, kwargs)
+        except _Carried as carried:
+            self._settle(None, carried.error)
+        except BaseException as e:  # noqa: BLE001 - SystemExit too: handed to the caller
+            self._settle(None, e)
         else:
-            error = None
+            self._settle(result, None)
+
+    def _run_async(self, fn: RewardFunction, kwargs: dict[str, Any]) -> Any:
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)  # this thread's own loop
+        try:
+            task = loop.create_task(_guarded(_invoke(fn, kwargs)))
+            self._cancel = lambda: loop.call_soon_threadsafe(task.cancel)
+            return loop.run_until_complete(task)
+        finally:
+            self._cancel = None
+            pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+            for t in pending:
+                t.cancel()
+            try:
+                if pending:
+                    loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            finally:
+                asyncio.set_event_loop(None)
+                loop.close()
+
+    def _settle(self, result: Any, error: BaseException | None) -> None:
         try:
             if error is None:
-                future.set_result(result)
+                self.future.set_result(result)
             else:
-                future.set_exception(error)
+                self.future.set_exception(error)
         except concurrent.futures.InvalidStateError:
-            pass  # cancelled on timeout: nobody is waiting for this result any more
+            pass  # abandoned on timeout: nobody is waiting for this result any more
 
-    threading.Thread(target=target, daemon=True, name=f"reward-{reward_name(fn)}").start()
-    return future
+    def outcome(self, timeout_s: float) -> Any:
+        """The function's return value; :class:`_CallFailed` for an error or a timeout."""
+        done, _ = concurrent.futures.wait([self.future], timeout=timeout_s)
+        if not done:
+            cancel = self._cancel
+            if cancel is not None:
+                try:
+                    cancel()
+                except RuntimeError:  # the loop closed meanwhile
+                    pass
+            raise _CallFailed(TimeoutError(), timed_out=True)
+        error = self.future.exception()
+        if error is not None:
+            raise _CallFailed(error)
+        return self.future.result()
 
 
 class RewardScorer:
@@ -118,6 +181,9 @@ class RewardScorer:
             raise RewardError("at least one reward function is needed")
         if on_error not in ON_ERROR_CHOICES:
             raise RewardError(f"--reward-on-error {on_error!r}: choose one of {ON_ERROR_CHOICES}")
+        if not (isinstance(timeout_s, (int, float)) and math.isfinite(timeout_s)
+                and timeout_s > 0):
+            raise RewardError(f"--timeout {timeout_s!r}: must be a finite number of seconds > 0")
         weights = [1.0] * len(funcs) if weights is None else [float(w) for w in weights]
         if len(weights) != len(funcs):
             raise RewardError(f"{len(weights)} reward weights for {len(funcs)} reward functions")
@@ -140,58 +206,37 @@ class RewardScorer:
         kwargs = {"prompts": list(prompts), "completions": list(completions),
                   "completion_ids": None if completion_ids is None else list(completion_ids),
                   "step": step, **{k: list(v) for k, v in columns.items()}}
-        rows = self._run(lambda: self._score_all(kwargs, n))
+        calls = [_Call(fn, kwargs) for fn in self.funcs]  # all at once: they run concurrently
+        rows = [self._score_one(fn, name, call, kwargs, n)
+                for fn, name, call in zip(self.funcs, self.names, calls)]
         per_function = {name: np.array(r, dtype=np.float64) for name, r in zip(self.names, rows)}
         stacked = np.stack(list(per_function.values()))  # [F, N]
         weighted = stacked * np.asarray(self.weights, dtype=np.float64)[:, None]
         total = np.where(np.isnan(stacked).all(axis=0), np.nan, np.nansum(weighted, axis=0))
         return RewardScores(per_function, total)
 
-    @staticmethod
-    def _run(make_coro):
+    def _score_one(self, fn: RewardFunction, name: str, call: _Call, kwargs: dict[str, Any],
+                   n: int) -> list[float]:
         try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            return asyncio.run(make_coro())
-        # called from inside an event loop (a notebook): run ours in a helper thread
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            return pool.submit(lambda: asyncio.run(make_coro())).result()
-
-    async def _score_all(self, kwargs: dict[str, Any], n: int) -> list[list[float]]:
-        return list(await asyncio.gather(
-            *(self._score_one(fn, name, kwargs, n) for fn, name in zip(self.funcs, self.names))))
-
-    async def _call(self, fn: RewardFunction, kwargs: dict[str, Any]) -> Any:
-        try:
-            if _is_async(fn):
-                return await asyncio.wait_for(_invoke(fn, kwargs), self.timeout_s)
-            return await asyncio.wait_for(asyncio.wrap_future(_run_in_thread(fn, kwargs)),
-                                          self.timeout_s)
-        except asyncio.TimeoutError as e:
-            raise _CallFailed(e, timed_out=True) from None
-        except Exception as e:  # noqa: BLE001 - reported with the function's name
-            raise _CallFailed(e) from None
-
-    async def _score_one(self, fn: RewardFunction, name: str, kwargs: dict[str, Any],
-                         n: int) -> list[float]:
-        try:
-            return _check(name, await self._call(fn, kwargs), n)
+            return _check(name, call.outcome(self.timeout_s), n)
         except _CallFailed as failed:
+            _refuse_run_enders(name, failed.cause)
             if failed.timed_out:
                 if self.on_error == "none":
                     return [math.nan] * n
                 raise RewardError(f"reward function {name!r} timed out after {self.timeout_s:g} s "
                                   f"on a batch of {n}") from None
-            return await self._per_sample(fn, name, kwargs, n, failed.cause)
+            return self._per_sample(fn, name, kwargs, n, failed.cause)
 
-    async def _per_sample(self, fn: RewardFunction, name: str, kwargs: dict[str, Any], n: int,
-                          batch_error: BaseException) -> list[float]:
+    def _per_sample(self, fn: RewardFunction, name: str, kwargs: dict[str, Any], n: int,
+                    batch_error: BaseException) -> list[float]:
         values: list[float] = []
         for i in range(n):
             one = {k: (v[i:i + 1] if isinstance(v, list) else v) for k, v in kwargs.items()}
             try:
-                values += _check(name, await self._call(fn, one), 1)
+                values += _check(name, _Call(fn, one).outcome(self.timeout_s), 1)
             except _CallFailed as failed:
+                _refuse_run_enders(name, failed.cause)
                 if self.on_error == "none":
                     values.append(math.nan)
                     continue
@@ -202,6 +247,15 @@ class RewardScorer:
             raise RewardError(f"reward function {name!r} raised {batch_error!r} on the batch of "
                               f"{n}, but on no single sample") from batch_error
         return values
+
+
+def _refuse_run_enders(name: str, cause: BaseException) -> None:
+    """``SystemExit``, ``KeyboardInterrupt`` and other non-``Exception`` errors would end the run
+    (with exit code 0 for ``sys.exit(0)``): stop it instead, naming the function, whatever
+    ``--reward-on-error`` says."""
+    if not isinstance(cause, Exception):
+        raise RewardError(f"reward function {name!r} raised {cause!r} (a BaseException, which "
+                          "would end the run); the run stops") from None
 
 
 def _check(name: str, values: Any, n: int) -> list[float]:

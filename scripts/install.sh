@@ -6,10 +6,15 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 
 if [ "$(uname -s)" = "Linux" ]; then
-  # MLX's Linux CPU wheel is ~30x faster on matmuls with the system OpenBLAS (see docs/ARCHITECTURE.md).
-  if [ ! -e /usr/lib/"$(uname -m)"-linux-gnu/openblas-pthread/libopenblas.so.0 ] && command -v apt-get >/dev/null; then
+  # MLX's Linux CPU wheel is ~30x faster on matmuls with the system OpenBLAS (see docs/ARCHITECTURE.md);
+  # bubblewrap is the sandbox that code_exec runs model-written code in (rewards/sandbox.py).
+  APT=""
+  [ -e /usr/lib/"$(uname -m)"-linux-gnu/openblas-pthread/libopenblas.so.0 ] || APT="$APT libopenblas0-pthread"
+  command -v bwrap >/dev/null || APT="$APT bubblewrap"
+  if [ -n "$APT" ] && command -v apt-get >/dev/null; then
     SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
-    $SUDO apt-get update -qq && $SUDO apt-get install -y -qq libopenblas0-pthread >/dev/null
+    # shellcheck disable=SC2086
+    $SUDO apt-get update -qq && $SUDO apt-get install -y -qq $APT >/dev/null
   fi
   # The CPU build of torch; an unpinned torch would pull gigabytes of CUDA wheels.
   $PY -m pip install -q "torch==2.13.0"

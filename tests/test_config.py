@@ -37,7 +37,7 @@ def test_unknown_flag_names_nearest():
 @pytest.mark.parametrize("argv, message", [
     (["--data", "x", "--lora-rank", "0"], r"--lora-rank=0: must be > 0"),
     (["--data", "x", "--lora-rank", "two"], r"--lora-rank expects int, got 'two'"),
-    (["--data", "x", "--lora-dropout", "1.5"], r"--lora-dropout=1.5: must be in \[0, 1\]"),
+    (["--data", "x", "--lora-dropout", "1.5"], r"--lora-dropout=1.5: must be in \[0, 1\)"),
     ([], r"--data=''.*required"),
 ])
 def test_bad_values(argv, message):

@@ -331,8 +331,17 @@ def test_existing_output_needs_force(tmp_path, peft_adapter, capsys):
     (out / "keep.txt").write_text("old")
     assert main(["peft-to-mlx-adapter", str(peft_adapter), str(out)]) == 2
     assert "already exists" in capsys.readouterr().err and (out / "keep.txt").exists()
-    assert main(["peft-to-mlx-adapter", str(peft_adapter), str(out), "--force"]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapters.safetensors"]
+    # --force never deletes what another verb or a person put there (the bug: it replaced any dir)
+    assert main(["peft-to-mlx-adapter", str(peft_adapter), str(out), "--force"]) == 2
+    assert "not an output of peft-to-mlx-adapter" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "old"
+    (out / "keep.txt").unlink()  # an empty dir may be replaced; a previous output too
+    for _ in range(2):
+        assert main(["peft-to-mlx-adapter", str(peft_adapter), str(out), "--force"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == [
+        ".posttrain-output.json", "adapter_config.json", "adapters.safetensors"]
+    assert main(["mlx-adapter-to-peft", str(out), str(out), "--force"]) == 2
+    assert "is an output of peft-to-mlx-adapter" in capsys.readouterr().err
 
 
 def test_the_value_head_travels_with_the_adapter(tmp_path, tiny_llama_dir, peft_adapter):

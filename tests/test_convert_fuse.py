@@ -175,3 +175,33 @@ def test_bad_options_and_inputs(tmp_path, tiny_llama_dir, mlx_dirs):
     assert not any((tmp_path / "out").iterdir())
     fuse(tiny_llama_dir, adapter, tmp_path / "out", fmt="hf", force=True)
     assert (tmp_path / "out/model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("prog, spec", [("mlx_ft", "mlx_ft.backend:MLXBackend"),
+                                        ("cuda_ft", "cuda_ft.backend:TorchBackend")])
+def test_fuse_refuses_an_adapter_trained_on_another_base(tmp_path, tiny_llama_dir, prog, spec,
+                                                         capsys):
+    """Regression: fuse merged an adapter into any base of the right shapes."""
+    from algorithms.cli import run_cli
+
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps({"prompt": "say hi", "completion": " hi hi"}) + "\n")
+    run = tmp_path / "run"
+    assert run_cli(prog, spec, ["sft", "--model", str(tiny_llama_dir), "--data", str(data),
+                                "--run-dir", str(run), "--steps", "1", "--batch-size", "1",
+                                "--max-length", "32", "--no-progress"]) == 0
+    adapter = run / "adapters"
+    record = json.loads((adapter / "posttrain_base.json").read_text())
+    assert record["architecture"]["model_type"] == "llama" and record["base_fingerprint"]
+    same_shapes = make_tiny_model(tmp_path / "retrained", seed=7)
+    other_arch = make_tiny_model(tmp_path / "qwen", family="qwen2")
+    argv = ["fuse", "--format", "hf"]
+    assert main([*argv, str(same_shapes), str(adapter), str(tmp_path / "a")]) == 2
+    assert "whose weights differ from" in capsys.readouterr().err
+    assert main([*argv, str(other_arch), str(adapter), str(tmp_path / "b"),
+                 "--ignore-base-fingerprint"]) == 2
+    assert "trained on another architecture" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    assert main([*argv, str(same_shapes), str(adapter), str(tmp_path / "c"),
+                 "--ignore-base-fingerprint"]) == 0
+    assert main([*argv, str(tiny_llama_dir), str(adapter), str(tmp_path / "d")]) == 0

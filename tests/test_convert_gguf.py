@@ -220,14 +220,20 @@ def test_hf_to_gguf_existing_output_and_failure_mid_write(tiny_llama_dir, tmp_pa
     out.write_bytes(b"old")
     with pytest.raises(FileExistsError, match="already exists"):
         hf_to_gguf(tiny_llama_dir, out)
+    # --force replaces a GGUF only (the bug: it replaced any file)
+    with pytest.raises(FileExistsError, match="not a previous output"):
+        hf_to_gguf(tiny_llama_dir, out, force=True)
     assert out.read_bytes() == b"old"
+    out.unlink()
+    hf_to_gguf(tiny_llama_dir, out, outtype="f32")
+    old = out.read_bytes()
 
     def crash(item):
         raise KeyboardInterrupt  # stands in for a kill part-way through the tensors
     monkeypatch.setattr("converters.hf_to_gguf._encode", crash)
     with pytest.raises(KeyboardInterrupt):
         hf_to_gguf(tiny_llama_dir, out, force=True)
-    assert out.read_bytes() == b"old" and leftovers(tmp_path) == []
+    assert out.read_bytes() == old and leftovers(tmp_path) == []
     monkeypatch.undo()
     hf_to_gguf(tiny_llama_dir, out, force=True)
     assert gguf.GGUFReader(out).fields[K.General.ARCHITECTURE].contents() == "llama"

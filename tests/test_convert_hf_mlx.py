@@ -318,9 +318,19 @@ def test_existing_output_needs_force(tiny_llama_dir, tmp_path):
     (out / "keep.txt").write_text("old")
     with pytest.raises(FileExistsError, match="--force"):
         hf_to_mlx(tiny_llama_dir, out)
+    # --force never deletes a dir it did not write (the bug: it replaced any dir, or a file)
+    with pytest.raises(FileExistsError, match="not an output of hf-to-mlx"):
+        hf_to_mlx(tiny_llama_dir, out, force=True)
     assert (out / "keep.txt").exists()
+    (out / "keep.txt").unlink()
     hf_to_mlx(tiny_llama_dir, out, force=True)
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
+    hf_to_mlx(tiny_llama_dir, out, force=True, dtype="float16")  # its own previous output
+    assert (out / "model.safetensors").exists()
+    a_file = tmp_path / "a_file"
+    a_file.write_text("precious")
+    with pytest.raises(FileExistsError, match="is a file"):
+        hf_to_mlx(tiny_llama_dir, a_file, force=True)
+    assert a_file.read_text() == "precious"
 
 
 def test_interrupted_conversion_leaves_nothing(tiny_llama_dir, tmp_path, monkeypatch):
@@ -387,3 +397,25 @@ def test_shard_helpers(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"\x05\x00\x00\x00\x00\x00\x00\x00[1,2]")
     with pytest.raises(ValueError, match="junk.safetensors: not a safetensors file"):
         read_header(tmp_path / "junk.safetensors")
+
+
+def test_disk_full_leaves_nothing_and_says_so(tiny_llama_dir, tiny_tmpfs, capsys):
+    """A 64 KiB disk cannot hold the 0.5 MB model: one line naming the output, nothing left."""
+    out = tiny_tmpfs / "out"
+    assert main(["hf-to-mlx", str(tiny_llama_dir), str(out)]) == 2
+    errors = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: {out}: disk full")
+    assert list(tiny_tmpfs.iterdir()) == []
+
+
+def test_disk_full_injected(tiny_llama_dir, tmp_path, capsys, monkeypatch):
+    import errno
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("converters.atomic._normalise_permissions", no_space)
+    out = tmp_path / "out"
+    assert main(["mlx-to-hf", str(tiny_llama_dir), str(out)]) == 2
+    assert f"error: {out}: disk full" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -63,6 +63,23 @@ BAD = [
     ({"messages": GOOD_MSG["messages"], "tools": {"a": 1}}, "wrong_type", '"tools" must be'),
     ({"messages": GOOD_MSG["messages"], "chat_template_kwargs": []}, "wrong_type",
      '"chat_template_kwargs" must be an object'),
+    ('{"text": "\\ud800"}', "invalid_text", '"text" holds a lone surrogate'),
+    ('{"messages": [{"role": "user", "content": "a\\udc00"}]}', "invalid_text",
+     '"messages"[0]["content"] holds a lone surrogate'),
+    ('{"text": "a", "text": "b"}', "duplicate_key", "key 'text' appears twice"),
+    ({"messages": [{"role": "user", "content": "x"},
+                   {"role": "assistant", "content": None,
+                    "tool_calls": [{"function": {"arguments": {}}}]}]},
+     "bad_tool_call", '"messages"[1] "tool_calls"[0] does not name its function'),
+    ({"messages": [{"role": "user", "content": "x", "weight": 0},
+                   {"role": "assistant", "content": "y"}]},
+     "bad_weight", 'only an assistant turn of "messages" data may carry'),
+    ({"messages": [{"role": "user", "content": "x"},
+                   {"role": "assistant", "content": "y", "weight": 0.5}]},
+     "bad_weight", '"weight" must be 0 (not trained) or 1'),
+    ({"messages": [{"role": "user", "content": "x"},
+                   {"role": "assistant", "content": "y", "weight": 0}]},
+     "no_assistant_turn", 'every assistant turn of "messages" has "weight": 0'),
 ]
 
 

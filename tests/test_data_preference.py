@@ -114,9 +114,18 @@ def test_kto_rows_and_labels(write_jsonl, tiny_tokenizer):
     assert [trained(tok, e.sequence) for e in ds.examples] == ["Four.<|im_end|>",
                                                                "Five.<|im_end|>"]
     assert (ds.report.n_desirable, ds.report.n_undesirable) == (1, 1)
-    strings = prepare(write_jsonl, tok, [{"prompt": "Q:", "completion": " 4", "label": True}],
+    strings = prepare(write_jsonl, tok, [{"prompt": "Q:", "completion": " 4", "label": True},
+                                         {"prompt": "Q:", "completion": " 5", "label": False}],
                       kind="unpaired")
     assert trained(tok, strings.examples[0].sequence) == " 4<|im_end|>"
+
+
+def test_kto_with_one_label_only_is_an_error(write_jsonl, tiny_tokenizer):
+    """Regression: KTO trained silently on data whose labels were all true."""
+    for label, have in ((True, "desirable"), (False, "undesirable")):
+        rows = [{"prompt": "Q:", "completion": f" {i}", "label": label} for i in range(3)]
+        with pytest.raises(DataError, match=f"every KTO example is {have}"):
+            prepare(write_jsonl, tiny_tokenizer, rows, kind="unpaired")
 
 
 def test_paired_data_is_unpaired_automatically(write_jsonl, tiny_tokenizer):

@@ -81,6 +81,17 @@ def test_messages_train_every_assistant_turn_and_only_them(write_jsonl, tiny_tok
     assert every.loss_mask == [0] + [1] * (len(ex.input_ids) - 1)
 
 
+def test_a_turn_with_weight_0_is_context_not_trained(write_jsonl, tiny_tokenizer):
+    """OpenAI's fine-tuning format: "weight": 0 on an assistant turn (it used to be ignored)."""
+    tok = tiny_tokenizer
+    record = copy.deepcopy(MULTI_TURN)
+    first = next(m for m in record["messages"] if m["role"] == "assistant")
+    first["weight"] = 0
+    assert trained_text(tok, one(write_jsonl, tok, record)) == "Four, café ☕<|im_end|>"
+    first["weight"] = 1
+    assert one(write_jsonl, tok, record).loss_mask == one(write_jsonl, tok, MULTI_TURN).loss_mask
+
+
 def test_chat_prompt_completion_trains_after_the_generation_prompt(write_jsonl, tiny_tokenizer):
     tok = tiny_tokenizer
     rec = {"prompt": [{"role": "system", "content": "Be nice."},

@@ -252,9 +252,12 @@ def test_existing_out_dir_needs_force(tiny_gguf, tmp_path):
     (tmp_path / "out" / "old.txt").write_text("old")
     with pytest.raises(FileExistsError, match="already exists"):
         gguf_to_hf(path, tmp_path / "out")
+    with pytest.raises(FileExistsError, match="not an output of gguf-to-hf"):
+        gguf_to_hf(path, tmp_path / "out", force=True)  # the bug: old.txt was deleted
+    (tmp_path / "out" / "old.txt").unlink()
     gguf_to_hf(path, tmp_path / "out", force=True)
-    assert (tmp_path / "out" / "config.json").is_file()
-    assert not (tmp_path / "out" / "old.txt").exists() and leftovers(tmp_path) == []
+    gguf_to_hf(path, tmp_path / "out", force=True)
+    assert (tmp_path / "out" / "config.json").is_file() and leftovers(tmp_path) == []
 
 
 def test_cli_gguf_to_hf_and_errors(tiny_gguf, tmp_path, capsys):

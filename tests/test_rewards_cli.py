@@ -55,3 +55,50 @@ def test_score_errors_name_the_problem(tmp_path, capsys):
     assert "missing.py" in capsys.readouterr().err
     assert main(["score", str(good), "--reward", "json_valid", "--reward-weights", "1,2"]) == 2
     assert "--reward-weights" in capsys.readouterr().err
+
+
+def test_a_reward_that_calls_sys_exit_fails_the_command(tmp_path, capsys):
+    """Regression: sys.exit(0) in a reward made `rewards score --out` exit 0 writing nothing."""
+    data = _write(tmp_path / "c.jsonl", [{"prompt": "p", "completion": "c"}])
+    plugin = tmp_path / "quits.py"
+    plugin.write_text("import sys\ndef quits(prompts, completions, **kw):\n    sys.exit(0)\n")
+    out = tmp_path / "scores.jsonl"
+    assert main(["score", str(data), "--reward", f"{plugin}:quits", "--out", str(out)]) == 2
+    assert "'quits' raised SystemExit(0)" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def _big_rows(tmp_path, n=3000):
+    return _write(tmp_path / "c.jsonl", [{"completion": f"{{\"k\": {i}}}"} for i in range(n)])
+
+
+def test_disk_full_while_writing_scores_leaves_nothing(tmp_path, capsys, monkeypatch):
+    import errno
+
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("converters.atomic.os.fsync", no_space)
+    out = tmp_path / "scores.jsonl"
+    assert main(["score", str(_big_rows(tmp_path, 5)), "--reward", "json_valid",
+                 "--out", str(out)]) == 2
+    assert f"{out}: disk full" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.jsonl"]
+
+
+def test_disk_full_on_a_real_tiny_disk(tmp_path, capsys, tiny_tmpfs):
+    out = tiny_tmpfs / "scores.jsonl"
+    assert main(["score", str(_big_rows(tmp_path)), "--reward", "json_valid",
+                 "--out", str(out)]) == 2
+    assert f"{out}: disk full" in capsys.readouterr().err
+    assert list(tiny_tmpfs.iterdir()) == []
+
+
+def test_bad_flags_are_one_line_errors(tmp_path, capsys):
+    good = _write(tmp_path / "g.jsonl", [{"completion": "x"}])
+    for flags, message in ((["--timeout", "-1"], "--timeout -1.0: must be a finite"),
+                           (["--timeout", "nan"], "--timeout nan: must be a finite"),
+                           (["--out", str(tmp_path)], "is a directory")):
+        assert main(["score", str(good), "--reward", "json_valid", *flags]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err

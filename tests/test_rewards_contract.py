@@ -313,3 +313,44 @@ def test_package_imports_neither_mlx_nor_torch():
     out = subprocess.run([sys.executable, "-c", code], check=False, cwd=ROOT, capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+# ---- functions that would end or hang the run -----------------------------------------------
+
+class CustomStop(BaseException):
+    pass
+
+
+@pytest.mark.parametrize("make", [lambda: SystemExit(0), lambda: SystemExit(3),
+                                  KeyboardInterrupt, GeneratorExit, CustomStop])
+@pytest.mark.parametrize("is_async", [False, True])
+def test_a_base_exception_stops_the_run_naming_the_function(make, is_async):
+    """Regression: sys.exit(0) in a reward ended grpo with exit code 0 and no steps."""
+    def quits(prompts, completions, **kw):
+        raise make()
+
+    async def quits_async(prompts, completions, **kw):
+        raise make()
+
+    fn = quits_async if is_async else quits
+    for on_error in ("raise", "none"):
+        with pytest.raises(RewardError, match=rf"'{fn.__name__}' raised .*BaseException.*stops"):
+            score([fn], on_error=on_error)
+
+
+def test_an_async_function_that_blocks_its_loop_times_out():
+    """Regression: time.sleep in an async reward hung the run forever (the loop never woke)."""
+    async def blocks(prompts, completions, **kw):
+        time.sleep(2)  # noqa: ASYNC251 - the bug being tested
+        return [0.0] * len(completions)
+
+    start = time.perf_counter()
+    with pytest.raises(RewardError, match=r"'blocks' timed out after 0.2 s"):
+        score([blocks], timeout_s=0.2)
+    assert time.perf_counter() - start < 1.0
+
+
+def test_bad_timeouts_are_refused():
+    for bad in (0, -1, math.nan, math.inf):
+        with pytest.raises(RewardError, match="--timeout"):
+            RewardScorer([flaky], timeout_s=bad)

@@ -1,4 +1,5 @@
-"""The code sandbox contains what model-written code may try, and code_exec scores with it."""
+"""The code sandbox contains what model-written code may try: limits, and (with a sandboxing
+tool) isolation from the machine and from other samples."""
 
 from __future__ import annotations
 
@@ -6,35 +7,25 @@ import ast
 import os
 import signal
 import socket
-import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
 
-from rewards import load_reward
-from rewards.code_exec import extract_code, make_code_exec
-from rewards.sandbox import SandboxLimits, capabilities, run_python
+from rewards.sandbox import SandboxLimits, Session, capabilities, run_python, sandbox_tool
 
 FAST = SandboxLimits(wall_s=3.0, cpu_s=1, memory_mb=256, max_procs=8, max_output_bytes=4096)
 IS_ROOT = sys.platform == "linux" and os.geteuid() == 0
-
-
-def kernel_can_unshare_net() -> bool:
-    """Probed without rewards.sandbox, so a regression there fails the test instead of skipping."""
-    flags = 0x40000000 if IS_ROOT else 0x50000000  # CLONE_NEWNET [| CLONE_NEWUSER]
-    probe = f"import ctypes, sys; sys.exit(ctypes.CDLL(None).unshare({flags}) != 0)"
-    return subprocess.run([sys.executable, "-c", probe], check=False).returncode == 0
-
-
-CAN_UNSHARE_NET = sys.platform == "linux" and kernel_can_unshare_net()
+TOOL = sandbox_tool()
+strong = pytest.mark.skipif(not TOOL.strong, reason=f"no sandboxing tool: {TOOL.summary}")
 
 
 def sandbox_pids() -> list[int]:
     """Running (not zombie) processes of a sandbox uid (rewards.sandbox uses 200000 and up)."""
     pids = []
-    for entry in Path("/proc").iterdir():
+    for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else []:
         try:
             if not entry.name.isdigit() or not 200_000 <= entry.stat().st_uid < 1_200_000:
                 continue
@@ -51,6 +42,7 @@ def no_leftovers():
     try:
         yield
     finally:
+        time.sleep(0.05)
         leftovers = sandbox_pids()
         for pid in leftovers:
             try:
@@ -60,14 +52,16 @@ def no_leftovers():
     assert not leftovers, f"sandbox processes left running: {leftovers}"
 
 
-def test_runs_code_with_stdin_in_a_writable_temp_dir():
+# ---- limits (every mode) --------------------------------------------------------------------
+
+def test_runs_code_with_stdin_in_a_writable_work_dir():
     code = "import os\nopen('f.txt', 'w').write(input()[::-1])\nprint(open('f.txt').read())\n" \
            "print(os.getcwd())"
     result = run_python(code, stdin="abc\n", limits=FAST)
     assert result.ok, result.stderr
     out, cwd = result.stdout.splitlines()
-    assert out == "cba" and "posttrain-sandbox-" in cwd
-    assert not Path(cwd).exists()  # removed afterwards
+    assert out == "cba"
+    assert not Path(cwd).exists() or cwd == "/sandbox"  # a host temp dir is removed afterwards
 
 
 def test_environment_is_stripped(monkeypatch):
@@ -75,7 +69,7 @@ def test_environment_is_stripped(monkeypatch):
     result = run_python("import os; print(sorted(os.environ))", limits=FAST)
     assert result.ok, result.stderr
     assert "POSTTRAIN_SECRET_TOKEN" not in result.stdout
-    assert set(ast.literal_eval(result.stdout)) <= {"HOME", "LANG", "LC_CTYPE", "PATH", "TMPDIR"}
+    assert set(ast.literal_eval(result.stdout)) <= {"HOME", "LANG", "LC_CTYPE", "PATH", "PWD", "TMPDIR"}
 
 
 def test_infinite_loop_is_stopped_by_the_cpu_limit(no_leftovers):
@@ -98,7 +92,8 @@ def test_large_allocation_fails_inside(no_leftovers):
     assert not result.ok and "MemoryError" in result.stderr and "allocated" not in result.stdout
 
 
-@pytest.mark.skipif(not IS_ROOT, reason="RLIMIT_NPROC is enforced only via the root uid drop")
+@pytest.mark.skipif(not (IS_ROOT or TOOL.mode == "bwrap"),
+                    reason="RLIMIT_NPROC needs a uid of its own (root, or bubblewrap)")
 @pytest.mark.parametrize("bomb", [
     "import os\nwhile True:\n    os.fork()\n",
     "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n",
@@ -109,7 +104,18 @@ def test_fork_bomb_is_contained(bomb, no_leftovers):
     result = run_python(bomb, limits=limits)
     assert time.perf_counter() - start < 4.0
     assert not result.ok
-    assert not sandbox_pids()
+
+
+def test_output_is_capped():
+    result = run_python("while True:\n    print('x' * 1000)\n", limits=FAST)
+    assert not result.ok and len(result.stdout) <= FAST.max_output_bytes
+
+
+def test_bad_limits_are_refused():
+    for bad in ({"wall_s": 0}, {"cpu_s": -1}, {"memory_mb": float("nan")},
+                {"wall_s": float("inf")}):
+        with pytest.raises(ValueError, match="must be a finite number > 0"):
+            SandboxLimits(**bad)
 
 
 def test_network_connect_fails_inside(no_leftovers):
@@ -129,15 +135,7 @@ def test_network_connect_fails_inside(no_leftovers):
         listener.close()
 
 
-@pytest.mark.skipif(not CAN_UNSHARE_NET, reason="the kernel refuses unshare(CLONE_NEWNET) here")
-def test_network_is_cut_by_the_kernel_not_only_the_hook():
-    assert capabilities()["network_namespace"]
-    result = run_python("import socket\nsocket.create_connection(('127.0.0.1', 9), timeout=1)\n",
-                        limits=FAST)
-    assert result.net_isolated and "Network is unreachable" in result.stderr
-
-
-def test_writes_outside_the_temp_dir_fail(tmp_path):
+def test_writes_outside_the_work_dir_fail(tmp_path):
     targets = [tmp_path / "escape.txt", Path("/tmp") / f"escape-{os.getpid()}.txt",
                Path("/dev/shm") / f"escape-{os.getpid()}.txt"]
     for target in targets:
@@ -150,35 +148,122 @@ def test_writes_outside_the_temp_dir_fail(tmp_path):
     (tmp_path / "keep.txt").write_text("keep")
     result = run_python(f"import os; os.remove({str(tmp_path / 'keep.txt')!r})", limits=FAST)
     assert not result.ok and (tmp_path / "keep.txt").exists()
-    result = run_python("import subprocess; subprocess.run(['touch', '/tmp/x'])", limits=FAST)
-    assert not result.ok and "not allowed" in result.stderr
+    target = Path("/tmp") / f"escape-{uuid.uuid4().hex}"
+    result = run_python(f"import subprocess; subprocess.run(['touch', {str(target)!r}])",
+                        limits=FAST)
+    assert not result.ok and not target.exists()
 
 
-def test_output_is_capped():
-    result = run_python("while True:\n    print('x' * 1000)\n", limits=FAST)
-    assert not result.ok and len(result.stdout) <= FAST.max_output_bytes
+# ---- isolation (a sandboxing tool) ---------------------------------------------------------
+
+@strong
+def test_capabilities_name_the_tool():
+    caps = capabilities()
+    assert caps["tool"] == TOOL.mode and caps["strong"] and caps["network_namespace"]
 
 
-# ---- code_exec ----------------------------------------------------------------------------------
+@strong
+def test_the_machine_is_invisible_inside(tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("hunter2")
+    probe = ("import os, sys\n"
+             f"for p in ['/etc/shadow', '/etc/passwd', {str(secret)!r}, {__file__!r}, '/proc/1/environ',"
+             " '/root/.bash_history', '/home']:\n"
+             "    try:\n        open(p).read(); print('READ', p)\n"
+             "    except OSError:\n        pass\n"
+             "print(sorted(os.listdir('/')))\n"
+             "print(any('site-packages' in p and os.listdir(p) for p in sys.path if os.path.isdir(p)))\n")
+    result = run_python(probe, limits=FAST)
+    assert result.ok, result.stderr
+    assert "READ" not in result.stdout
+    assert "etc" not in result.stdout and "home" not in result.stdout and "tmp" not in result.stdout
+    assert result.stdout.strip().endswith("False")  # installed packages are hidden
 
-def test_extract_code_takes_the_last_fenced_block():
-    text = "try\n```python\nprint(1)\n```\nbetter:\n```python\nprint(2)\n```\n"
-    assert extract_code(text) == "print(2)\n"
-    assert extract_code("print(3)") == "print(3)"
+
+@strong
+def test_samples_do_not_see_one_another():
+    marker = uuid.uuid4().hex
+    first = Session(FAST)
+    try:
+        assert first.request("load", code=f"open('/sandbox/notes.txt', 'w').write({marker!r})\n"
+                                           "x = 1")["ok"]
+        # the first sandbox is still running while the second looks for its files
+        snoop = (f"import os\nfound = []\nmarker = {marker[::-1]!r}[::-1]\n"
+                 "for root, dirs, files in os.walk('/'):\n"
+                 "    for f in files:\n"
+                 "        p = os.path.join(root, f)\n"
+                 "        try:\n"
+                 "            if os.path.isfile(p) and os.path.getsize(p) < 65536 and marker in open(p, errors='ignore').read(): "
+                 "found.append(p)\n"
+                 "        except OSError:\n            pass\n"
+                 "print(found)\n")
+        second = run_python(snoop, limits=SandboxLimits(wall_s=20, cpu_s=15))
+    finally:
+        first.close()
+    assert second.ok, second.stderr
+    assert second.stdout.strip() == "[]"
 
 
-def test_code_exec_scores_the_fraction_of_tests_passed(no_leftovers):
-    reward = make_code_exec(wall_s=3.0, cpu_s=1, memory_mb=256)
-    adder = "```python\ndef add(a, b):\n    return a + b\nif __name__ == '__main__':\n" \
-            "    print(sum(map(int, input().split())))\n```"
-    io_tests = [{"input": "1 2\n", "output": "3\n"}, {"input": "5 5", "output": "10"},
-                {"input": "1 1", "output": "3"}]
-    assert_tests = ["assert add(2, 3) == 5", "assert add('a', 'b') == 'ab'", "assert add(1, 1) == 3"]
-    function_only = "def add(a, b):\n    return a + b\n"
-    scores = reward(["p"] * 4, [adder, function_only, "while True: pass", adder],
-                    tests=[io_tests, assert_tests, ["assert True"], None])
-    assert scores == [pytest.approx(2 / 3), pytest.approx(2 / 3), 0.0, None]
-    assert reward(["p"], [adder]) == [None]
-    assert reward(["p"], [function_only], tests=['["assert add(1, 2) == 3"]']) == [1.0]
-    assert load_reward("code_exec(column='cases', cpu_s=1)")(
-        ["p"], [adder], cases=[[{"input": "2 2", "output": "4"}]]) == [1.0]
+@strong
+def test_files_do_not_outlive_the_sandbox():
+    first = run_python("open('/sandbox/left.txt', 'w').write('x')", limits=FAST)
+    assert first.ok
+    second = run_python("import os; print(os.listdir('/sandbox'))", limits=FAST)
+    assert second.stdout.strip() == "['main.py']"
+
+
+@strong
+def test_work_dir_is_size_capped():
+    limits = SandboxLimits(wall_s=5, cpu_s=2, disk_mb=1)
+    result = run_python("open('big', 'wb').write(b'x' * (4 << 20))", limits=limits)
+    assert not result.ok and ("No space left" in result.stderr or "File too large" in result.stderr)
+
+
+@strong
+def test_unix_sockets_on_the_host_are_unreachable(tmp_path):
+    path = tmp_path / "host.sock"
+    listeners = []
+    for address in (str(path), f"\0posttrain-test-{uuid.uuid4().hex}"):
+        s = socket.socket(socket.AF_UNIX)
+        s.bind(address)
+        s.listen()
+        s.setblocking(False)
+        listeners.append((s, address))
+    try:
+        for s, address in listeners:
+            code = f"import socket\ns = socket.socket(socket.AF_UNIX)\ns.connect({address!r})\n" \
+                   "print('connected')"
+            result = run_python(code, limits=FAST)
+            assert not result.ok and "connected" not in result.stdout
+            with pytest.raises(BlockingIOError):
+                s.accept()
+    finally:
+        for s, _ in listeners:
+            s.close()
+
+
+@strong
+def test_no_privileges_and_no_setuid_programs():
+    code = ("import ctypes, os\n"
+            "libc = ctypes.CDLL(None, use_errno=True)\n"
+            "print('nnp', libc.prctl(39, 0, 0, 0, 0))\n"  # PR_GET_NO_NEW_PRIVS
+            "print('uid', os.getuid())\n"
+            "for p in ['/usr/bin/su', '/usr/bin/passwd', '/bin/mount', '/usr/bin/sudo']:\n"
+            "    print(p, os.path.exists(p))\n"
+            "try:\n    os.setuid(0); print('became root')\nexcept OSError:\n    pass\n"
+            "print('mount', libc.mount(b'none', b'/sandbox', b'tmpfs', 0, None))\n")
+    result = run_python(code, limits=FAST)
+    assert result.ok, result.stderr
+    out = result.stdout
+    assert "nnp 1" in out and "became root" not in out and "mount -1" in out
+    assert "True" not in out  # no setuid binary is even visible
+    if IS_ROOT:
+        assert "uid 0" not in out
+
+
+def test_switching_off_the_audit_hook_gains_nothing(tmp_path):
+    """Regression: one line (`M._WORKDIR = ''`) switched the weak mode's hook off."""
+    target = tmp_path / "escape.txt"
+    code = f"import __main__ as M\nM._WORKDIR = ''\nopen({str(target)!r}, 'w').write('x')\n"
+    result = run_python(code, limits=FAST)
+    assert not result.ok and not target.exists()

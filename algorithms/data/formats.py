@@ -10,7 +10,10 @@ Formats (detected per example; one file holds one format, the first example's):
 A message is ``{"role": "system"|"user"|"assistant"|"tool", "content": str, ...}``; other message
 keys (``tool_calls``, ``name``, ``tool_call_id``, ``reasoning_content`` ...) are passed to the chat
 template untouched. ``content`` may be null or absent only in an assistant turn with
-``tool_calls``. Chat formats also take ``tools`` (a list of objects, given to the template) and
+``tool_calls``; every tool call names its function (``{"function": {"name": ...}}`` or
+``{"name": ...}``). An assistant turn of ``messages`` data may carry ``"weight": 0`` (not
+trained) or ``1`` (trained, the default), as in OpenAI's fine-tuning format; anywhere else, or
+with another value, ``weight`` is an error, never ignored. Chat formats also take ``tools`` (a list of objects, given to the template) and
 ``chat_template_kwargs`` (an object of extra template variables). Every format passes ``id`` and
 ``meta`` through unused (datasets often carry them). Any other top-level key is an error: it
 would be ignored silently, which usually means a typo or a format mix-up.
@@ -19,7 +22,7 @@ Rules, by the identifier that ``--skip-invalid`` counts them under: ``invalid_js
 ``not_an_object`` (see :mod:`.records`), ``unknown_format``, ``ambiguous_format``,
 ``mixed_formats``, ``missing_key``, ``wrong_type``, ``unknown_key``, ``empty_text``,
 ``empty_prompt``, ``empty_completion``, ``bad_message``, ``unknown_role``, ``content_not_string``,
-``no_assistant_turn``; and, found while tokenising (:mod:`.tokenize`), ``template_error``,
+``bad_tool_call``, ``bad_weight``, ``no_assistant_turn``; and, found while tokenising (:mod:`.tokenize`), ``template_error``,
 ``template_not_prefix_stable``, ``fully_masked``.
 """
 
@@ -125,8 +128,11 @@ def check_record(record: Record, expected: str | None = None,
         if not isinstance(data["messages"], list):
             raise record.fail("wrong_type", '"messages" must be a list of {"role", "content"} '
                               f"objects; got {describe(data['messages'])}")
-        _check_messages(record, data["messages"], "messages")
+        _check_messages(record, data["messages"], "messages", weights=True)
         _require_assistant(record, data["messages"], "messages")
+        if all(m.get("weight", 1) == 0 for m in data["messages"] if m["role"] == "assistant"):
+            raise record.fail("no_assistant_turn", 'every assistant turn of "messages" has '
+                              '"weight": 0, so nothing would be trained')
     if fmt in CHAT_FORMATS:
         _check_chat_extras(record, data)
     return fmt
@@ -139,7 +145,7 @@ def _check_text(record: Record, value: Any, key: str, empty_rule: str) -> None:
         raise record.fail(empty_rule, f'"{key}" is empty; got {describe(value)}')
 
 
-def _check_messages(record: Record, messages: list, key: str) -> None:
+def _check_messages(record: Record, messages: list, key: str, weights: bool = False) -> None:
     if not messages:
         raise record.fail("wrong_type", f'"{key}" is an empty message list')
     for i, message in enumerate(messages):
@@ -156,6 +162,21 @@ def _check_messages(record: Record, messages: list, key: str) -> None:
                                       and all(isinstance(c, dict) for c in calls)):
             raise record.fail("wrong_type", f'{where} "tool_calls" must be a list of objects; '
                               f"got {describe(calls)}")
+        for j, call in enumerate(calls or []):
+            function = call.get("function", call)
+            name = function.get("name") if isinstance(function, dict) else None
+            if not isinstance(name, str) or not name.strip():
+                raise record.fail("bad_tool_call", f'{where} "tool_calls"[{j}] does not name its '
+                                  f'function (expected {{"function": {{"name": ..., "arguments": '
+                                  f"...}}}}); got {describe(call)}")
+        if "weight" in message:
+            weight = message["weight"]
+            if not (weights and role == "assistant"):
+                raise record.fail("bad_weight", f'{where} has "weight", which only an assistant '
+                                  'turn of "messages" data may carry (0 = not trained)')
+            if isinstance(weight, bool) or weight not in (0, 1):
+                raise record.fail("bad_weight", f'{where} "weight" must be 0 (not trained) or 1 '
+                                  f"(trained); got {describe(weight)}")
         content = message.get("content")
         if role == "assistant" and calls and content is None:
             continue  # a pure tool-call turn

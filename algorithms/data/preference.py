@@ -229,6 +229,12 @@ def prepare_preference_dataset(path: str | Path, split: str, tokenizer: Any, cfg
         examples = pairs if kind == "paired" else unpaired
     if not examples:
         raise nothing_usable(file, skipped, messages)
+    labels = {getattr(e, "label", None) for e in examples}
+    if kind == "unpaired" and split == "train" and labels != {True, False}:
+        have = "desirable (true)" if True in labels else "undesirable (false)"
+        raise DataError(f"{file}: every KTO example is {have}; KTO weighs desirable against "
+                        "undesirable completions, so it needs both labels (for desirable-only "
+                        "data use sft)", source=file)
     seqs = [s for e in examples for s in _sequences(e)]
     report = PreferenceReport(
         path=file, format=fmt or "", max_length=max_length, n_examples=len(examples),

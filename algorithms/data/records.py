@@ -2,8 +2,10 @@
 
 A dataset is either one ``.jsonl`` file (its only split is ``train``) or a directory holding
 ``train.jsonl`` and optionally ``valid.jsonl`` / ``test.jsonl``. Blank lines are not examples and
-are skipped silently; every other line must be a JSON object. A line that is not becomes a
-:class:`DataError` whose message reads ``train.jsonl:17: <rule>; got <what was found>``.
+are skipped silently; every other line must be a JSON object, with no key twice in one object
+(``duplicate_key``) and no lone surrogate in a string (``invalid_text``: ``"\ud800"`` parses as
+JSON but is not Unicode text). A line that is not becomes a :class:`DataError` whose message
+reads ``train.jsonl:17: <rule>; got <what was found>``.
 """
 
 from __future__ import annotations
@@ -112,13 +114,24 @@ def read_jsonl(file: str | Path) -> list[Record]:
                     "invalid_json", f"line is not valid UTF-8 ({e.reason} at byte {e.start})")))
                 continue
             try:
-                data = json.loads(text)
+                data = json.loads(text, object_pairs_hook=_no_duplicate_keys)
+            except _DuplicateKey as e:
+                records.append(Record(name, number, error=record.fail(
+                    "duplicate_key", f"key {e.key!r} appears twice in one object; JSON keeps "
+                    "only the last, so one value would be ignored silently")))
+                continue
             except json.JSONDecodeError as e:
                 snippet = text.strip()
                 snippet = snippet if len(snippet) <= 60 else snippet[:57] + "..."
                 records.append(Record(name, number, error=record.fail(
                     "invalid_json",
                     f"not valid JSON ({e.msg} at column {e.colno}); got {snippet}")))
+                continue
+            bad_text = _unencodable(data)
+            if bad_text is not None:
+                records.append(Record(name, number, error=record.fail(
+                    "invalid_text", f"{bad_text} holds a lone surrogate (an escape such as "
+                    "\\ud800 with no pair), which is not Unicode text and cannot be tokenised")))
                 continue
             if not isinstance(data, dict):
                 records.append(Record(name, number, error=record.fail(
@@ -128,6 +141,45 @@ def read_jsonl(file: str | Path) -> list[Record]:
                 continue
             records.append(Record(name, number, data))
     return records
+
+
+class _DuplicateKey(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
+def _unencodable(value: Any, where: str = "") -> str | None:
+    """Where (``"messages"[0]["content"]``) ``value`` holds a string that UTF-8 cannot encode
+    (a lone surrogate), or None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return where or "the line"
+        return None
+    if isinstance(value, dict):
+        items = [(json.dumps(k, ensure_ascii=True), k, v) for k, v in value.items()]
+    elif isinstance(value, list):
+        items = [(str(i), None, v) for i, v in enumerate(value)]
+    else:
+        return None
+    for label, key, item in items:
+        inner = f"{where}[{label}]" if where else label
+        bad = (_unencodable(key, f"a key of {where or 'the line'}") if key is not None else None)
+        bad = bad or _unencodable(item, inner)
+        if bad:
+            return bad
+    return None
 
 
 def load_split(path: str | Path, split: str) -> list[Record] | None:

@@ -103,8 +103,9 @@ def chat_spans(record: Record, fmt: str, tokenizer: Any,
     """The full rendering of a chat example and the character spans that carry loss (with
     ``after_eot``, each span keeps the whitespace written after its end-of-turn token)."""
     messages = _conversation(record, fmt)
-    if fmt == MESSAGES:
-        turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    if fmt == MESSAGES:  # "weight": 0 turns are context, not trained (formats.py)
+        turns = [i for i, m in enumerate(messages)
+                 if m["role"] == "assistant" and m.get("weight", 1) != 0]
     else:
         turns = [len(record.data["prompt"])]  # one span: from the end of the prompt to the end
     full = _render(record, tokenizer, messages, False)

@@ -147,6 +147,13 @@ class OnlineConfig(TrainConfig):
         "raise", "a reward function that raises: stop the run (raise), or score the failing "
         "samples None, which gives them advantage 0 (none)", ON_ERROR_CHOICES)
     reward_timeout: float = field(60.0, "seconds one reward-function call may take")
+    unscored_patience: int = field(
+        3, "stop the run when every reward of this many generation batches in a row is None/NaN "
+           "(no reward signal: every advantage is 0); 0 = never")
+    allow_weak_sandbox: bool = field(
+        False, "let code_exec run model-written code where no sandboxing tool (bubblewrap, "
+               "sandbox-exec) works, under the weaker in-process guard (rlimits, uid drop, "
+               "audit hook)")
     # DAPO
     mask_truncated_completions: bool = field(
         False, "DAPO overlong filtering: completions cut at max_completion_length carry no loss "
@@ -228,7 +235,7 @@ class OnlineConfig(TrainConfig):
                      "max_completion_length", "max_sampling_rounds"):
             if getattr(self, name) < 1:
                 _bad(name, getattr(self, name), "must be >= 1")
-        for name in ("rollout_batch_size", "log_completions_every", "top_k"):
+        for name in ("rollout_batch_size", "log_completions_every", "top_k", "unscored_patience"):
             if getattr(self, name) < 0:
                 _bad(name, getattr(self, name), "must be >= 0")
         if self.grad_accumulation_steps != 1:

@@ -21,7 +21,10 @@ def load_rewards(cfg: Any) -> list[tuple[str, Any]]:
     """``(spec, function or None)`` for every ``--reward``; None marks a reward model to build
     once the backend exists. Raises :class:`rewards.RewardError` naming the spec."""
     from rewards import RewardError, load_reward
+    from rewards.code_exec import allow_weak_sandbox
 
+    if getattr(cfg, "allow_weak_sandbox", False):
+        allow_weak_sandbox()
     loaded: list[tuple[str, Any]] = []
     for spec in cfg.reward:
         if spec.strip().startswith(MODEL_PREFIX):

@@ -27,6 +27,7 @@ import numpy as np
 
 from ..backend import Loss
 from ..data.dataset import pad_token_id
+from ..guards import UnscoredGuard
 from ..schedule import learning_rate
 from ..spine import Cursor, Run, TrainResult, combine
 from .advantages import nan_mean_std
@@ -51,11 +52,14 @@ def train(cfg: Any, backend: Any, loss: Loss, data: Any, run_dir: Path) -> Train
     with Run(cfg, backend, run_dir, total_steps(cfg, len(data.train))) as run:
         stream = PromptStream(data.train, cfg.seed, run.cursor.epoch, run.cursor.index)
         batch, schedule, stats = None, [], {}
+        unscored = UnscoredGuard(cfg.unscored_patience, scorer.names)
         while not run.done:
             k = run.step % per_generation
             if k == 0 or batch is None:
                 rollouts = generate(cfg, backend, stream, scorer, run.step)
+                unscored.check(run.step + 1, rollouts.total)
                 batch, stats = prepare_batch(cfg, backend, rollouts, pad_id)
+                no_signal = _no_gradient_by_construction(cfg, batch)
                 schedule = mini_batches(len(batch), cfg, run.step)
                 if cfg.log_completions_every and run.step % cfg.log_completions_every == 0:
                     write_completions(run.run_dir, run.step, batch, cfg.num_generations)
@@ -69,7 +73,7 @@ def train(cfg: Any, backend: Any, loss: Loss, data: Any, run_dir: Path) -> Train
             metrics["time/update"] = time.perf_counter() - start
             run.record({**stats, **metrics}, lr=lr, grad_norm=grad_norm,
                        tokens=sum(int((a["segment_ids"] > 0).sum()) for a in micro),
-                       epoch=stream.fractional_epoch)
+                       epoch=stream.fractional_epoch, zero_grad_expected=no_signal)
             stats = {}  # logged once per generation batch
             if data.valid is not None and run.due(cfg.eval_every):
                 run.write_eval(evaluate_rewards(cfg, backend, data.valid, scorer, run.step))
@@ -78,6 +82,15 @@ def train(cfg: Any, backend: Any, loss: Loss, data: Any, run_dir: Path) -> Train
         if data.valid is not None:
             run.write_eval(evaluate_rewards(cfg, backend, data.valid, scorer, run.step))
         return run.finish(Cursor(stream.epoch, stream.index))
+
+
+def _no_gradient_by_construction(cfg: Any, batch: RolloutBatch) -> bool:
+    """Every advantage is 0 and no other term (KL loss, value loss, entropy bonus) remains, so a
+    zero gradient norm is expected, not a collapse."""
+    advantages = batch.row_values.get("advantages", batch.token_values.get("advantages"))
+    other_terms = (cfg.beta > 0 and cfg.kl_penalty == "loss") or cfg.uses_value_head \
+        or cfg.entropy_coef > 0
+    return not np.any(advantages) and not other_terms
 
 
 def _save_due(cfg: Any, run: Run) -> bool:

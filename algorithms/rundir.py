@@ -1,0 +1,195 @@
+"""The run directory: one run at a time, a resume that cannot be fooled, files written whole.
+
+:func:`open_run` is called once the flags, model and data have been checked, before the model
+is loaded:
+
+- it locks ``--run-dir`` (``flock`` on the directory itself, so no lock file is left behind):
+  a second run in the same dir stops at once instead of interleaving its rows;
+- without ``--resume`` it refuses a dir that holds checkpoints; logs left by a run that never
+  checkpointed are discarded (they belong to no resumable run);
+- with ``--resume`` it checks the newest complete checkpoint *before* anything is written: the
+  backend, every run-shaping setting, ``--steps`` (not below the checkpoint's step), and the
+  fingerprints of the data files and the model (content digests, see
+  :mod:`converters.fingerprint`): changed files at the same paths are refused, naming what
+  changed. A refused resume leaves ``config.json`` and everything else untouched.
+
+:meth:`Run.commit` writes ``config.json`` and ``fingerprints.json`` (temporary sibling, fsync,
+rename) once the backend has loaded; :meth:`Run.close` releases the lock and, when the run
+failed before that and created the dir, removes it (nothing half-made is left behind).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+from converters.atomic import write_text_atomically
+from converters.fingerprint import differences, model_fingerprint
+
+from . import checkpoint as ckpt
+
+LOGS = ("metrics.jsonl", "completions.jsonl")
+
+
+class RunDirError(ValueError):
+    """The run dir cannot be used as asked (locked, refused resume...); the message says why."""
+
+
+def data_fingerprint(data: str | os.PathLike) -> dict[str, dict]:
+    """``{split: {"path", "sha256", "lines"}}`` of the train / valid files of ``--data``."""
+    from .data.records import split_path
+
+    out = {}
+    for split in ("train", "valid"):
+        path = split_path(data, split)
+        if path is None:
+            continue
+        h, lines = hashlib.sha256(), 0
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+                lines += block.count(b"\n")
+        out[split] = {"path": str(path), "sha256": h.hexdigest(), "lines": lines}
+    return out
+
+
+def run_fingerprints(cfg: Any, model_path: Path) -> dict[str, Any]:
+    """What a checkpoint must have been trained on to be resumed: data and model(s)."""
+    from converters.models import resolve_model
+
+    out: dict[str, Any] = {"data": data_fingerprint(cfg.data),
+                           "model": model_fingerprint(model_path)}
+    ref = getattr(cfg, "ref_model", "")
+    if ref:
+        out["ref_model"] = model_fingerprint(resolve_model(ref))
+    return out
+
+
+class Run:
+    """A locked run dir (see the module docstring)."""
+
+    def __init__(self, path: Path, created: bool, fd: int | None) -> None:
+        self.path, self.created, self._fd = path, created, fd
+        self.committed = False
+
+    def commit(self, config_json: str, fingerprints: dict[str, Any]) -> None:
+        write_text_atomically(self.path / ckpt.FINGERPRINTS,
+                              json.dumps(fingerprints, indent=2, sort_keys=True) + "\n")
+        write_text_atomically(self.path / "config.json", config_json)
+        self.committed = True
+
+    def close(self, failed: bool = False) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # releases the flock
+            self._fd = None
+        if failed and self.created and not self.committed:
+            shutil.rmtree(self.path, ignore_errors=True)
+
+
+def _lock(path: Path) -> int | None:
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        return None
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise RunDirError(f"--run-dir {path}: another run is using it right now (it holds the "
+                          "lock); wait for it to finish or choose another --run-dir") from None
+    return fd
+
+
+def open_run(cfg: Any, backend_name: str, planned_steps: int,
+             fingerprints: dict[str, Any]) -> Run:
+    """Lock ``cfg.run_dir`` and check it for this run (module docstring); raises
+    :class:`RunDirError` with nothing written."""
+    path = Path(cfg.run_dir)
+    if path.exists() and not path.is_dir():
+        raise RunDirError(f"--run-dir {path}: is a file, not a directory")
+    created = not path.exists()
+    path.mkdir(parents=True, exist_ok=True)
+    run = Run(path, created, None)
+    try:
+        run._fd = _lock(path)
+        if cfg.resume:
+            _check_resume(cfg, path, backend_name, planned_steps, fingerprints)
+        else:
+            _check_fresh(path)
+    except BaseException:
+        run.close(failed=True)
+        raise
+    return run
+
+
+def _check_fresh(path: Path) -> None:
+    if ckpt.checkpoints(path):
+        raise RunDirError(f"--run-dir {path} already holds checkpoints; pass --resume to continue "
+                          "that run or choose another --run-dir")
+    stale = [name for name in LOGS if (path / name).exists()]
+    if stale:
+        print(f"--run-dir {path}: discarding {', '.join(stale)} of a run that never saved a "
+              "checkpoint", file=sys.stderr)
+        for name in stale:
+            (path / name).unlink()
+
+
+def _check_resume(cfg: Any, path: Path, backend_name: str, planned_steps: int,
+                  fingerprints: dict[str, Any]) -> None:
+    problems: list[str] = []
+    latest = next(ckpt.usable_checkpoints(path, say=problems.append), None)
+    if latest is None:
+        why = f" ({len(problems)} incomplete or corrupt, the newest: " \
+              f"{problems[0].split(': ', 1)[1]})" if problems else ""
+        raise RunDirError(f"--resume: no complete checkpoint under {path / 'checkpoints'}{why}")
+    state = ckpt.read_trainer_state(latest)
+    if state.get("backend") != backend_name:
+        raise RunDirError(f"--resume: {latest} was written by the {state.get('backend')} "
+                          f"backend; this is the {backend_name} backend")
+    try:
+        ckpt.check_resume_config(state["config"], cfg.to_dict(), latest)
+    except ValueError as e:
+        raise RunDirError(str(e)) from None
+    step = int(state["step"])
+    if planned_steps < step:
+        what = f"--steps {cfg.steps}" if cfg.steps else f"--epochs {cfg.epochs} ({planned_steps} steps)"
+        raise RunDirError(f"--resume: {what} is below the checkpoint's step {step} ({latest}); "
+                          f"ask for more than {step} steps, or start a new --run-dir")
+    if planned_steps == step and (path / "adapters").is_dir():
+        raise RunDirError(f"--resume: the run already finished at step {step} (adapters in "
+                          f"{path / 'adapters'}); raise --steps to train further")
+    _check_fingerprints(latest, step, fingerprints)
+    if planned_steps == step:  # finishing a run killed while writing its final artefacts
+        ckpt.trim_run_logs(path, step, drop_valid_at_step=True)
+
+
+def _check_fingerprints(latest: Path, step: int, now: dict[str, Any]) -> None:
+    file = latest / ckpt.FINGERPRINTS
+    if not file.is_file():
+        print(f"--resume: {latest} records no data or model fingerprints (an older checkpoint); "
+              "not checked", file=sys.stderr)
+        return
+    before = json.loads(file.read_text())
+    since = f"since the checkpoint at step {step} ({latest})"
+    advice = "resume with the files the run started with, or start a new --run-dir"
+    for split in sorted(set(before.get("data", {})) | set(now["data"])):
+        old, new = before.get("data", {}).get(split), now["data"].get(split)
+        if old is None or new is None:
+            state = "appeared" if old is None else "disappeared"
+            raise RunDirError(f"--resume: the {split} split {state} {since}; {advice}")
+        if old["sha256"] != new["sha256"]:
+            raise RunDirError(
+                f"--resume: the {split} data changed {since}: {old['path']} had {old['lines']} "
+                f"lines (sha256 {old['sha256'][:12]}), {new['path']} now has {new['lines']} "
+                f"(sha256 {new['sha256'][:12]}); {advice}")
+    for key, what in (("model", "model"), ("ref_model", "reference model")):
+        changed = differences(before.get(key, {}), now.get(key, {}))
+        if changed:
+            raise RunDirError(f"--resume: the {what} changed {since}: {'; '.join(changed[:4])}; "
+                              f"{advice}")
