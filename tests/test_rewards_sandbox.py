@@ -73,10 +73,10 @@ def test_environment_is_stripped(monkeypatch):
 
 
 def test_infinite_loop_is_stopped_by_the_cpu_limit(no_leftovers):
-    start = time.perf_counter()
-    result = run_python("while True:\n    pass\n", limits=FAST)
-    assert time.perf_counter() - start < 2.5
-    assert not result.ok and result.returncode == -signal.SIGXCPU
+    # a generous wall clock, so on a busy machine it is the CPU limit that stops the loop
+    limits = SandboxLimits(wall_s=60, cpu_s=FAST.cpu_s)
+    result = run_python("while True:\n    pass\n", limits=limits)
+    assert not result.ok and result.returncode == -signal.SIGXCPU and not result.timed_out
 
 
 def test_sleeping_forever_is_stopped_by_the_wall_clock(no_leftovers):
