@@ -76,10 +76,10 @@ def run_training(prog: str, backend_spec: str, algo, cfg):
 
     try:
         model_path = resolve_model(cfg.model)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, ImportError) as e:
         raise UserError(f"--model {cfg.model}: {e}") from None
-    tokenizer = load_tokenizer(model_path)
     try:
+        tokenizer = load_tokenizer(model_path, cfg.chat_template, prog)
         data = algo.prepare_data(cfg, tokenizer)
     except (DataError, FileNotFoundError, ValueError) as e:
         raise UserError(str(e)) from None
@@ -90,8 +90,12 @@ def run_training(prog: str, backend_spec: str, algo, cfg):
     if not cfg.resume and (run_dir / "checkpoints").exists():
         raise UserError(f"--run-dir {run_dir} already holds checkpoints; pass --resume to "
                         "continue that run or choose another --run-dir")
+    fingerprint = data_fingerprint(data)
+    if cfg.resume:
+        check_resume_data(run_dir, fingerprint)
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.json", {"backend": prog, "model_path": str(model_path)})
+    save_config(cfg, run_dir / "config.json", {"backend": prog, "model_path": str(model_path),
+                                               "data_fingerprint": fingerprint})
 
     started = time.perf_counter()
     backend = load_backend_class(backend_spec)(cfg, model_path, tokenizer)
@@ -116,10 +120,61 @@ def offline_train(cfg, backend, loss_fn, data, run_dir, prepare, normaliser):
                  normaliser=normaliser)
 
 
-def load_tokenizer(model_path: Path):
+def load_tokenizer(model_path: Path, chat_template: str = "", prog: str = ""):
+    """The model's tokenizer (pad = eos when it has no pad), with ``--chat-template`` applied."""
     from transformers import AutoTokenizer
+
+    from .data.templates import apply_chat_template
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_path))
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if chat_template:
+        for warning in apply_chat_template(tokenizer, chat_template):
+            print(f"{prog or 'posttrain'}: warning: {warning}", file=sys.stderr)
     return tokenizer
+
+
+def data_fingerprint(data) -> str:
+    """sha256 over every training and validation example's tokens, masks and labels: what the
+    run's data cursor indexes into (saved in config.json; --resume refuses another)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for plan in (data.train, data.valid):
+        dataset = getattr(plan, "dataset", plan)  # batch plans, or RL prompt sets
+        for example in getattr(dataset, "examples", []) if dataset is not None else []:
+            _hash_example(h, example)
+        h.update(b"|")
+    return h.hexdigest()
+
+
+def _hash_example(h, example) -> None:
+    import numpy as np
+
+    if hasattr(example, "input_ids"):  # SFT examples and preference sides
+        h.update(np.asarray(example.input_ids, dtype="<i8").tobytes() + b"m")
+        h.update(np.asarray(example.loss_mask, dtype="<u1").tobytes() + b";")
+    elif hasattr(example, "chosen"):
+        _hash_example(h, example.chosen)
+        _hash_example(h, example.rejected)
+    elif hasattr(example, "sequence"):
+        _hash_example(h, example.sequence)
+        h.update(b"L1" if example.label else b"L0")
+    else:  # an RL prompt: its tokens and the columns the rewards read
+        h.update(np.asarray(example.prompt_ids, dtype="<i8").tobytes())
+        h.update(json.dumps(example.columns, sort_keys=True, default=str).encode())
+
+
+def check_resume_data(run_dir: Path, fingerprint: str) -> None:
+    """Refuse to resume a run whose data (after mixing and hold-out) changed."""
+    saved = run_dir / "config.json"
+    try:
+        previous = json.loads(saved.read_text()).get("data_fingerprint")
+    except (OSError, ValueError):
+        return
+    if previous and previous != fingerprint:
+        raise UserError(f"--resume: the data differs from the data {run_dir} was trained on "
+                        "(a source, its content, the mix, the hold-out or the tokenisation "
+                        "changed); resuming would continue from a cursor into other examples. "
+                        "Use the same data or a new --run-dir")

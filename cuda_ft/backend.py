@@ -270,9 +270,13 @@ class TorchBackend:
             torch.cuda.set_rng_state_all(rng["cuda"])
 
     def save_adapters(self, directory: str) -> None:
-        """PEFT adapter dir for lora/dora; a full HF model dir (with tokenizer) for full."""
+        """PEFT adapter dir for lora/dora; a full HF model dir (with tokenizer) for full; both
+        with the run's ``chat_template.jinja``."""
+        from algorithms.data.templates import save_chat_template
+
         path = Path(directory)
         path.mkdir(parents=True, exist_ok=True)
+        save_chat_template(path, self.tokenizer)
         self.model.save_pretrained(str(path))
         if self.cfg.fine_tune_type == "full":
             self.tokenizer.save_pretrained(str(path))

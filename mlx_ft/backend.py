@@ -181,8 +181,12 @@ class MLXBackend:
         mx.eval(self.model.parameters(), self.optimizer.state)
 
     def save_adapters(self, directory: str) -> None:
-        """mlx-lm's adapter format: ``adapters.safetensors`` + ``adapter_config.json``."""
+        """mlx-lm's adapter format: ``adapters.safetensors`` + ``adapter_config.json`` (and the
+        run's ``chat_template.jinja``)."""
+        from algorithms.data.templates import save_chat_template
+
         d = Path(directory)
+        save_chat_template(d, self.tokenizer)
         mx.save_safetensors(str(d / "adapters.safetensors"), mlx_model.trainable(self.model))
         config = {**self.adapter_config, "base_model": str(self.model_path),
                   "lora_alpha": self.cfg.lora_alpha}
