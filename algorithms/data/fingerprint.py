@@ -27,9 +27,11 @@ CODE_MODULES = ("records.py", "formats.py", "tokenize.py", "dataset.py", "prefer
 
 
 def data_cache_dir() -> Path:
-    """``$POSTTRAIN_CACHE/data`` (default ``~/.cache/posttrain/data``)."""
+    """``$POSTTRAIN_DATA_CACHE``, else ``$POSTTRAIN_CACHE/data`` (``~/.cache/posttrain/data``)."""
     from converters.models import cache_dir
 
+    if os.environ.get("POSTTRAIN_DATA_CACHE"):
+        return Path(os.environ["POSTTRAIN_DATA_CACHE"]).expanduser()
     return cache_dir() / "data"
 
 

@@ -9,7 +9,7 @@ processes (forked on Linux, so nothing is pickled on the way in; spawned elsewhe
 
 The outcome equals a sequential pass: examples in row order; without ``skip_invalid`` the error
 of the earliest bad row is raised; with it every bad row is counted by rule. Each example also
-gets its row's content key (a hash of the row as read), which the validation split uses.
+gets its row's content key (:func:`row_key`), which the validation split uses.
 
 Workers: ``--data-workers N``; 0 picks one per available core, but only when each gets at least
 :data:`ROWS_PER_WORKER` rows (a pool costs a few hundred ms to start, a spawned one seconds).
@@ -44,8 +44,10 @@ class Processed:
 
 
 def row_key(record: Record) -> str:
-    """A hash of the row as read (its content only, not its position)."""
-    text = json.dumps(record.data, sort_keys=True, ensure_ascii=False, default=str)
+    """A hash of the row's content as its format reads it (not its position, not the ``id`` /
+    ``meta`` it passes through, not the columns it ignores)."""
+    data = {k: v for k, v in record.data.items() if k not in ("id", "meta")}
+    text = json.dumps(data, sort_keys=True, ensure_ascii=False, default=str)
     return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=12).hexdigest()
 
 
@@ -67,7 +69,8 @@ def process_records(records: list[Record], layout: Any, processor: Any, skip_inv
         record = records[start]
         start += 1
         try:
-            example, out.context = processor(layout.apply(record), None)
+            record = layout.apply(record)
+            example, out.context = processor(record, None)
         except DataError as e:
             _skip_or_raise(e, skip_invalid, out)
             continue
@@ -104,7 +107,8 @@ def _chunk(records: list[Record], layout: Any, processor: Any, context: Any,
     examples, keys, skipped = [], [], []
     for record in records:
         try:
-            example, _ = processor(layout.apply(record), context)
+            record = layout.apply(record)
+            example, _ = processor(record, context)
         except DataError as e:
             if not skip_invalid or e.rule == "file":
                 return examples, keys, skipped, (str(e), e.rule, e.source)

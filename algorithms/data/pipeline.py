@@ -72,7 +72,7 @@ class Part:
         """One line of the per-source report printed before training."""
         layout = "" if self.layout == "native" else f"{self.layout} -> "
         text = (f"{self.label} ({layout}{self.format}): {self.n_rows:,} rows, "
-                f"{len(self.examples):,} kept")
+                f"{len(self.examples) + self.held_out:,} kept")
         if self.n_skipped:
             rules = ", ".join(f"{r} {n}" for r, n in sorted(self.skipped.items()))
             text += f", {self.n_skipped:,} skipped ({rules})"
@@ -81,7 +81,7 @@ class Part:
         if self.held_out:
             text += f"; {self.held_out:,} held out for validation"
         if self.drawn is not None:
-            ratio = self.drawn / max(1, len(self.examples) - self.held_out)
+            ratio = self.drawn / max(1, len(self.examples))
             text += f"; weight {self.weight:g} -> {self.drawn:,} examples ({ratio:.2f}x)"
         return text + (" [cached]" if self.cached else "")
 
@@ -157,7 +157,7 @@ def _hold_out(loaded: list, amount: float) -> None:
         train_idx, valid_idx = hold_out(part.keys, count)
         if not valid_idx:
             continue
-        splits["valid"] = Part(f"{part.label} (held out)", part.layout, part.format,
+        splits["valid"] = Part(f"{part.label}, held out", part.layout, part.format,
                                [part.examples[i] for i in valid_idx],
                                [part.keys[i] for i in valid_idx], len(valid_idx))
         part.examples = [part.examples[i] for i in train_idx]

@@ -189,7 +189,12 @@ def _dir_splits(path: Path, spec: SourceSpec, label: str) -> dict[str, SplitSour
 
 def _split_files(path: Path, train_split: str) -> dict[str, list[Path]]:
     """``{"train": [...], "valid": [...]}`` by datasets' file-name patterns (or, for another
-    training split name, files named ``<split>`` / ``<split>-*``)."""
+    training split name, files named ``<split>`` / ``<split>-*``); a directory with
+    ``<split>.jsonl`` is today's layout (``valid.jsonl`` beside it), read without datasets."""
+    if (path / f"{train_split}.jsonl").is_file():
+        valid = [path / f"{name}.jsonl" for name in ("valid", "validation")
+                 if (path / f"{name}.jsonl").is_file()][:1]
+        return {"train": [path / f"{train_split}.jsonl"], **({"valid": valid} if valid else {})}
     from datasets.data_files import DataFilesDict, get_data_patterns
 
     try:

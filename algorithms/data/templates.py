@@ -141,8 +141,9 @@ def apply_chat_template(tokenizer: Any, value: str) -> list[str]:
     if not split:
         return []
     verb = "is not a single token" if len(split) == 1 else "are not single tokens"
-    return [f"--chat-template {value}: {', '.join(split)} {verb} of this tokenizer; the model "
-            "learns them as plain text (fine for a base model, slower to learn)"]
+    warning = (f"--chat-template {value}: {', '.join(split)} {verb} of this tokenizer; the model "
+               "learns them as plain text (fine for a base model, slower to learn)")
+    return [warning]
 
 
 def save_chat_template(directory: str | Path, tokenizer: Any) -> None:

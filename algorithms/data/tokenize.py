@@ -168,12 +168,23 @@ def _tokenize_chat(record: Record, fmt: str, tokenizer: Any,
     except NotImplementedError:
         raise DataError(f"{record.file}: chat data needs a fast tokenizer (offsets mapping); "
                         f"{type(tokenizer).__name__} has none", source=record.file) from None
-    ids = list(enc["input_ids"])
-    mask = []
-    for s, e in enc["offset_mapping"]:
-        e = max(e, s + 1)  # a zero-width token counts where it sits
-        mask.append(int(any(s < b and e > a for a, b in spans)))
-    return ids, mask
+    return list(enc["input_ids"]), overlap_mask(enc["offset_mapping"], spans)
+
+
+def overlap_mask(offsets: list, spans: list[tuple[int, int]]) -> list[int]:
+    """1 for each token whose characters ``[s, e)`` overlap a span (a zero-width token counts
+    where it sits). One sweep: spans are sorted and disjoint, token starts non-decreasing."""
+    spans = sorted(spans)
+    mask, j, last = [], 0, -1
+    for s, e in offsets:
+        if s < last:  # offsets went backwards (never for byte-level BPE): start over
+            j = 0
+        last = s
+        e = max(e, s + 1)
+        while j < len(spans) and spans[j][1] <= s:
+            j += 1
+        mask.append(int(j < len(spans) and spans[j][0] < e))
+    return mask
 
 
 def _encode(tokenizer: Any, text: str, add_special_tokens: bool) -> list[int]:
