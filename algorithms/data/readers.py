@@ -178,7 +178,8 @@ def _dir_splits(path: Path, spec: SourceSpec, label: str) -> dict[str, SplitSour
                         source=str(path))
     out = {}
     for split, group in files.items():
-        name = str(group[0]) if len(group) == 1 else f"{label}:{split if split != VALID else 'valid'}"
+        name = (str(Path(label) / group[0].relative_to(path)) if len(group) == 1
+                else f"{label}:{split}")
         json_files = [f for f in group if f.suffix.lower() in JSON_SUFFIXES]
         if json_files and len(json_files) != len(group):
             raise DataError(f"{label}: the {split} split mixes JSON and table files; convert them "
