@@ -1,11 +1,13 @@
-"""From a dataset path to tokenised examples: validate, tokenise, truncate, report.
+"""The SFT data family: validate, tokenise, truncate, report.
 
-``prepare_dataset(path, split, tokenizer, cfg)`` reads one split (see :mod:`.records`), checks
-every example against its format's rules (:mod:`.formats`), tokenises it and builds its loss mask
-(:mod:`.tokenize`). Without ``cfg.skip_invalid`` the first broken example raises a
-:class:`DataError` naming ``file:line``; with it, broken examples are counted by rule and left
-out, and the :class:`DatasetReport` says so. File-level problems (no train file, a tokenizer with
-no chat template for chat data, ``--train-on completion`` on text) always raise.
+``prepare_dataset(path, split, tokenizer, cfg)`` reads one split of one source (see
+:mod:`.readers`), checks every example against its format's rules (:mod:`.formats`), tokenises
+it and builds its loss mask (:mod:`.tokenize`); :data:`SFT` is the family
+:func:`.pipeline.prepare_splits` uses for several sources, mixing and hold-out. Without
+``cfg.skip_invalid`` the first broken example raises a :class:`DataError` naming ``file:line``
+(or ``source[row]``); with it, broken examples are counted by rule and left out, and the
+:class:`DatasetReport` says so. File-level problems (no train file, a tokenizer with no chat
+template for chat data, ``--train-on completion`` on text) always raise.
 """
 
 from __future__ import annotations

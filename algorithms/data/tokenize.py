@@ -108,8 +108,8 @@ def chat_spans(record: Record, fmt: str, tokenizer: Any) -> tuple[str, list[tupl
     spans = []
     for i in turns:
         before = _render(record, tokenizer, messages[:i], True)
-        after = (full if fmt == CHAT_PROMPT_COMPLETION
-                 else _render(record, tokenizer, messages[: i + 1], False))
+        last = fmt == CHAT_PROMPT_COMPLETION or i == len(messages) - 1  # renders as ``full``
+        after = full if last else _render(record, tokenizer, messages[: i + 1], False)
         for part, what in ((before, f"messages[:{i}] with add_generation_prompt=True"),
                            (after, f"messages[:{i + 1}]")):
             if not full.startswith(part):
