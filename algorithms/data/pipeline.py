@@ -94,6 +94,8 @@ class SplitReport:
     sources: list[str]
 
     def __getattr__(self, name: str) -> Any:
+        if name == "summary":  # not set yet (copy, unpickling): no recursion
+            raise AttributeError(name)
         return getattr(self.summary, name)
 
     def __str__(self) -> str:
@@ -110,10 +112,15 @@ def prepare_splits(cfg: Any, tokenizer: Any, family: Family) -> dict[str, Any]:
         check_family_format(family.name, spec.format,
                             "--data-format" if len(specs) == 1 else f"--data {spec.path}: format")
     started = time.perf_counter()
+    from .dataset import unwrap_tokenizer
+
+    tokenizer = unwrap_tokenizer(tokenizer)
+    tokenizer_fp = tokenizer_fingerprint(tokenizer) if getattr(cfg, "data_cache", False) else ""
     loaded = []
     for spec in specs:
         located = locate(spec)
-        loaded.append((spec, {split: load_split(located[split], spec, family, tokenizer, cfg)
+        loaded.append((spec, {split: load_split(located[split], spec, family, tokenizer, cfg,
+                                                tokenizer_fp)
                               for split in ("train", "valid") if split in located}))
     _hold_out(loaded, float(getattr(cfg, "valid_fraction", 0.0) or 0.0))
     train_parts = [splits["train"] for _, splits in loaded]
@@ -166,7 +173,7 @@ def _hold_out(loaded: list, amount: float) -> None:
 
 
 def load_split(source: SplitSource, spec: SourceSpec, family: Family, tokenizer: Any,
-               cfg: Any) -> Part:
+               cfg: Any, tokenizer_fp: str = "") -> Part:
     """One source split, validated and tokenised: from the cache, or read and processed."""
     from .dataset import unwrap_tokenizer
 
@@ -179,7 +186,8 @@ def load_split(source: SplitSource, spec: SourceSpec, family: Family, tokenizer:
         key = data_cache.cache_key({
             "identity": source.identity, "label": source.label, "source": options,
             "family": family.name, "settings": family.settings(cfg),
-            "skip_invalid": skip_invalid, "tokenizer": tokenizer_fingerprint(tokenizer),
+            "skip_invalid": skip_invalid,
+            "tokenizer": tokenizer_fp or tokenizer_fingerprint(tokenizer),
             "code": code_fingerprint()})
         hit = data_cache.load(key)
         if hit is not None:

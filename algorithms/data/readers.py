@@ -33,7 +33,7 @@ import json
 import os
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -58,13 +58,21 @@ class Rows:
 
 @dataclass
 class SplitSource:
-    """One split of one source: its ``label`` (what messages call it), its content ``identity``
-    and how to read it (deferred, so a cached split is never read)."""
+    """One split of one source: its ``label`` (what messages call it), how to read it (deferred,
+    so a cached split is never read) and its content ``identity``: the hash of ``files`` (taken
+    when first asked for), or ``given`` (a Hub commit, a ``datasets`` fingerprint)."""
 
     label: str
-    identity: str
     table: bool
     reader: Callable[[], Rows]
+    files: list[Path] = field(default_factory=list)
+    given: str | None = None
+
+    @property
+    def identity(self) -> str:
+        if self.given is None:
+            self.given = hash_files(self.files)
+        return self.given
 
     def read(self) -> Rows:
         return self.reader()
@@ -107,7 +115,7 @@ def _json_split(files: list[Path], label: str) -> SplitSource:
         records = [r for f in files for r in read_json_records(f)]
         return Rows(records, None, len(records))
 
-    return SplitSource(label, hash_files(files), False, read)
+    return SplitSource(label, False, read, files)
 
 
 def read_json_records(file: Path) -> list[Record]:
@@ -155,16 +163,18 @@ def _table_split(files: list[Path], label: str) -> SplitSource:
             builder, data_files=[str(f) for f in files], split="train",
             cache_dir=datasets_cache_dir(), **kwargs)), label)
 
-    return SplitSource(label, hash_files(files), True, read)
+    return SplitSource(label, True, read, files)
 
 
 # --- directories ----------------------------------------------------------------------------
 
-def _dir_splits(path: Path, spec: SourceSpec, label: str) -> dict[str, SplitSource]:
+def _dir_splits(path: Path, spec: SourceSpec, label: str,
+                identity: str | None = None) -> dict[str, SplitSource]:
+    """A directory's splits; ``identity`` (a Hub snapshot's commit) spares hashing its files."""
     if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
-        return _saved_splits(path, spec, label)
+        return _saved_splits(path, spec, label, identity)
     if spec.config or _declares_configs(path):
-        return _builder_splits(path, spec, label)
+        return _builder_splits(path, spec, label, identity)
     files = _split_files(path, spec.split)
     if not files.get("train"):
         present = sorted(str(p.relative_to(path)) for p in path.rglob("*")
@@ -185,6 +195,8 @@ def _dir_splits(path: Path, spec: SourceSpec, label: str) -> dict[str, SplitSour
             raise DataError(f"{label}: the {split} split mixes JSON and table files; convert them "
                             "to one kind", source=label)
         out[split] = _json_split(group, name) if json_files else _table_split(group, name)
+        if identity is not None:
+            out[split].given = f"{identity}:{[str(f.relative_to(path)) for f in group]}"
     return out
 
 
@@ -223,40 +235,44 @@ def _declares_configs(path: Path) -> bool:
     return re.search(r"^configs\s*:", header, re.MULTILINE) is not None
 
 
-def _saved_splits(path: Path, spec: SourceSpec, label: str) -> dict[str, SplitSource]:
-    identity = hash_files(sorted(p for p in path.rglob("*") if p.is_file()))
+def _saved_splits(path: Path, spec: SourceSpec, label: str,
+                  identity: str | None) -> dict[str, SplitSource]:
+    files = sorted(p for p in path.rglob("*") if p.is_file())
     loaded = _load(label, lambda ds: ds.load_from_disk(str(path)))
-    return _dataset_splits(loaded, spec, label, identity)
+    return _dataset_splits(loaded, spec, label, files, identity)
 
 
-def _builder_splits(path: Path, spec: SourceSpec, label: str) -> dict[str, SplitSource]:
-    identity = hash_files(sorted(p for p in path.rglob("*") if p.is_file()
-                                 and ".cache" not in p.relative_to(path).parts))
+def _builder_splits(path: Path, spec: SourceSpec, label: str,
+                    identity: str | None) -> dict[str, SplitSource]:
+    files = sorted(p for p in path.rglob("*") if p.is_file()
+                   and not any(part.startswith(".") for part in p.relative_to(path).parts))
     loaded = _load(label, lambda ds: ds.load_dataset(str(path), name=spec.config or None,
                                                      cache_dir=datasets_cache_dir()))
-    return _dataset_splits(loaded, spec, label, identity)
+    return _dataset_splits(loaded, spec, label, files, identity)
 
 
 def _hub_splits(spec: SourceSpec) -> dict[str, SplitSource]:
     from converters import hub
 
     snapshot = hub.cached_snapshot(spec.path, "dataset")
-    if snapshot is not None:
-        return _dir_splits(snapshot, spec, spec.path)
+    if snapshot is not None:  # a snapshot's commit names its content
+        return _dir_splits(snapshot, spec, spec.path, f"hub:{spec.path}@{snapshot.name}")
+    where = (f"{spec.path}: not a local path, and the Hugging Face dataset {spec.path!r} is not "
+             f"in the cache {hub.hub_cache_dir()}")
     if hub.hub_offline():
-        raise DataError(f"{spec.path}: not a local path, and the Hugging Face dataset "
-                        f"{spec.path!r} is not in the cache {hub.hub_cache_dir()} while the Hub "
-                        f"is offline (HF_HUB_OFFLINE); fetch it once online (hf download "
-                        f"{spec.path} --repo-type dataset) or give a local path",
-                        source=spec.path)
+        raise DataError(f"{where} while the Hub is offline (HF_HUB_OFFLINE); fetch it once "
+                        f"online (hf download {spec.path} --repo-type dataset) or give a local "
+                        "path", source=spec.path)
     loaded = _load(spec.path, lambda ds: ds.load_dataset(spec.path, name=spec.config or None,
-                                                         cache_dir=datasets_cache_dir()))
-    return _dataset_splits(loaded, spec, spec.path, None)
+                                                         cache_dir=datasets_cache_dir()),
+                   f"{where} and could not be loaded")
+    return _dataset_splits(loaded, spec, spec.path, [], None)
 
 
-def _dataset_splits(loaded: Any, spec: SourceSpec, label: str,
+def _dataset_splits(loaded: Any, spec: SourceSpec, label: str, files: list[Path],
                     identity: str | None) -> dict[str, SplitSource]:
-    """The train / valid :class:`SplitSource` of a loaded ``Dataset`` or ``DatasetDict``."""
+    """The train / valid :class:`SplitSource` of a loaded ``Dataset`` or ``DatasetDict``; their
+    identity: ``identity``, else the hash of ``files``, else ``datasets``' fingerprint."""
     if not hasattr(loaded, "keys"):  # one Dataset: the train split
         splits = {"train": (loaded, label)}
     else:
@@ -270,9 +286,11 @@ def _dataset_splits(loaded: Any, spec: SourceSpec, label: str,
             splits["valid"] = (loaded[valid], f"{label}:{valid}")
     out = {}
     for split, (dataset, name) in splits.items():
-        key = f"{identity}:{name}" if identity else f"datasets:{name}:{dataset._fingerprint}"
-        out[split] = SplitSource(name, key, True,
-                                 lambda dataset=dataset, name=name: table_rows(dataset, name))
+        source = SplitSource(name, True, lambda dataset=dataset, name=name:
+                             table_rows(dataset, name), files)
+        if identity is not None or not files:
+            source.given = f"{identity or 'datasets:' + dataset._fingerprint}:{name}"
+        out[split] = source
     return out
 
 
@@ -288,7 +306,7 @@ def datasets_cache_dir() -> str:
     return os.path.join(os.path.expanduser(home), "datasets")
 
 
-def _load(label: str, call: Callable[[Any], Any]) -> Any:
+def _load(label: str, call: Callable[[Any], Any], what: str = "") -> Any:
     """``call(datasets)`` with progress bars off; its failures become a one-line DataError."""
     import datasets
 
@@ -300,8 +318,8 @@ def _load(label: str, call: Callable[[Any], Any]) -> Any:
         raise
     except Exception as e:  # noqa: BLE001 - arrow / parse / missing-config errors, reported
         reason = " ".join(str(e).split())[:300] or type(e).__name__
-        raise DataError(f"{label}: could not be read by the datasets library: "
-                        f"{type(e).__name__}: {reason}", source=label) from None
+        what = what or f"{label}: could not be read by the datasets library"
+        raise DataError(f"{what}: {type(e).__name__}: {reason}", source=label) from None
 
 
 def table_rows(dataset: Any, label: str, batch_size: int = 4096) -> Rows:
