@@ -1,4 +1,4 @@
-"""Time to prepare a large SFT set: first run (tokenise), again with one process, second run (cache).
+"""Time to prepare a large SFT set: first run (tokenise), with one process, second run (cache).
 
     python scripts/measure_data_prep.py                       # 50,000 chat examples, SmolLM2
     python scripts/measure_data_prep.py --examples 10000 --format parquet

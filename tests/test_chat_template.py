@@ -76,7 +76,7 @@ def test_builtins_are_prefix_stable_and_mask_only_the_replies(name, with_templat
                               tokenizer, "auto", 4096)
     trained = tokenizer.decode([t for t, m in zip(example.input_ids, example.loss_mask) if m])
     assert "four" in trained and "The answer is 4." in trained and '"add"' in trained
-    assert "two plus two" not in trained and "and again" not in trained and "Be brief" not in trained
+    assert not any(text in trained for text in ("two plus two", "and again", "Be brief"))
 
 
 def test_override_changes_the_tokens_and_warns_about_split_markers(tiny_tokenizer):

@@ -6,9 +6,9 @@ from __future__ import annotations
 import copy
 import json
 import os
-import types
 
 import pytest
+from data_helpers import data_cfg
 
 from algorithms.data import DataError, cache, parallel, pipeline
 from algorithms.data.dataset import SFT
@@ -17,11 +17,7 @@ from algorithms.data.records import read_jsonl
 
 
 def cfg(data, **kw):
-    base = {"data": [str(data)], "max_length": 64, "train_on": "auto", "skip_invalid": False,
-            "seed": 0, "valid_fraction": 0.0, "data_format": "auto", "columns": [],
-            "data_split": "train", "data_config": "", "data_workers": 1, "data_cache": True}
-    base.update(kw)
-    return types.SimpleNamespace(**base)
+    return data_cfg(data, **{"data_cache": True, **kw})
 
 
 def rows(n, bad_at=()):

@@ -4,9 +4,9 @@ messages / prompt-completion / preference / prompt rows, for every data family."
 from __future__ import annotations
 
 import json
-import types
 
 import pytest
+from data_helpers import data_cfg
 
 from algorithms.data import DataError
 from algorithms.data.dataset import SFT
@@ -19,12 +19,7 @@ datasets.disable_progress_bars()
 
 
 def cfg(path, **kw):
-    base = {"data": [str(path)], "max_length": 128, "train_on": "auto", "skip_invalid": False,
-            "seed": 0, "valid_fraction": 0.0, "data_format": "auto", "columns": [],
-            "data_split": "train", "data_config": "", "data_workers": 1, "data_cache": False,
-            "packing": False, "max_prompt_length": None, "max_completion_length": 16}
-    base.update(kw)
-    return types.SimpleNamespace(**base)
+    return data_cfg(path, **{"max_length": 128, **kw})
 
 
 def content(dataset):
@@ -71,8 +66,10 @@ def bot(text):
 
 def test_sharegpt_equals_messages(load):
     share = {"conversations": [{"from": "system", "value": "Be brief."},
-                               {"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"},
-                               {"from": "user", "value": "2+2?"}, {"from": "assistant", "value": "4"}]}
+                               {"from": "human", "value": "Hi"},
+                               {"from": "gpt", "value": "Hello!"},
+                               {"from": "user", "value": "2+2?"},
+                               {"from": "assistant", "value": "4"}]}
     messages = {"messages": [{"role": "system", "content": "Be brief."}, user("Hi"),
                              bot("Hello!"), user("2+2?"), bot("4")]}
     expected = content(load([messages]))
@@ -169,7 +166,8 @@ def test_preference_layouts_equal_preference_rows(load):
     native = [{"prompt": [user("Q?")], "chosen": [bot("yes")], "rejected": [bot("no")]}]
     expected = content(load(native, PAIRED))
     share = [{"conversations": [{"from": "human", "value": "Q?"}],
-              "chosen": {"from": "gpt", "value": "yes"}, "rejected": {"from": "gpt", "value": "no"}}]
+              "chosen": {"from": "gpt", "value": "yes"},
+              "rejected": {"from": "gpt", "value": "no"}}]
     alpaca = [{"instruction": "Q?", "chosen": "yes", "rejected": "no"}]
     assert content(load(share, PAIRED)) == expected
     assert content(load(alpaca, PAIRED)) == expected

@@ -4,11 +4,11 @@ function of the seed, a validation set stable across runs, reported per source."
 from __future__ import annotations
 
 import json
-import types
 from collections import Counter
 
 import numpy as np
 import pytest
+from data_helpers import data_cfg as cfg
 
 from algorithms.config import ConfigError, build_config
 from algorithms.data import DataError
@@ -17,14 +17,6 @@ from algorithms.data.mixing import draw, hold_out, holdout_counts, largest_remai
 from algorithms.data.pipeline import prepare_splits
 from algorithms.data.sources import parse_columns, parse_sources
 from algorithms.sft import SFTConfig
-
-
-def cfg(data, **kw):
-    base = {"data": data, "max_length": 64, "train_on": "auto", "skip_invalid": False,
-            "seed": 0, "valid_fraction": 0.0, "data_format": "auto", "columns": [],
-            "data_split": "train", "data_config": "", "data_workers": 1, "data_cache": False}
-    base.update(kw)
-    return types.SimpleNamespace(**base)
 
 
 def write(path, n, tag):

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import json
 import shutil
-import types
 
 import pytest
+from data_helpers import data_cfg as cfg
 from hub_helpers import add_to_hub_cache
 
 from algorithms.data import DataError
@@ -24,14 +24,6 @@ CHAT = [{"messages": [{"role": "user", "content": f"say {w}"},
                       {"role": "assistant", "content": f"{w} {w}"}]}
         for w in ("red", "blue", "green", "cat", "dog")]
 PC = [{"prompt": f"Q{i}:", "completion": f" answer {i}"} for i in range(5)]
-
-
-def cfg(data, **kw):
-    base = {"data": data, "max_length": 64, "train_on": "auto", "skip_invalid": False,
-            "seed": 0, "valid_fraction": 0.0, "data_format": "auto", "columns": [],
-            "data_split": "train", "data_config": "", "data_workers": 1, "data_cache": False}
-    base.update(kw)
-    return types.SimpleNamespace(**base)
 
 
 def tokens(dataset):
@@ -90,6 +82,10 @@ def test_rows_are_reported_by_source_and_row(tmp_path, tiny_tokenizer):
         prepare(tmp_path / "a.json", tiny_tokenizer)
     out = prepare(tmp_path / "d.parquet", tiny_tokenizer, skip_invalid=True)["train"]
     assert len(out) == 5 and out.report.n_skipped_by_rule == {"empty_completion": 1}
+    datasets.Dataset.from_list([{"text": "a"}, {"text": None}]).to_parquet(str(tmp_path / "n.pq"))
+    (tmp_path / "n.pq").rename(tmp_path / "n.parquet")
+    with pytest.raises(DataError, match=r"n\.parquet\[1\]: 'text' is null in this row"):
+        prepare(tmp_path / "n.parquet", tiny_tokenizer)
 
 
 def test_nulls_arrow_adds_to_nested_objects_are_absent_keys(tmp_path, tiny_tokenizer, reference):

@@ -1,4 +1,4 @@
-"""Models by Hugging Face Hub id: the local cache first, offline, with errors naming id and cache."""
+"""Models by Hugging Face Hub id: the local cache first, offline; errors name the id and cache."""
 
 from __future__ import annotations
 

@@ -123,16 +123,13 @@ class SFTProcessor:
 def build_sft(examples: list[Example], parts: list, tokenizer: Any,
               cfg: Any) -> TokenizedDataset:
     """The dataset of one split from its (mixed) examples and the source parts they came from."""
+    from .pipeline import parts_name, skipped_by_rule
+
     max_length, _ = check_settings(cfg)
     tokenizer = unwrap_tokenizer(tokenizer)
-    skipped: dict[str, int] = {}
-    for part in parts:
-        for rule, n in part.skipped.items():
-            skipped[rule] = skipped.get(rule, 0) + n
     report = DatasetReport(
-        path=parts[0].label if len(parts) == 1 else f"{len(parts)} sources",
-        format="+".join(dict.fromkeys(p.format for p in parts)), max_length=max_length,
-        n_examples=len(examples), n_skipped_by_rule=dict(sorted(skipped.items())),
+        path=parts_name(parts), format="+".join(dict.fromkeys(p.format for p in parts)),
+        max_length=max_length, n_examples=len(examples), n_skipped_by_rule=skipped_by_rule(parts),
         n_truncated=sum(e.truncated for e in examples),
         n_tokens=sum(len(e) for e in examples),
         n_loss_tokens=sum(e.num_loss_tokens for e in examples),

@@ -90,11 +90,11 @@ class Layout:
         elif self.name == ALPACA:
             data = self._alpaca(record, data)
         elif self.select:
-            data = self._select(data)
+            data = self._select(record, data)
         return dataclasses.replace(record, data=data)
 
     # --- native rows -----------------------------------------------------------------------
-    def _select(self, data: dict) -> dict:
+    def _select(self, record: Record, data: dict) -> dict:
         if self.family == "prompt":
             if self.format == "messages" and "messages" in data:
                 data = {"prompt": data["messages"],
@@ -103,6 +103,10 @@ class Layout:
         present = {k: v for k, v in data.items() if v is not None}
         keep = NATIVE_KEYS.get(self.format) or _auto_keys(self.family, present)
         if keep is None:
+            nulls = [k for k, v in data.items() if v is None]
+            if nulls and _auto_keys(self.family, data) is not None:
+                raise record.fail("missing_key", f"{', '.join(map(repr, nulls))} "
+                                  f"{'is' if len(nulls) == 1 else 'are'} null in this row")
             return present  # no format fits: the format rules name the keys
         if self.family == "unpaired" and self.format == "preference":
             keep = NATIVE_KEYS["preference"] if "chosen" in present else NATIVE_KEYS["kto"]
@@ -120,7 +124,8 @@ class Layout:
         system = data.get("system")
         if system is not None:
             if not isinstance(system, str):
-                raise record.fail("wrong_type", f'"system" must be a string; got {describe(system)}')
+                raise record.fail("wrong_type",
+                                  f'"system" must be a string; got {describe(system)}')
             if system:
                 turns = [{"role": "system", "content": system}] + turns
         extras = {k: data[k] for k in CHAT_EXTRAS if data.get(k) is not None}

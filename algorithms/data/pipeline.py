@@ -103,6 +103,20 @@ class SplitReport:
         return "\n".join([str(self.summary), *lines])
 
 
+def skipped_by_rule(parts: list[Part]) -> dict[str, int]:
+    """The skipped-row counts of several parts, added up by rule (sorted)."""
+    total: dict[str, int] = {}
+    for part in parts:
+        for rule, n in part.skipped.items():
+            total[rule] = total.get(rule, 0) + n
+    return dict(sorted(total.items()))
+
+
+def parts_name(parts: list[Part]) -> str:
+    """What a report calls a split's origin: its one source, or how many."""
+    return parts[0].label if len(parts) == 1 else f"{len(parts)} sources"
+
+
 def prepare_splits(cfg: Any, tokenizer: Any, family: Family) -> dict[str, Any]:
     """``{"train": dataset, "valid": dataset or None}`` and their reports (module doc)."""
     specs = parse_sources(cfg.data, getattr(cfg, "data_split", "train"),

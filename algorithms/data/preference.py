@@ -234,17 +234,14 @@ def _unpair_source(processed: Any) -> Any:
 def build_preference(examples: list, parts: list, tokenizer: Any, cfg: Any,
                      kind: str = "paired") -> PreferenceDataset:
     """The dataset of one split from its (mixed) examples and their source parts."""
+    from .pipeline import parts_name, skipped_by_rule
+
     max_length, max_prompt = check_settings(cfg)
     tokenizer = unwrap_tokenizer(tokenizer)
-    skipped: dict[str, int] = {}
-    for part in parts:
-        for rule, n in part.skipped.items():
-            skipped[rule] = skipped.get(rule, 0) + n
     seqs = [s for e in examples for s in _sequences(e)]
     report = PreferenceReport(
-        path=parts[0].label if len(parts) == 1 else f"{len(parts)} sources",
-        format="+".join(dict.fromkeys(p.format for p in parts)), max_length=max_length,
-        n_examples=len(examples), n_skipped_by_rule=dict(sorted(skipped.items())),
+        path=parts_name(parts), format="+".join(dict.fromkeys(p.format for p in parts)),
+        max_length=max_length, n_examples=len(examples), n_skipped_by_rule=skipped_by_rule(parts),
         n_truncated=sum(any(s.truncated for s in _sequences(e)) for e in examples),
         n_tokens=sum(len(s) for s in seqs), n_loss_tokens=sum(sum(s.loss_mask) for s in seqs),
         skipped=[m for p in parts for m in p.messages], kind=kind, max_prompt_length=max_prompt,
@@ -361,7 +358,8 @@ def _update(h: Any, input_ids: list[int], loss_mask: list[int], prompt_length: i
 
 
 __all__ = [
-    "KINDS", "PAIRED", "UNPAIRED", "PreferenceDataset", "PreferenceExample", "PreferenceReport", "PromptResponse",
+    "KINDS", "PAIRED", "UNPAIRED", "PreferenceDataset", "PreferenceExample", "PreferenceReport",
+    "PromptResponse",
     "UnpairedExample", "check_preference_record", "common_prefix_length", "dataset_fingerprint",
     "detect_preference_format", "prepare_preference_dataset", "sequence_hash", "split_record",
     "unpair",

@@ -1,9 +1,9 @@
 """``--chat-template``: a Jinja file or a built-in template, for models with none or another one.
 
-    --chat-template chatml              # <|im_start|>role\\n...<|im_end|>\\n  (Qwen, SmolLM, Hermes)
-    --chat-template llama3              # <|start_header_id|>role<|end_header_id|>\\n\\n...<|eot_id|>
-    --chat-template gemma               # <start_of_turn>user|model\\n...<end_of_turn>\\n
-    --chat-template my_template.jinja   # any Jinja chat template (HF's apply_chat_template rules)
+    --chat-template chatml      # <|im_start|>role\\n...<|im_end|>\\n  (Qwen, SmolLM, Hermes)
+    --chat-template llama3      # <|start_header_id|>role<|end_header_id|>\\n\\n...<|eot_id|>
+    --chat-template gemma       # <start_of_turn>user|model\\n...<end_of_turn>\\n
+    --chat-template my.jinja    # any Jinja chat template (HF's apply_chat_template rules)
 
 The template replaces the tokenizer's own for everything in the run (data rendering, generation,
 rollouts) and is saved beside the adapters as ``chat_template.jinja``: the file name

@@ -118,12 +118,9 @@ def build_prompts(examples: list[PromptExample], parts: list, tokenizer: Any,
                             f"{parts[0].label}'s ({', '.join(columns) or 'none'}); mixed prompt "
                             "sources must give the reward functions the same columns (rename "
                             "with columns: in the YAML source list)", source=part.label)
-    skipped: dict[str, int] = {}
-    for part in parts:
-        for rule, n in part.skipped.items():
-            skipped[rule] = skipped.get(rule, 0) + n
-    path = parts[0].label if len(parts) == 1 else f"{len(parts)} sources"
-    report = PromptReport(path, len(examples), dict(sorted(skipped.items())), columns,
+    from ..data.pipeline import parts_name, skipped_by_rule
+
+    report = PromptReport(parts_name(parts), len(examples), skipped_by_rule(parts), columns,
                           max(len(e.prompt_ids) for e in examples),
                           [m for p in parts for m in p.messages])
     return PromptDataset(examples, report)
