@@ -63,7 +63,8 @@ class TrainConfig:
         "columns})", raw=True)
     data_format: str = field(
         "auto", "row layout: auto = detected (ShareGPT conversations, Alpaca instruction, or the "
-        "algorithm's own formats)", ["auto", "text", "prompt_completion", "messages", "sharegpt",
+        "algorithm's own formats: text / prompt_completion / messages for sft, preference for "
+        "dpo & co, kto (and preference) for kto, prompt (or messages) for online RL)", ["auto", "text", "prompt_completion", "messages", "sharegpt",
                                      "alpaca", "preference", "kto", "prompt"])
     data_split: str = field("train", "the split that trains (dataset dicts, Hub ids, dirs); "
                             "validation = the validation / valid / dev split")
@@ -77,7 +78,8 @@ class TrainConfig:
     chat_template: str = field(
         "", "chat template: a Jinja file or a built-in name (chatml, llama3, gemma); saved with "
         "the adapters")
-    data_workers: int = field(0, "processes that tokenise; 0 = one per core when the data is large")
+    data_workers: int = field(0, "processes that tokenise; 0 = one per idle core when the data is "
+                              "large")
     data_cache: bool = field(True, "cache tokenised data in $POSTTRAIN_CACHE/data, keyed by data, "
                              "tokenizer and settings")
     max_length: int = field(1024, "tokens per example; longer ones are truncated (keep start)")

@@ -119,11 +119,14 @@ def test_processes_give_what_one_process_gives(tmp_path, tiny_tokenizer, monkeyp
         _process(records, tiny_tokenizer, 2)  # the earliest bad row, as in one process
 
 
-def test_worker_count_pays_only_for_large_data():
+def test_worker_count_pays_only_for_large_data_and_idle_cores(monkeypatch):
     assert parallel.worker_count(3, 10) == 3
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
     assert parallel.worker_count(0, 100) == 1
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     assert parallel.worker_count(0, 10**7) == cores
+    monkeypatch.setattr(os, "getloadavg", lambda: (4.0 * cores, 0.0, 0.0))  # a busy machine
+    assert parallel.worker_count(0, 10**7) == 1
 
 
 def test_cache_round_trips_every_example_kind(tmp_path, monkeypatch):

@@ -11,8 +11,10 @@ The outcome equals a sequential pass: examples in row order; without ``skip_inva
 of the earliest bad row is raised; with it every bad row is counted by rule. Each example also
 gets its row's content key (:func:`row_key`), which the validation split uses.
 
-Workers: ``--data-workers N``; 0 picks one per available core, but only when each gets at least
-:data:`ROWS_PER_WORKER` rows (a pool costs a few hundred ms to start, a spawned one seconds).
+Workers: ``--data-workers N``; 0 picks one per idle core (the cores this process may use minus
+the 1-minute load average, so a machine busy with other work gets fewer), and only as many as
+give each at least :data:`ROWS_PER_WORKER` rows (a pool costs a few hundred ms to start, a
+spawned one seconds).
 """
 
 from __future__ import annotations
@@ -56,8 +58,13 @@ def worker_count(requested: int, n_rows: int) -> int:
     if requested > 0:
         return requested
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cpus = cpus or 1
+    try:
+        idle = max(1, round(cpus - os.getloadavg()[0]))
+    except (AttributeError, OSError):  # no load average (Windows)
+        idle = cpus
     per_worker = ROWS_PER_WORKER if _start_method() == "fork" else 10 * ROWS_PER_WORKER
-    return max(1, min(cpus or 1, n_rows // per_worker))
+    return max(1, min(cpus, idle, n_rows // per_worker))
 
 
 def process_records(records: list[Record], layout: Any, processor: Any, skip_invalid: bool,
