@@ -276,7 +276,7 @@ class TorchBackend:
 
         path = Path(directory)
         path.mkdir(parents=True, exist_ok=True)
-        save_chat_template(path, self.tokenizer)
+        save_chat_template(path, getattr(self, "tokenizer", None))
         self.model.save_pretrained(str(path))
         if self.cfg.fine_tune_type == "full":
             self.tokenizer.save_pretrained(str(path))

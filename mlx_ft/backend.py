@@ -186,7 +186,7 @@ class MLXBackend:
         from algorithms.data.templates import save_chat_template
 
         d = Path(directory)
-        save_chat_template(d, self.tokenizer)
+        save_chat_template(d, getattr(self, "tokenizer", None))
         mx.save_safetensors(str(d / "adapters.safetensors"), mlx_model.trainable(self.model))
         config = {**self.adapter_config, "base_model": str(self.model_path),
                   "lora_alpha": self.cfg.lora_alpha}

@@ -151,6 +151,8 @@ def save_chat_template(directory: str | Path, tokenizer: Any) -> None:
     ``<directory>/chat_template.jinja``; nothing when it has none."""
     from .dataset import unwrap_tokenizer
 
+    if tokenizer is None:
+        return
     template = getattr(unwrap_tokenizer(tokenizer), "chat_template", None)
     if isinstance(template, dict):
         template = template.get("default")

@@ -156,8 +156,8 @@ def _tokenize_chat(record: Record, fmt: str, tokenizer: Any,
                    train_on: str) -> tuple[list[int], list[int]]:
     if not getattr(tokenizer, "chat_template", None):
         raise DataError(f"{record.file}: {fmt} data needs a tokenizer with a chat template; this "
-                        "tokenizer has none (use text or prompt/completion strings)",
-                        source=record.file)
+                        "tokenizer has none (give one with --chat-template chatml, llama3, gemma "
+                        "or a file; or use text or prompt/completion strings)", source=record.file)
     if train_on == "all":
         full = _render(record, tokenizer, _conversation(record, fmt), False)
         spans = [(0, len(full))]

@@ -163,7 +163,8 @@ def _tokenize(record: Record, tokenizer: Any, budget: int) -> PromptExample:
     else:
         if not getattr(tokenizer, "chat_template", None):
             raise record.fail("template_error", "a message-list prompt needs a tokenizer with a "
-                              "chat template; this one has none (use a string prompt)")
+                              "chat template; this one has none (give one with --chat-template, "
+                              "or use a string prompt)")
         continues = prompt[-1]["role"] == "assistant"
         try:
             text = tokenizer.apply_chat_template(prompt, tokenize=False,
