@@ -87,8 +87,8 @@ def run_training(prog: str, backend_spec: str, algo, cfg):
         model_config = check_model_dir(model_path)
     except ModelError as e:
         raise UserError(str(e)) from None
-    tokenizer = load_tokenizer(model_path)
     try:
+        tokenizer = load_tokenizer(model_path, cfg.chat_template, prog)
         data = algo.prepare_data(cfg, tokenizer)
     except (DataError, FileNotFoundError, ValueError) as e:
         raise UserError(str(e)) from None
@@ -101,7 +101,7 @@ def run_training(prog: str, backend_spec: str, algo, cfg):
     try:
         if check is not None:
             check(model_path, model_config)
-        fingerprints = rundir.run_fingerprints(cfg, model_path)
+        fingerprints = rundir.run_fingerprints(cfg, model_path, data)
         run = rundir.open_run(cfg, backend_cls.name, algo.total_steps(cfg, data), fingerprints)
     except (ModelError, rundir.RunDirError, FileNotFoundError) as e:
         raise UserError(str(e)) from None
@@ -132,8 +132,11 @@ def run_training(prog: str, backend_spec: str, algo, cfg):
     return result
 
 
-def load_tokenizer(model_path: Path):
+def load_tokenizer(model_path: Path, chat_template: str = "", prog: str = ""):
+    """The model's tokenizer (pad = eos when it has no pad), with ``--chat-template`` applied."""
     from transformers import AutoTokenizer
+
+    from .data.templates import apply_chat_template
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(model_path))
@@ -142,4 +145,7 @@ def load_tokenizer(model_path: Path):
                         f"({' '.join(str(e).split())[:300]})") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if chat_template:
+        for warning in apply_chat_template(tokenizer, chat_template):
+            print(f"{prog or 'posttrain'}: warning: {warning}", file=sys.stderr)
     return tokenizer

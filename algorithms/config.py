@@ -27,14 +27,18 @@ class ConfigError(ValueError):
 
 
 def field(default: Any, help: str, choices: Sequence[Any] | None = None,
-          aliases: Sequence[str] = (), **kw) -> Any:
+          aliases: Sequence[str] = (), raw: bool = False, **kw) -> Any:
     """A dataclass field carrying its CLI help text (and allowed values, and other names the
-    field answers to: the names TRL gives the same option, e.g. ``kl_coef`` for ``beta``)."""
+    field answers to: the names TRL gives the same option, e.g. ``kl_coef`` for ``beta``). A
+    ``raw`` list keeps its items as given (strings, or YAML mappings) instead of splitting
+    strings on commas."""
     meta: dict[str, Any] = {"help": help}
     if choices is not None:
         meta["choices"] = tuple(choices)
     if aliases:
         meta["aliases"] = tuple(aliases)
+    if raw:
+        meta["raw"] = True
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta, **kw)
@@ -45,7 +49,8 @@ class TrainConfig:
     """Options every training algorithm shares (model, data, adapters, optimiser, loop)."""
 
     # model and adapters
-    model: str = field("smollm2-135m", "HF model dir, or a known short name (e.g. smollm2-135m)")
+    model: str = field("smollm2-135m", "HF model dir, Hugging Face Hub id (the local cache first), "
+                       "or a known short name (e.g. smollm2-135m)")
     fine_tune_type: str = field("lora", "which weights are trained", ["lora", "dora", "full"])
     lora_rank: int = field(8, "LoRA/DoRA rank r")
     lora_alpha: float = field(16.0, "LoRA/DoRA alpha; the update is scaled by alpha / rank")
@@ -58,7 +63,32 @@ class TrainConfig:
         ["auto", "float32", "bfloat16", "float16"],
     )
     # data
-    data: str = field("", "JSONL file, or a dir holding train.jsonl / valid.jsonl / test.jsonl")
+    data: list = field(  # noqa: RUF009 (field() returns a default_factory field)
+        [], "data sources: a .jsonl/.json/.parquet/.arrow/.csv file, a dir of them (train / valid "
+        "by name), a save_to_disk dir or a Hugging Face dataset id; several mix: a.parquet:0.7 "
+        "b.jsonl:0.3 (YAML: a list of PATH[:WEIGHT] or {path, weight, split, config, format, "
+        "columns})", raw=True)
+    data_format: str = field(
+        "auto", "row layout: auto = detected (ShareGPT conversations, Alpaca instruction, or the "
+        "algorithm's own formats: text / prompt_completion / messages for sft, preference for "
+        "dpo & co, kto (and preference) for kto, prompt (or messages) for online RL)", ["auto", "text", "prompt_completion", "messages", "sharegpt",
+                                     "alpaca", "preference", "kto", "prompt"])
+    data_split: str = field("train", "the split that trains (dataset dicts, Hub ids, dirs); "
+                            "validation = the validation / valid / dev split")
+    data_config: str = field("", "Hugging Face dataset config (subset) name")
+    columns: list = field(  # noqa: RUF009 (field() returns a default_factory field)
+        [], "read columns under the names a format expects: prompt=question completion=answer",
+        raw=True)
+    valid_fraction: float = field(
+        0.0, "hold out this fraction (< 1) or number (>= 1) of the rows of each source that has "
+        "no validation split, chosen by a hash of each row (the same rows on every run)")
+    chat_template: str = field(
+        "", "chat template: a Jinja file or a built-in name (chatml, llama3, gemma); saved with "
+        "the adapters")
+    data_workers: int = field(0, "processes that tokenise; 0 = one per idle core when the data is "
+                              "large")
+    data_cache: bool = field(True, "cache tokenised data in $POSTTRAIN_CACHE/data, keyed by data, "
+                             "tokenizer and settings")
     max_length: int = field(1024, "tokens per example; longer ones are truncated (keep start)")
     packing: bool = field(False, "pack examples into rows (best-fit decreasing), documents isolated")
     train_on: str = field(
@@ -140,7 +170,8 @@ class TrainConfig:
             if not 0.0 <= getattr(self, name) < 1.0:
                 _bad(name, getattr(self, name), "must be in [0, 1)")
         if not self.data:
-            _bad("data", "", "is required: a JSONL file or a dir with train.jsonl")
+            _bad("data", "", "is required: a data file or directory, or a Hugging Face dataset id")
+        self._validate_data()
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
@@ -156,6 +187,26 @@ class TrainConfig:
     def uses_value_head(self) -> bool:
         """Whether the backend builds a value head (PPO's GAE estimator needs one)."""
         return False
+
+    def _validate_data(self) -> None:
+        """--data, --columns, --valid-fraction, --chat-template, --data-workers."""
+        from .data.records import DataError
+        from .data.sources import parse_sources
+        from .data.templates import resolve_chat_template
+
+        try:
+            parse_sources(self.data, self.data_split, self.data_config, self.data_format,
+                          self.columns)
+            if self.chat_template:
+                resolve_chat_template(self.chat_template)
+        except DataError as e:
+            raise ConfigError(str(e)) from None
+        if self.valid_fraction < 0 or (self.valid_fraction >= 1
+                                       and not float(self.valid_fraction).is_integer()):
+            _bad("valid_fraction", self.valid_fraction,
+                 "must be a fraction in [0, 1) or a whole number of rows")
+        if self.data_workers < 0:
+            _bad("data_workers", self.data_workers, "must be >= 0 (0 = automatic)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -190,6 +241,12 @@ def _coerce(cls: type, f: dataclasses.Field, value: Any, where: str) -> Any:
                 return True
             if str(value).lower() in ("0", "false", "no", "off"):
                 return False
+            raise ValueError(value)
+        if kind is list and f.metadata.get("raw"):
+            if isinstance(value, (str, dict)):
+                return [value]
+            if isinstance(value, (list, tuple)):
+                return list(value)
             raise ValueError(value)
         if kind is list:
             if isinstance(value, str):

@@ -35,17 +35,19 @@ def data_preparer(kind: str, kl: Callable[[Any], bool] = lambda cfg: False,
     ``kl(cfg)`` and ``kl_pairing(cfg)`` say whether and how KTO's mismatched pairs are built."""
 
     def prepare_data(cfg: Any, tokenizer: Any) -> PreparedData:
-        from .data.preference import prepare_preference_dataset
+        from .data.pipeline import prepare_splits
+        from .data.preference import FAMILIES, check_both_labels
         from .data.preference_batching import PreferenceBatchPlan
 
-        sets = {split: prepare_preference_dataset(cfg.data, split, tokenizer, cfg, kind=kind)
-                for split in ("train", "valid")}
+        sets = prepare_splits(cfg, tokenizer, FAMILIES[kind])
+        if kind == "unpaired":
+            check_both_labels(sets["train"])
         plans = {split: PreferenceBatchPlan(ds, cfg.batch_size, cfg.max_length, seed=cfg.seed,
                                             packing=cfg.packing, kl=kl(cfg),
                                             kl_pairing=kl_pairing(cfg))
                  for split, ds in sets.items() if ds is not None and len(ds.examples)}
         return PreparedData(plans["train"], plans.get("valid"),
-                            {s: ds.report for s, ds in sets.items() if ds is not None})
+                            {s: ds.split_report for s, ds in sets.items() if ds is not None})
 
     return prepare_data
 
@@ -140,11 +142,12 @@ def _precompute(cfg: Any, backend: Any, data: PreparedData, model_path: Path) ->
 
     reference = resolve_model(cfg.ref_model) if cfg.ref_model else model_path
     model_fp = ref_cache.model_fingerprint(reference)
+    root = ref_cache.cache_root(cfg.data)
     caches = {}
     for split, plan in (("train", data.train), ("valid", data.valid)):
         if plan is None:
             continue
-        path = ref_cache.cache_file(cfg.data, split, model_fp, dataset_fingerprint(plan.dataset))
+        path = ref_cache.cache_file(root, split, model_fp, dataset_fingerprint(plan.dataset))
         caches[id(plan)] = ref_cache.load_or_precompute(backend, plan,
                                                         plan.dataset.kind == "paired", path)
     return caches

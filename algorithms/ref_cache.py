@@ -8,8 +8,10 @@ model and data reuses the file). The cache is keyed by
 
 where the model fingerprint covers ``config.json`` and every safetensors file's name, size,
 modification time and header (shapes, dtypes, offsets), and the dataset fingerprint covers the
-tokenised examples (so a different tokenizer, template or max length is a different key). It
-lives in ``<data dir>/.posttrain_cache/ref-<split>-<key[:16]>.npz``, written atomically.
+tokenised examples (so a different tokenizer, template, max length or mix is a different key).
+It lives in ``<data dir>/.posttrain_cache/ref-<split>-<key[:16]>.npz`` when ``--data`` is one
+local file or directory, else (several sources, a Hub id) under ``$POSTTRAIN_CACHE/ref/``;
+written atomically.
 
 Entries are per (example index, side): ``side`` 0 = chosen (or the KTO completion), 1 = rejected;
 each holds the log-probs of that row's real (unpadded) positions. Rows are right-padded and never
@@ -39,6 +41,19 @@ def model_fingerprint(model_path: str | Path) -> str:
             (header_len,) = struct.unpack("<Q", f.read(8))
             h.update(f.read(min(header_len, 1 << 24)))
     return h.hexdigest()
+
+
+def cache_root(data: Any) -> Path:
+    """Where the cache of ``--data`` lives: beside one local source, else the posttrain cache
+    (the key covers every token, so the place only matters for tidiness)."""
+    from converters.models import cache_dir
+
+    entries = [data] if isinstance(data, (str, Path)) else list(data or [])
+    if len(entries) == 1 and isinstance(entries[0], (str, Path)):
+        path = Path(entries[0]).expanduser()
+        if path.exists():
+            return path
+    return cache_dir() / "ref"
 
 
 def cache_file(data_path: str | Path, split: str, model_fp: str, data_fp: str) -> Path:

@@ -40,31 +40,47 @@ class RunDirError(ValueError):
     """The run dir cannot be used as asked (locked, refused resume...); the message says why."""
 
 
-def data_fingerprint(data: str | os.PathLike) -> dict[str, dict]:
-    """``{split: {"path", "sha256", "lines"}}`` of the train / valid files of ``--data``."""
-    from .data.records import split_path
-
+def data_fingerprint(data: Any) -> dict[str, dict]:
+    """``{split: {"sha256", "examples"}}`` over every prepared example of the train / valid
+    splits (tokens, loss masks, labels, reward columns): what the run's data cursor indexes
+    into, after sources were read, mixed, held out and tokenised, whatever they are (files,
+    dirs, Hub datasets)."""
     out = {}
-    for split in ("train", "valid"):
-        path = split_path(data, split)
-        if path is None:
+    for split, plan in (("train", data.train), ("valid", data.valid)):
+        dataset = getattr(plan, "dataset", plan)  # batch plans, or RL prompt sets
+        if dataset is None:
             continue
-        h, lines = hashlib.sha256(), 0
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-                lines += block.count(b"\n")
-        out[split] = {"path": str(path), "sha256": h.hexdigest(), "lines": lines}
+        h = hashlib.sha256()
+        for example in dataset.examples:
+            _hash_example(h, example)
+        out[split] = {"sha256": h.hexdigest(), "examples": len(dataset.examples)}
     return out
 
 
-def run_fingerprints(cfg: Any, model_path: Path) -> dict[str, Any]:
+def _hash_example(h: Any, example: Any) -> None:
+    import numpy as np
+
+    if hasattr(example, "input_ids"):  # SFT examples and preference sides
+        h.update(np.asarray(example.input_ids, dtype="<i8").tobytes() + b"m")
+        h.update(np.asarray(example.loss_mask, dtype="<u1").tobytes() + b";")
+    elif hasattr(example, "chosen"):
+        _hash_example(h, example.chosen)
+        _hash_example(h, example.rejected)
+    elif hasattr(example, "sequence"):
+        _hash_example(h, example.sequence)
+        h.update(b"L1" if example.label else b"L0")
+    else:  # an RL prompt: its tokens and the columns the rewards read
+        h.update(np.asarray(example.prompt_ids, dtype="<i8").tobytes())
+        h.update(json.dumps(example.columns, sort_keys=True, default=str).encode())
+
+
+def run_fingerprints(cfg: Any, model_path: Path, data: Any) -> dict[str, Any]:
     """What a checkpoint must have been trained on to be resumed: data and model(s)."""
     from converters.models import resolve_model
 
-    out: dict[str, Any] = {"data": data_fingerprint(cfg.data),
+    out: dict[str, Any] = {"data": data_fingerprint(data),
                            "model": model_fingerprint(model_path)}
-    ref = getattr(cfg, "ref_model", "")
+    ref = cfg.reference_model
     if ref:
         out["ref_model"] = model_fingerprint(resolve_model(ref))
     return out
@@ -183,11 +199,14 @@ def _check_fingerprints(latest: Path, step: int, now: dict[str, Any]) -> None:
         if old is None or new is None:
             state = "appeared" if old is None else "disappeared"
             raise RunDirError(f"--resume: the {split} split {state} {since}; {advice}")
-        if old["sha256"] != new["sha256"]:
+        if old.get("sha256") != new["sha256"]:
+            was = (f"{old['examples']} examples" if "examples" in old
+                   else f"{old.get('lines', '?')} lines")
             raise RunDirError(
-                f"--resume: the {split} data changed {since}: {old['path']} had {old['lines']} "
-                f"lines (sha256 {old['sha256'][:12]}), {new['path']} now has {new['lines']} "
-                f"(sha256 {new['sha256'][:12]}); {advice}")
+                f"--resume: the {split} data changed {since} (a source, its content, the mix, "
+                f"the hold-out or the tokenisation): {was} then (sha256 "
+                f"{str(old.get('sha256'))[:12]}), {new['examples']} examples now (sha256 "
+                f"{new['sha256'][:12]}); {advice}")
     for key, what in (("model", "model"), ("ref_model", "reference model")):
         changed = differences(before.get(key, {}), now.get(key, {}))
         if changed:

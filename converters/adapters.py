@@ -42,6 +42,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -49,7 +50,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .atomic import atomic_output_dir, check_output_dir
-from .fuse import Stored, read_tensors, write_tensors
+from .fuse import CHAT_TEMPLATE, Stored, read_tensors, write_tensors
 from .jsonfile import read_json_object
 
 MLX_WEIGHTS, PEFT_WEIGHTS = "adapters.safetensors", "adapter_model.safetensors"
@@ -386,6 +387,8 @@ def _convert(src, out, base, force, reader, fmt, weights_name, make_config) -> P
         write_tensors(tmp / weights_name, tensors, metadata)
         (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
         write_value_head(tmp, head)
+        if (Path(src) / CHAT_TEMPLATE).is_file():  # the template the adapter was trained with
+            shutil.copy2(Path(src) / CHAT_TEMPLATE, tmp / CHAT_TEMPLATE)
     return Path(out)
 
 

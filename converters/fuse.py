@@ -12,6 +12,9 @@ MLX dirs may be quantised (mlx-lm ``quantization`` in config.json, affine mode):
 dequantised, merged and re-quantised with its own group size and bits (no flag), or the whole
 model is written unquantised (``dequantize``), or re-quantised to ``quantize`` bits. Layers without
 an adapter whose quantisation does not change are copied byte for byte.
+
+The base's other files (tokenizer, generation config...) are copied; a ``chat_template.jinja``
+beside the adapter (the template the run trained with) replaces the base's template.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ if TYPE_CHECKING:
 INDEX = "model.safetensors.index.json"
 SKIPPED_FILES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".index.json")
 QUANT_BITS, GROUP_SIZES = (2, 3, 4, 5, 6, 8), (32, 64, 128)
+# The chat template a run trained with (--chat-template), saved beside its adapter weights.
+CHAT_TEMPLATE = "chat_template.jinja"
 # mlx-lm's Model.model.layers[i].<path> equals transformers' for these (read in mlx_lm/models);
 # tested on llama and qwen2. Others are refused rather than guessed.
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -336,6 +341,8 @@ def fuse(base: str | Path, adapter_dir: str | Path, out: str | Path, *, fmt: str
             skip = path.name == "config.json" or path.name.endswith(SKIPPED_FILES)
             if path.is_file() and not skip:
                 shutil.copy2(path, tmp / path.name)
+        if (Path(adapter_dir) / CHAT_TEMPLATE).is_file():  # overrides the base's template
+            shutil.copy2(Path(adapter_dir) / CHAT_TEMPLATE, tmp / CHAT_TEMPLATE)
         if config == model.config:
             shutil.copy2(model.directory / "config.json", tmp / "config.json")
         else:

@@ -229,7 +229,9 @@ def format_description(info: dict[str, Any]) -> str:
 
 
 def _info(args: argparse.Namespace) -> int:
-    info = describe(args.path)
+    from .models import resolve_input
+
+    info = describe(resolve_input(args.path))
     print(json.dumps(info, indent=2) if args.json else format_description(info))
     return 0
 
@@ -239,6 +241,7 @@ def _add_info(subparsers: argparse._SubParsersAction) -> None:
         "info", help="say what a model / adapter dir or a GGUF / safetensors file is",
         description="Print format, architecture, dtype, quantisation, parameter count and, for "
                     "adapters, rank and target modules. Reads only configs and headers.")
-    parser.add_argument("path", help="a model dir, adapter dir, .gguf or .safetensors file")
+    parser.add_argument("path", help="a model dir, adapter dir, .gguf or .safetensors file, or a "
+                                        "model Hub id")
     parser.add_argument("--json", action="store_true", help="print the description as JSON")
     parser.set_defaults(func=_info)

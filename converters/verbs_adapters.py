@@ -9,21 +9,30 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+from .models import resolve_input
 
 
 def _adapter_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("src", help="the adapter directory to convert")
+    parser.add_argument("src", help="the adapter directory (or Hub id) to convert")
     parser.add_argument("out", help="output adapter directory (must not exist unless --force)")
     parser.add_argument("--base", default=None, metavar="MODEL_DIR",
-                        help="the base model dir (HF or MLX): check every adapter shape against "
-                             "it and count its blocks (needed for some layers_to_transform)")
+                        help="the base model dir or Hub id (HF or MLX): check every adapter "
+                             "shape against it and count its blocks (needed for some "
+                             "layers_to_transform)")
     parser.add_argument("--force", action="store_true", help="replace an existing output dir")
+
+
+def _base(args: argparse.Namespace) -> Path | None:
+    return None if args.base is None else resolve_input(args.base)
 
 
 def _mlx_adapter_to_peft(args: argparse.Namespace) -> int:
     from .adapters import mlx_adapter_to_peft
 
-    print(mlx_adapter_to_peft(args.src, args.out, base=args.base, force=args.force))
+    print(mlx_adapter_to_peft(resolve_input(args.src, "adapter"), args.out, base=_base(args),
+                              force=args.force))
     return 0
 
 
@@ -40,7 +49,8 @@ def _add_mlx_adapter_to_peft(subparsers: argparse._SubParsersAction) -> None:
 def _peft_to_mlx_adapter(args: argparse.Namespace) -> int:
     from .adapters import peft_to_mlx_adapter
 
-    print(peft_to_mlx_adapter(args.src, args.out, base=args.base, force=args.force))
+    print(peft_to_mlx_adapter(resolve_input(args.src, "adapter"), args.out, base=_base(args),
+                              force=args.force))
     return 0
 
 
@@ -57,8 +67,8 @@ def _add_peft_to_mlx_adapter(subparsers: argparse._SubParsersAction) -> None:
 def _fuse(args: argparse.Namespace) -> int:
     from .fuse import fuse
 
-    print(fuse(args.model, args.adapter, args.out, fmt=args.format,
-               dequantize_all=args.dequantize, quantize_bits=args.quantize,
+    print(fuse(resolve_input(args.model), resolve_input(args.adapter, "adapter"), args.out,
+               fmt=args.format, dequantize_all=args.dequantize, quantize_bits=args.quantize,
                group_size=args.group_size, force=args.force,
                ignore_base_fingerprint=args.ignore_base_fingerprint))
     return 0
@@ -70,8 +80,8 @@ def _add_fuse(subparsers: argparse._SubParsersAction) -> None:
         description="Merge the adapter into the base weights shard by shard. The output has the "
                     "base's format; a quantised MLX base is re-quantised with its own settings "
                     "unless --dequantize or --quantize says otherwise.")
-    parser.add_argument("model", help="the base model directory")
-    parser.add_argument("adapter", help="the adapter directory (adapters.safetensors or "
+    parser.add_argument("model", help="the base model directory or Hub id")
+    parser.add_argument("adapter", help="the adapter directory or Hub id (adapters.safetensors or "
                                         "adapter_model.safetensors inside)")
     parser.add_argument("out", help="output model directory (must not exist unless --force)")
     parser.add_argument("--format", required=True, choices=("hf", "mlx"),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 
 from .gguf_to_hf import DTYPES
+from .models import resolve_input
 
 
 def _gguf_to_hf(args: argparse.Namespace) -> int:
@@ -63,7 +64,8 @@ def _add_gguf_to_mlx(subparsers: argparse._SubParsersAction) -> None:
 def _hf_to_gguf(args: argparse.Namespace) -> int:
     from .hf_to_gguf import hf_to_gguf
 
-    print(hf_to_gguf(args.src, args.out, outtype=args.outtype, force=args.force, name=args.name))
+    print(hf_to_gguf(resolve_input(args.src), args.out, outtype=args.outtype, force=args.force,
+                     name=args.name))
     return 0
 
 
@@ -74,7 +76,7 @@ def _add_hf_to_gguf(subparsers: argparse._SubParsersAction) -> None:
         "hf-to-gguf", help="write a llama / qwen2 HF (or fused) model dir as one GGUF file",
         description="Tensor names, q/k permutation and metadata as llama.cpp's converter writes "
                     "them; weights in F16 or Q8_0 (also f32, bf16, q4_0, q4_1).")
-    parser.add_argument("src", help="the Hugging Face model directory")
+    parser.add_argument("src", help="the Hugging Face model directory or Hub id")
     parser.add_argument("out", help="the .gguf file to write (must not exist unless --force)")
     parser.add_argument("--outtype", choices=tuple(OUTTYPES), default="f16",
                         help="matrix type (default: %(default)s)")

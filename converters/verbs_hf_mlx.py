@@ -15,6 +15,7 @@ import argparse
 
 from .hf_mlx import DTYPES, GROUP_SIZES, MIXED_BITS, QUANT_BITS, hf_to_mlx, mlx_to_hf
 from .inspect import _add_info
+from .models import resolve_input
 from .shards import DEFAULT_MAX_SHARD_BYTES, parse_size
 
 
@@ -28,7 +29,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 
 
 def _hf_to_mlx(args: argparse.Namespace) -> int:
-    out = hf_to_mlx(args.src, args.out, dtype=args.dtype, bits=args.bits,
+    out = hf_to_mlx(resolve_input(args.src), args.out, dtype=args.dtype, bits=args.bits,
                     group_size=args.group_size, mixed=args.mixed, force=args.force,
                     max_shard_bytes=parse_size(args.max_shard_size))
     print(out)
@@ -40,7 +41,7 @@ def _add_hf_to_mlx(subparsers: argparse._SubParsersAction) -> None:
         "hf-to-mlx", help="convert a Hugging Face model dir into an mlx-lm model dir",
         description="Stream an HF model dir (safetensors) into an mlx-lm model dir, optionally "
                     "cast and affine-quantised. Loads with mlx_lm.load.")
-    parser.add_argument("src", help="HF model dir (config.json + safetensors)")
+    parser.add_argument("src", help="HF model dir (config.json + safetensors) or Hub id")
     parser.add_argument("out", help="output directory (must not exist unless --force)")
     parser.add_argument("--bits", type=int, default=None,
                         help=f"quantise to this many bits ({', '.join(map(str, QUANT_BITS))})")
@@ -54,7 +55,7 @@ def _add_hf_to_mlx(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _mlx_to_hf(args: argparse.Namespace) -> int:
-    out = mlx_to_hf(args.src, args.out, dtype=args.dtype, force=args.force,
+    out = mlx_to_hf(resolve_input(args.src), args.out, dtype=args.dtype, force=args.force,
                     max_shard_bytes=parse_size(args.max_shard_size))
     print(out)
     return 0
@@ -65,7 +66,7 @@ def _add_mlx_to_hf(subparsers: argparse._SubParsersAction) -> None:
         "mlx-to-hf", help="convert an mlx-lm model dir (quantised or not) into an HF model dir",
         description="Dequantise and undo mlx-lm's sanitize, writing an HF model dir that loads "
                     "with transformers.AutoModelForCausalLM.")
-    parser.add_argument("src", help="mlx-lm model dir (config.json + safetensors)")
+    parser.add_argument("src", help="mlx-lm model dir (config.json + safetensors) or Hub id")
     parser.add_argument("out", help="output directory (must not exist unless --force)")
     _add_common(parser)
     parser.set_defaults(func=_mlx_to_hf)

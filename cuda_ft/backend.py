@@ -272,10 +272,14 @@ class TorchBackend(ForwardShortcuts):
             torch.cuda.set_rng_state_all(rng["cuda"])
 
     def save_adapters(self, directory: str) -> None:
-        """PEFT adapter dir for lora/dora; a full HF model dir (with tokenizer) for full; the
-        value head beside it when the run has one."""
+        """PEFT adapter dir for lora/dora; a full HF model dir (with tokenizer) for full; both
+        with the run's ``chat_template.jinja``, and the value head beside them when the run has
+        one."""
+        from algorithms.data.templates import save_chat_template
+
         path = Path(directory)
         path.mkdir(parents=True, exist_ok=True)
+        save_chat_template(path, self.tokenizer)
         self.model.save_pretrained(str(path))
         if self.cfg.fine_tune_type == "full":
             self.tokenizer.save_pretrained(str(path))

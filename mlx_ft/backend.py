@@ -209,9 +209,12 @@ class MLXBackend(ForwardShortcuts):
         mx.eval(self.model.parameters(), self.optimizer.state)
 
     def save_adapters(self, directory: str) -> None:
-        """mlx-lm's adapter format: ``adapters.safetensors`` + ``adapter_config.json``; the
-        value head beside them when the run has one."""
+        """mlx-lm's adapter format: ``adapters.safetensors`` + ``adapter_config.json`` (and the
+        run's ``chat_template.jinja``); the value head beside them when the run has one."""
+        from algorithms.data.templates import save_chat_template
+
         d = Path(directory)
+        save_chat_template(d, self.tokenizer)
         weights = mlx_model.trainable(self.model)
         adapters = {k: v for k, v in weights.items() if k not in VALUE_HEAD_KEYS}
         mx.save_safetensors(str(d / "adapters.safetensors"), adapters)

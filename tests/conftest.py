@@ -19,6 +19,18 @@ from tiny import make_tiny_model, make_tiny_tokenizer
 import mlx_ft  # noqa: F401 - loads the system OpenBLAS before any test imports mlx.core
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_data_cache(tmp_path_factory):
+    """Tokenised-data cache entries written by tests go to a temporary dir, not the user's."""
+    previous = os.environ.get("POSTTRAIN_DATA_CACHE")
+    os.environ["POSTTRAIN_DATA_CACHE"] = str(tmp_path_factory.mktemp("data_cache"))
+    yield
+    if previous is None:
+        os.environ.pop("POSTTRAIN_DATA_CACHE", None)
+    else:
+        os.environ["POSTTRAIN_DATA_CACHE"] = previous
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dir(tmp_path_factory) -> Path:
     return make_tiny_tokenizer(tmp_path_factory.mktemp("tiny_tokenizer"))

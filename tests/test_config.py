@@ -19,7 +19,8 @@ def test_yaml_then_cli_overrides(tmp_path):
     y = tmp_path / "run.yaml"
     y.write_text("data: a.jsonl\nlora-rank: 16\nlearning_rate: 3.0e-4\nloss_type: dft\n")
     cfg = build_config(SFTConfig, ["--config", str(y), "--lora-rank", "2"], "p")
-    assert (cfg.data, cfg.lora_rank, cfg.learning_rate, cfg.loss_type) == ("a.jsonl", 2, 3e-4, "dft")
+    assert (cfg.data, cfg.lora_rank, cfg.learning_rate, cfg.loss_type) == (["a.jsonl"], 2, 3e-4,
+                                                                           "dft")
 
 
 def test_unknown_yaml_key_names_nearest(tmp_path):

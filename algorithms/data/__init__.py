@@ -1,11 +1,19 @@
-"""The data layer: JSONL -> validated examples -> tokens and loss masks -> numpy batches.
+"""The data layer: sources -> validated examples -> tokens and loss masks -> numpy batches.
 
 Backend-free (imports neither mlx nor torch). Modules, in data-flow order:
 
-- :mod:`.records`: reading ``train.jsonl`` / ``valid.jsonl`` / ``test.jsonl``, ``DataError``.
-- :mod:`.formats`: the four formats and every validation rule.
+- :mod:`.sources`: ``--data`` entries (paths, Hub ids, weights, per-source options).
+- :mod:`.readers`: each source's splits as rows (JSONL / JSON here, the rest via ``datasets``).
+- :mod:`.records`: reading JSONL lines, ``Record`` (``file:line`` / ``file[row]``), ``DataError``.
+- :mod:`.layouts`, :mod:`.layout_choice`: ShareGPT, Alpaca and ``--columns`` -> the formats.
+- :mod:`.formats`, :mod:`.preference_formats`: the formats and every validation rule.
 - :mod:`.tokenize`: token ids, chat-template assistant spans, loss masks, truncation.
-- :mod:`.dataset`: ``prepare_dataset`` (+ ``--skip-invalid`` report), ``render_prompt``.
+- :mod:`.templates`: ``--chat-template`` (built-ins, files), saved with the adapters.
+- :mod:`.parallel`: validating and tokenising a source's rows across processes.
+- :mod:`.cache`, :mod:`.fingerprint`: the on-disk tokenisation cache and its keys.
+- :mod:`.mixing`: ``--valid-fraction`` hold-out and weighted mixing.
+- :mod:`.pipeline`: all of the above for one data family -> train / valid datasets.
+- :mod:`.dataset`, :mod:`.preference`: the SFT and preference families (``prepare_dataset``).
 - :mod:`.batching`: padding / best-fit-decreasing packing, ``BatchPlan``, ``collate``.
 """
 

@@ -1,11 +1,13 @@
-"""From a dataset path to tokenised examples: validate, tokenise, truncate, report.
+"""The SFT data family: validate, tokenise, truncate, report.
 
-``prepare_dataset(path, split, tokenizer, cfg)`` reads one split (see :mod:`.records`), checks
-every example against its format's rules (:mod:`.formats`), tokenises it and builds its loss mask
-(:mod:`.tokenize`). Without ``cfg.skip_invalid`` the first broken example raises a
-:class:`DataError` naming ``file:line``; with it, broken examples are counted by rule and left
-out, and the :class:`DatasetReport` says so. File-level problems (no train file, a tokenizer with
-no chat template for chat data, ``--train-on completion`` on text) always raise.
+``prepare_dataset(path, split, tokenizer, cfg)`` reads one split of one source (see
+:mod:`.readers`), checks every example against its format's rules (:mod:`.formats`), tokenises
+it and builds its loss mask (:mod:`.tokenize`); :data:`SFT` is the family
+:func:`.pipeline.prepare_splits` uses for several sources, mixing and hold-out. Without
+``cfg.skip_invalid`` the first broken example raises a :class:`DataError` naming ``file:line``
+(or ``source[row]``); with it, broken examples are counted by rule and left out, and the
+:class:`DatasetReport` says so. File-level problems (no train file, a tokenizer with no chat
+template for chat data, ``--train-on completion`` on text) always raise.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .formats import FORMAT_NAMES, TEXT, check_record
-from .records import DataError, Record, load_split, nothing_usable, split_path, validate_records
+from .records import DataError, Record
 from .tokenize import TRAIN_ON, Example, tokenize_record
 
 
@@ -71,50 +73,79 @@ class TokenizedDataset:
 
 def prepare_dataset(path: str | Path, split: str, tokenizer: Any,
                     cfg: Any) -> TokenizedDataset | None:
-    """Tokenised ``split`` of the dataset at ``path``; None when an optional split is absent.
+    """Tokenised ``split`` ("train" / "valid") of the dataset at ``path`` (any source
+    :mod:`.readers` reads); None when an optional split is absent.
 
-    ``cfg`` needs ``max_length`` and may have ``train_on`` (default ``auto``) and
-    ``skip_invalid`` (default False), as :class:`algorithms.config.TrainConfig` does.
+    ``cfg`` needs ``max_length`` and may have ``train_on`` (default ``auto``), ``skip_invalid``
+    (default False), ``data_format`` and ``columns``, as :class:`algorithms.config.TrainConfig`
+    does. Several sources, mixing and hold-out: :func:`.pipeline.prepare_splits` with
+    :data:`SFT`.
     """
+    from .pipeline import single_source_split
+
+    return single_source_split(path, split, tokenizer, cfg, SFT)
+
+
+def check_settings(cfg: Any) -> tuple[int, str]:
+    """``(max_length, train_on)``, checked (DataError naming the flag)."""
     max_length = int(cfg.max_length)
     train_on = getattr(cfg, "train_on", "auto")
-    skip_invalid = bool(getattr(cfg, "skip_invalid", False))
     if train_on not in TRAIN_ON:
         raise DataError(f"--train-on={train_on!r}: must be one of {', '.join(TRAIN_ON)}")
     if max_length < 2:
         raise DataError(f"--max-length={max_length}: must be >= 2 (one input and one target)")
-    records = load_split(path, split)
-    if records is None:
-        return None
-    file = str(split_path(path, split))
-    tokenizer = unwrap_tokenizer(tokenizer)
-    fmt, first_source = None, ""
-    examples: list[Example] = []
+    return max_length, train_on
 
-    def handle(record: Record) -> None:
-        nonlocal fmt, first_source
-        record_format = check_record(record, fmt, first_source)
-        if fmt is None:
-            fmt, first_source = record_format, record.source
-            if train_on == "completion" and fmt == TEXT:
-                raise DataError(f"{file}: --train-on completion needs prompt/completion or "
+
+class SFTProcessor:
+    """Validates and tokenises one SFT row (sent to tokenising processes: keep it picklable).
+
+    The context is the source's first good row's ``(format, source)``: one source holds one
+    format (rule ``mixed_formats``)."""
+
+    def __init__(self, tokenizer: Any, cfg: Any, label: str):
+        self.max_length, self.train_on = check_settings(cfg)
+        self.after_eot = bool(getattr(cfg, "train_after_eot", False))
+        self.tokenizer, self.label = tokenizer, label
+
+    def __call__(self, record: Record, context: tuple | None) -> tuple[Example, tuple]:
+        expected, first_source = context or (None, "")
+        fmt = check_record(record, expected, first_source)
+        if context is None:
+            context = (fmt, record.source)
+            if self.train_on == "completion" and fmt == TEXT:
+                raise DataError(f"{self.label}: --train-on completion needs prompt/completion or "
                                 "messages data; this file is text (use --train-on auto or "
-                                "all)", source=file)
-        examples.append(tokenize_record(record, record_format, tokenizer, train_on, max_length,
-                                        bool(getattr(cfg, "train_after_eot", False))))
+                                "all)", source=self.label)
+        return tokenize_record(record, fmt, self.tokenizer, self.train_on,
+                               self.max_length, self.after_eot), context
 
-    skipped, messages = validate_records(records, handle, skip_invalid)
-    if not examples:
-        raise nothing_usable(file, skipped, messages)
+
+def build_sft(examples: list[Example], parts: list, tokenizer: Any,
+              cfg: Any) -> TokenizedDataset:
+    """The dataset of one split from its (mixed) examples and the source parts they came from."""
+    from .pipeline import parts_name, skipped_by_rule
+
+    max_length, _ = check_settings(cfg)
+    tokenizer = unwrap_tokenizer(tokenizer)
     report = DatasetReport(
-        path=file, format=fmt or "", max_length=max_length, n_examples=len(examples),
-        n_skipped_by_rule=dict(sorted(skipped.items())),
+        path=parts_name(parts), format="+".join(dict.fromkeys(p.format for p in parts)),
+        max_length=max_length, n_examples=len(examples), n_skipped_by_rule=skipped_by_rule(parts),
         n_truncated=sum(e.truncated for e in examples),
         n_tokens=sum(len(e) for e in examples),
         n_loss_tokens=sum(e.num_loss_tokens for e in examples),
-        skipped=messages,
+        skipped=[m for p in parts for m in p.messages],
     )
     return TokenizedDataset(examples, report, pad_token_id(tokenizer), tokenizer.eos_token_id)
+
+
+def _sft_family():
+    from .pipeline import Family
+
+    return Family("sft", SFTProcessor,
+                  lambda cfg: {**dict(zip(("max_length", "train_on"), check_settings(cfg))),
+                               "train_after_eot": bool(getattr(cfg, "train_after_eot", False))},
+                  lambda context: context[0] if context else "", build_sft)
 
 
 def pad_token_id(tokenizer: Any) -> int:
@@ -145,3 +176,6 @@ def unwrap_tokenizer(tokenizer: Any) -> Any:
     if type(tokenizer).__name__ == "TokenizerWrapper":
         return tokenizer._tokenizer
     return tokenizer
+
+
+SFT = _sft_family()

@@ -66,7 +66,7 @@ from .preference_formats import (
     detect_preference_format,
     split_record,
 )
-from .records import DataError, Record, load_split, nothing_usable, split_path, validate_records
+from .records import DataError, Record
 from .tokenize import tokenize_record
 
 
@@ -183,10 +183,18 @@ def prepare_preference_dataset(path: str | Path, split: str, tokenizer: Any, cfg
     """Tokenised ``split`` of a preference dataset; None when an optional split is absent.
 
     ``cfg`` needs ``max_length``; optional ``max_prompt_length`` (None/0 = off), ``skip_invalid``
-    and ``packing`` (must be False: preference rows are padded, never packed).
+    and ``packing`` (must be False: preference rows are padded, never packed). Several sources:
+    :func:`.pipeline.prepare_splits` with :data:`PAIRED` / :data:`UNPAIRED`.
     """
     if kind not in KINDS:
         raise ValueError(f"kind={kind!r}: must be one of {', '.join(KINDS)}")
+    from .pipeline import single_source_split
+
+    return single_source_split(path, split, tokenizer, cfg, FAMILIES[kind])
+
+
+def check_settings(cfg: Any) -> tuple[int, int | None]:
+    """``(max_length, max_prompt_length or None)``, checked (DataError naming the flag)."""
     if getattr(cfg, "packing", False):
         raise DataError("--packing is not supported for preference data (chosen and rejected "
                         "rows are padded side by side); drop --packing")
@@ -197,57 +205,89 @@ def prepare_preference_dataset(path: str | Path, split: str, tokenizer: Any, cfg
     if max_prompt is not None and not 1 <= int(max_prompt) < max_length:
         raise DataError(f"--max-prompt-length={max_prompt}: must be in [1, --max-length "
                         f"{max_length}) so that a response token fits")
-    skip_invalid = bool(getattr(cfg, "skip_invalid", False))
-    after_eot = bool(getattr(cfg, "train_after_eot", False))
-    records = load_split(path, split)
-    if records is None:
-        return None
-    file = str(split_path(path, split))
-    tokenizer = unwrap_tokenizer(tokenizer)
-    fmt, first_source = None, ""
-    pairs: list[PreferenceExample] = []
-    unpaired: list[UnpairedExample] = []
+    return max_length, max_prompt
 
-    def handle(record: Record) -> None:
-        nonlocal fmt, first_source
-        record_format = check_preference_record(record, kind, fmt, first_source)
-        if fmt is None:
-            fmt, first_source = record_format, record.source
-        sides = split_record(record, record_format)
-        seqs = [_tokenize_side(record, name, prompt, response, record_format, tokenizer,
-                               max_length, max_prompt, after_eot)
-                for name, prompt, response in sides]
-        if record_format in UNPAIRED_FORMATS:
-            unpaired.append(UnpairedExample(seqs[0], record.data["label"], record.source))
+
+class PreferenceProcessor:
+    """Validates and tokenises one preference row (picklable: sent to tokenising processes);
+    the context is the source's first good row's ``(format, source)``."""
+
+    def __init__(self, tokenizer: Any, cfg: Any, label: str, kind: str = "paired"):
+        self.max_length, self.max_prompt = check_settings(cfg)
+        self.after_eot = bool(getattr(cfg, "train_after_eot", False))
+        self.tokenizer, self.kind = tokenizer, kind
+
+    def __call__(self, record: Record, context: tuple | None) -> tuple[Any, tuple]:
+        expected, first_source = context or (None, "")
+        fmt = check_preference_record(record, self.kind, expected, first_source)
+        seqs = [_tokenize_side(record, name, prompt, response, fmt, self.tokenizer,
+                               self.max_length, self.max_prompt, self.after_eot)
+                for name, prompt, response in split_record(record, fmt)]
+        if fmt in UNPAIRED_FORMATS:
+            example: Any = UnpairedExample(seqs[0], record.data["label"], record.source)
         else:
-            pairs.append(PreferenceExample(seqs[0], seqs[1], record.source))
+            example = PreferenceExample(seqs[0], seqs[1], record.source)
+        return example, context or (fmt, record.source)
 
-    skipped, messages = validate_records(records, handle, skip_invalid)
-    if kind == "unpaired" and pairs:
-        examples: list = unpair(pairs)
-    else:
-        examples = pairs if kind == "paired" else unpaired
-    if not examples:
-        raise nothing_usable(file, skipped, messages)
-    labels = {getattr(e, "label", None) for e in examples}
-    if kind == "unpaired" and split == "train" and labels != {True, False}:
-        have = "desirable (true)" if True in labels else "undesirable (false)"
-        raise DataError(f"{file}: every KTO example is {have}; KTO weighs desirable against "
-                        "undesirable completions, so it needs both labels (for desirable-only "
-                        "data use sft)", source=file)
+
+def _unpair_source(processed: Any) -> Any:
+    """KTO: a source's pairs become chosen-then-rejected unpaired examples (keys follow)."""
+    pairs = [(e, k) for e, k in zip(processed.examples, processed.keys)
+             if isinstance(e, PreferenceExample)]
+    if pairs:
+        processed.examples = unpair([e for e, _ in pairs])
+        processed.keys = [k for _, k in pairs] * 2
+    return processed
+
+
+def build_preference(examples: list, parts: list, tokenizer: Any, cfg: Any,
+                     kind: str = "paired") -> PreferenceDataset:
+    """The dataset of one split from its (mixed) examples and their source parts."""
+    from .pipeline import parts_name, skipped_by_rule
+
+    max_length, max_prompt = check_settings(cfg)
+    tokenizer = unwrap_tokenizer(tokenizer)
     seqs = [s for e in examples for s in _sequences(e)]
     report = PreferenceReport(
-        path=file, format=fmt or "", max_length=max_length, n_examples=len(examples),
-        n_skipped_by_rule=dict(sorted(skipped.items())),
+        path=parts_name(parts), format="+".join(dict.fromkeys(p.format for p in parts)),
+        max_length=max_length, n_examples=len(examples), n_skipped_by_rule=skipped_by_rule(parts),
         n_truncated=sum(any(s.truncated for s in _sequences(e)) for e in examples),
         n_tokens=sum(len(s) for s in seqs), n_loss_tokens=sum(sum(s.loss_mask) for s in seqs),
-        skipped=messages, kind=kind, max_prompt_length=max_prompt,
+        skipped=[m for p in parts for m in p.messages], kind=kind, max_prompt_length=max_prompt,
         n_prompt_truncated=sum(any(s.prompt_truncated for s in _sequences(e)) for e in examples),
         n_desirable=sum(getattr(e, "label", False) is True for e in examples),
         n_undesirable=sum(getattr(e, "label", True) is False for e in examples),
     )
     return PreferenceDataset(examples, report, kind, pad_token_id(tokenizer),
                              tokenizer.eos_token_id, max_length, max_prompt)
+
+
+def _families() -> dict:
+    from functools import partial
+
+    from .pipeline import Family
+
+    def settings(cfg: Any) -> dict:
+        return {**dict(zip(("max_length", "max_prompt_length"), check_settings(cfg))),
+                "train_after_eot": bool(getattr(cfg, "train_after_eot", False))}
+
+    return {kind: Family("paired" if kind == "paired" else "unpaired",
+                         partial(PreferenceProcessor, kind=kind), settings,
+                         lambda context: context[0] if context else "",
+                         partial(build_preference, kind=kind),
+                         _unpair_source if kind == "unpaired" else None)
+            for kind in KINDS}
+
+
+def check_both_labels(dataset: PreferenceDataset) -> None:
+    """KTO's training split needs desirable and undesirable examples; a DataError otherwise."""
+    labels = {e.label for e in dataset.examples}
+    if labels != {True, False}:
+        have = "desirable (true)" if True in labels else "undesirable (false)"
+        where = dataset.report.path
+        raise DataError(f"{where}: every KTO example is {have}; KTO weighs desirable against "
+                        "undesirable completions, so it needs both labels (for desirable-only "
+                        "data use sft)", source=where)
 
 
 def unpair(pairs: list[PreferenceExample]) -> list[UnpairedExample]:
@@ -270,7 +310,7 @@ def _tokenize_side(record: Record, side: str, prompt: Any, response: Any, fmt: s
                    tokenizer: Any, max_length: int, max_prompt: int | None,
                    after_eot: bool = False) -> PromptResponse:
     extras = {k: record.data[k] for k in CHAT_EXTRAS if k in record.data}
-    view = Record(record.file, record.line, {"prompt": prompt, "completion": response, **extras})
+    view = dataclasses.replace(record, data={"prompt": prompt, "completion": response, **extras})
     sft_fmt = CHAT_PROMPT_COMPLETION if fmt in CHAT else PROMPT_COMPLETION
     example = tokenize_record(view, sft_fmt, tokenizer, "completion", sys.maxsize, after_eot)
     ids, mask = example.input_ids, example.loss_mask
@@ -297,6 +337,10 @@ def _tokenize_side(record: Record, side: str, prompt: Any, response: Any, fmt: s
                           f"{' or lower --max-prompt-length' if max_prompt else ''}, or shorten "
                           "the prompt")
     return PromptResponse(ids, mask, n_prompt, truncated, prompt_truncated, cut_ids, cut_mask)
+
+
+FAMILIES = _families()
+PAIRED, UNPAIRED = FAMILIES["paired"], FAMILIES["unpaired"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -337,7 +381,8 @@ def _update(h: Any, input_ids: list[int], loss_mask: list[int], prompt_length: i
 
 
 __all__ = [
-    "KINDS", "PreferenceDataset", "PreferenceExample", "PreferenceReport", "PromptResponse",
+    "KINDS", "PAIRED", "UNPAIRED", "PreferenceDataset", "PreferenceExample", "PreferenceReport",
+    "PromptResponse",
     "UnpairedExample", "check_preference_record", "common_prefix_length", "dataset_fingerprint",
     "detect_preference_format", "prepare_preference_dataset", "sequence_hash", "split_record",
     "unpair",

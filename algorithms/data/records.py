@@ -1,5 +1,8 @@
 """Reading JSONL datasets: one JSON object per line, each remembered with its ``file:line``.
 
+(Other sources -- JSON arrays, parquet, arrow, CSV, ``save_to_disk`` dirs, Hub ids -- are read by
+:mod:`.readers` into the same :class:`Record`, numbered by row: ``data.parquet[17]``.)
+
 A dataset is either one ``.jsonl`` file (its only split is ``train``) or a directory holding
 ``train.jsonl`` and optionally ``valid.jsonl`` / ``test.jsonl``. Blank lines are not examples and
 are skipped silently; every other line must be a JSON object, with no key twice in one object
@@ -40,17 +43,19 @@ class Record:
 
     ``data`` is whatever ``json.loads`` returned; a line that did not parse, or parsed to
     something other than an object, carries its :class:`DataError` in ``error`` instead (so
-    ``--skip-invalid`` can count it and go on).
+    ``--skip-invalid`` can count it and go on). A row of a table or JSON array has
+    ``unit="row"``: ``line`` is then its 0-based row index and the source reads ``file[row]``.
     """
 
     file: str
     line: int
     data: Any = None
     error: DataError | None = None
+    unit: str = "line"
 
     @property
     def source(self) -> str:
-        return f"{self.file}:{self.line}"
+        return f"{self.file}:{self.line}" if self.unit == "line" else f"{self.file}[{self.line}]"
 
     def fail(self, rule: str, message: str) -> DataError:
         """A DataError for this record: ``file:line: message``."""

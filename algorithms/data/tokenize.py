@@ -112,8 +112,8 @@ def chat_spans(record: Record, fmt: str, tokenizer: Any,
     spans = []
     for i in turns:
         before = _render(record, tokenizer, messages[:i], True)
-        after = (full if fmt == CHAT_PROMPT_COMPLETION
-                 else _render(record, tokenizer, messages[: i + 1], False))
+        last = fmt == CHAT_PROMPT_COMPLETION or i == len(messages) - 1  # renders as ``full``
+        after = full if last else _render(record, tokenizer, messages[: i + 1], False)
         for part, what in ((before, f"messages[:{i}] with add_generation_prompt=True"),
                            (after, f"messages[:{i + 1}]")):
             if not full.startswith(part):
@@ -161,8 +161,8 @@ def _tokenize_chat(record: Record, fmt: str, tokenizer: Any, train_on: str,
                    after_eot: bool = False) -> tuple[list[int], list[int]]:
     if not getattr(tokenizer, "chat_template", None):
         raise DataError(f"{record.file}: {fmt} data needs a tokenizer with a chat template; this "
-                        "tokenizer has none (use text or prompt/completion strings)",
-                        source=record.file)
+                        "tokenizer has none (give one with --chat-template chatml, llama3, gemma "
+                        "or a file; or use text or prompt/completion strings)", source=record.file)
     if train_on == "all":
         full = _render(record, tokenizer, _conversation(record, fmt), False)
         spans = [(0, len(full))]
@@ -173,12 +173,23 @@ def _tokenize_chat(record: Record, fmt: str, tokenizer: Any, train_on: str,
     except NotImplementedError:
         raise DataError(f"{record.file}: chat data needs a fast tokenizer (offsets mapping); "
                         f"{type(tokenizer).__name__} has none", source=record.file) from None
-    ids = list(enc["input_ids"])
-    mask = []
-    for s, e in enc["offset_mapping"]:
-        e = max(e, s + 1)  # a zero-width token counts where it sits
-        mask.append(int(any(s < b and e > a for a, b in spans)))
-    return ids, mask
+    return list(enc["input_ids"]), overlap_mask(enc["offset_mapping"], spans)
+
+
+def overlap_mask(offsets: list, spans: list[tuple[int, int]]) -> list[int]:
+    """1 for each token whose characters ``[s, e)`` overlap a span (a zero-width token counts
+    where it sits). One sweep: spans are sorted and disjoint, token starts non-decreasing."""
+    spans = sorted(spans)
+    mask, j, last = [], 0, -1
+    for s, e in offsets:
+        if s < last:  # offsets went backwards (never for byte-level BPE): start over
+            j = 0
+        last = s
+        e = max(e, s + 1)
+        while j < len(spans) and spans[j][1] <= s:
+            j += 1
+        mask.append(int(j < len(spans) and spans[j][0] < e))
+    return mask
 
 
 def _encode(tokenizer: Any, text: str, add_special_tokens: bool) -> list[int]:

@@ -28,16 +28,11 @@ from pathlib import Path
 from typing import Any
 
 from ..data.batching import epoch_rng
-from ..data.dataset import unwrap_tokenizer
 from ..data.formats import _check_messages
 from ..data.records import (
     DataError,
     Record,
     describe,
-    load_split,
-    nothing_usable,
-    split_path,
-    validate_records,
 )
 
 RESERVED_COLUMNS = ("prompts", "completions", "completion_ids", "step")
@@ -80,33 +75,54 @@ class PromptDataset:
 
 def prepare_prompt_dataset(path: str | Path, split: str, tokenizer: Any,
                            cfg: Any) -> PromptDataset | None:
-    """The validated, tokenised prompts of ``split``; None when an optional split is absent."""
-    records = load_split(path, split)
-    if records is None:
-        return None
-    file = str(split_path(path, split))
-    tokenizer = unwrap_tokenizer(tokenizer)
+    """The validated, tokenised prompts of ``split``; None when an optional split is absent.
+
+    Several sources, mixing and hold-out: ``algorithms.data.pipeline.prepare_splits`` with
+    :data:`PROMPTS`."""
+    from ..data.pipeline import single_source_split
+
+    return single_source_split(path, split, tokenizer, cfg, PROMPTS)
+
+
+def prompt_budget(cfg: Any) -> int:
+    """Tokens a prompt may use: ``--max-length`` minus ``--max-completion-length``."""
     budget = int(cfg.max_length) - int(cfg.max_completion_length)
     if budget < 1:
         raise DataError(f"--max-length {cfg.max_length} leaves no room for a prompt with "
                         f"--max-completion-length {cfg.max_completion_length}; raise --max-length")
-    examples: list[PromptExample] = []
-    first: Record | None = None
+    return budget
 
-    def handle(record: Record) -> None:
-        nonlocal first
+
+class PromptProcessor:
+    """Validates and tokenises one prompt row (picklable: sent to tokenising processes); the
+    context is the source's first good row (every row needs its columns)."""
+
+    def __init__(self, tokenizer: Any, cfg: Any, label: str):
+        self.tokenizer, self.budget = tokenizer, prompt_budget(cfg)
+
+    def __call__(self, record: Record, first: Record | None) -> tuple[PromptExample, Record]:
         if record.error is not None:
             raise record.error
         _check_prompt_record(record, first)
-        first = first or record
-        examples.append(_tokenize(record, tokenizer, budget))
+        return _tokenize(record, self.tokenizer, self.budget), first or record
 
-    skipped, messages = validate_records(records, handle, cfg.skip_invalid)
-    if not examples:
-        raise nothing_usable(file, skipped, messages, "prompts")
-    report = PromptReport(file, len(examples), dict(sorted(skipped.items())),
-                          sorted(examples[0].columns),
-                          max(len(e.prompt_ids) for e in examples), messages)
+
+def build_prompts(examples: list[PromptExample], parts: list, tokenizer: Any,
+                  cfg: Any) -> PromptDataset:
+    """The prompt set of one split; every source must give the rewards the same columns."""
+    columns = sorted(examples[0].columns)
+    for part in parts:
+        have = sorted(part.examples[0].columns) if part.examples else columns
+        if have != columns:
+            raise DataError(f"{part.label}: its columns ({', '.join(have) or 'none'}) differ from "
+                            f"{parts[0].label}'s ({', '.join(columns) or 'none'}); mixed prompt "
+                            "sources must give the reward functions the same columns (rename "
+                            "with columns: in the YAML source list)", source=part.label)
+    from ..data.pipeline import parts_name, skipped_by_rule
+
+    report = PromptReport(parts_name(parts), len(examples), skipped_by_rule(parts), columns,
+                          max(len(e.prompt_ids) for e in examples),
+                          [m for p in parts for m in p.messages])
     return PromptDataset(examples, report)
 
 
@@ -147,7 +163,8 @@ def _tokenize(record: Record, tokenizer: Any, budget: int) -> PromptExample:
     else:
         if not getattr(tokenizer, "chat_template", None):
             raise record.fail("template_error", "a message-list prompt needs a tokenizer with a "
-                              "chat template; this one has none (use a string prompt)")
+                              "chat template; this one has none (give one with --chat-template, "
+                              "or use a string prompt)")
         continues = prompt[-1]["role"] == "assistant"
         try:
             text = tokenizer.apply_chat_template(prompt, tokenize=False,
@@ -206,8 +223,19 @@ def prepare_data(cfg: Any, tokenizer: Any) -> Any:
         rewards = load_rewards(cfg)
     except RewardError as e:
         raise DataError(f"--reward: {e}") from None
-    sets = {split: prepare_prompt_dataset(cfg.data, split, tokenizer, cfg)
-            for split in ("train", "valid")}
+    from ..data.pipeline import prepare_splits
+
+    sets = prepare_splits(cfg, tokenizer, PROMPTS)
     return PreparedData(sets["train"], sets["valid"],
-                        {s: ds.report for s, ds in sets.items() if ds is not None},
+                        {s: ds.split_report for s, ds in sets.items() if ds is not None},
                         extras={"rewards": rewards})
+
+
+def _prompt_family() -> Any:
+    from ..data.pipeline import Family
+
+    return Family("prompt", PromptProcessor, lambda cfg: {"budget": prompt_budget(cfg)},
+                  lambda first: "prompt", build_prompts, what="prompts")
+
+
+PROMPTS = _prompt_family()

@@ -11,7 +11,6 @@ L_cache)`` with weight 1.
 from __future__ import annotations
 
 import importlib
-from pathlib import Path
 from typing import Any
 
 MODEL_PREFIX = "model:"
@@ -28,10 +27,12 @@ def load_rewards(cfg: Any) -> list[tuple[str, Any]]:
     loaded: list[tuple[str, Any]] = []
     for spec in cfg.reward:
         if spec.strip().startswith(MODEL_PREFIX):
-            path = Path(spec.strip()[len(MODEL_PREFIX):])
-            if not (path / "config.json").is_file():
-                raise RewardError(f"reward {spec!r}: {path} is not a model directory "
-                                  "(no config.json)")
+            from converters.models import resolve_model
+
+            try:  # a model dir or a Hub id (the cache first), checked before any model loads
+                resolve_model(spec.strip()[len(MODEL_PREFIX):])
+            except (FileNotFoundError, ValueError, ImportError) as e:
+                raise RewardError(f"reward {spec!r}: {e}") from None
             loaded.append((spec, None))
         else:
             loaded.append((spec, load_reward(spec)))
@@ -47,8 +48,8 @@ def build_scorer(cfg: Any, loaded: list[tuple[str, Any]], backend: Any) -> Any:
     for spec, fn in loaded:
         if fn is None:
             package = type(backend).__module__.split(".")[0]
-            loader = importlib.import_module(f"{package}.reward_model").load_reward_model
-            fn = load_reward(spec, loader)
+            fn = load_reward(spec, _resolving(
+                importlib.import_module(f"{package}.reward_model").load_reward_model))
         funcs.append(fn)
     weights = list(cfg.reward_weights) or [1.0] * len(funcs)
     if cfg.overlong_buffer_tokens:
@@ -57,3 +58,13 @@ def build_scorer(cfg: Any, loaded: list[tuple[str, Any]], backend: Any) -> Any:
         weights.append(1.0)
     return RewardScorer(funcs, [float(w) for w in weights], on_error=cfg.reward_on_error,
                         timeout_s=cfg.reward_timeout)
+
+
+def _resolving(load_reward_model: Any) -> Any:
+    """The backend's reward-model loader, given a local dir for a Hub id or known name."""
+    from converters.models import resolve_model
+
+    def load(name: str, *args: Any, **kwargs: Any) -> Any:
+        return load_reward_model(str(resolve_model(name)), *args, **kwargs)
+
+    return load

@@ -50,12 +50,13 @@ def run_ours(t: Target, recipe: Recipe, model: Path, data: Path, out: Path, vari
 def read_settings(config_path: Path, log: Path) -> dict:
     """The matched settings as this run resolved them (config.json, device line of the log)."""
     cfg = json.loads(config_path.read_text())
+    data = cfg["data"][0] if isinstance(cfg["data"], list) else cfg["data"]  # one source here
     model = Path(cfg["model_path"]).resolve()
     targets = cfg.get("target_modules") or block_linear_names(model)
     match = re.search(r"(?:mlx_ft|cuda_ft): device=\S+ dtype=(\w+)", log.read_text())
     return {
         "model": str(model),
-        "data": data_fingerprint(Path(cfg["data"])),
+        "data": data_fingerprint(Path(data)),
         "fine_tune_type": cfg["fine_tune_type"],
         "lora_rank": cfg["lora_rank"],
         "lora_alpha": float(cfg["lora_alpha"]),
