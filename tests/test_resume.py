@@ -92,7 +92,7 @@ def test_changed_data_at_the_same_path_is_refused(finished, tiny_llama_dir, data
     assert train(tiny_llama_dir, cut, run, "--steps", "6", "--resume") == 2
     err = capsys.readouterr().err
     assert "the train data changed since the checkpoint at step 4" in err
-    assert "had 24 lines" in err and "now has 5" in err
+    assert "24 examples then" in err and "5 examples now" in err
     assert snapshot(run) == before
 
 

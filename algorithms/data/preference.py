@@ -190,7 +190,10 @@ def prepare_preference_dataset(path: str | Path, split: str, tokenizer: Any, cfg
         raise ValueError(f"kind={kind!r}: must be one of {', '.join(KINDS)}")
     from .pipeline import single_source_split
 
-    return single_source_split(path, split, tokenizer, cfg, FAMILIES[kind])
+    dataset = single_source_split(path, split, tokenizer, cfg, FAMILIES[kind])
+    if kind == "unpaired" and split == "train" and dataset is not None:
+        check_both_labels(dataset)
+    return dataset
 
 
 def check_settings(cfg: Any) -> tuple[int, int | None]:
