@@ -24,13 +24,8 @@ from algorithms.backend import LossFn, attention_allowed
 
 from . import varlen
 from .device import choose_device
-from .logprobs import (
-    chunked_entropy,
-    chunked_log_sum_sq,
-    chunked_token_logps,
-    frozen_head_weight,
-    fused_token_logps,
-)
+from .kernel_patch import head_impl
+from .logprobs import chunked_entropy, chunked_log_sum_sq, head_token_logps
 from .model import canonical_parameters, load_model, set_adapter_training
 from .ops import TorchOps
 from .reference import Reference
@@ -120,33 +115,29 @@ class TorchBackend:
         """Per-token log-probs ``[B, T]`` float32 of ``targets`` (grad follows the context).
 
         Padding-free (:mod:`cuda_ft.varlen`) where the model family allows: only real tokens
-        are run, padding positions get 0. ``train`` (the pass whose gradient is taken) allows
-        the fused head (:func:`cuda_ft.logprobs.fused_token_logps`) when the head is frozen.
+        are run, padding positions get 0. The head is the fused one
+        (:func:`cuda_ft.logprobs.head_token_logps`, Triton or torch per ``--kernels``).
         """
         hf_model = self.hf_model if hf_model is None else hf_model
         head = hf_model.get_output_embeddings()
         temperature = float(batch.get("temperature", 1.0))
-        weight = frozen_head_weight(head) if train else None
+        impl = head_impl(self.model)  # --kernels: Triton or torch fused head
+
+        def head_logps(hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+            return head_token_logps(hidden, head, targets, self.cfg.logprob_chunk_size,
+                                    temperature, impl)
+
         with self._autocast():
             if not varlen.enable(hf_model):
                 hidden = self._hidden(batch, tensors, hf_model)
-                if weight is None:
-                    return chunked_token_logps(hidden, head, tensors["targets"],
-                                               self.cfg.logprob_chunk_size, temperature)
                 b, t, h = hidden.shape
-                return fused_token_logps(hidden.reshape(b * t, h), weight,
-                                         tensors["targets"].reshape(b * t),
-                                         self.cfg.logprob_chunk_size, temperature).reshape(b, t)
+                return head_logps(hidden.reshape(b * t, h),
+                                  tensors["targets"].reshape(b * t)).reshape(b, t)
             ids, positions, targets, spans, where = varlen.flatten(batch, self.device)
             hidden = hf_model.get_decoder()(input_ids=ids, position_ids=positions,
                                             use_cache=False,
                                             posttrain_spans=spans).last_hidden_state[0]
-            if weight is None:
-                flat = chunked_token_logps(hidden[None], head, targets[None],
-                                           self.cfg.logprob_chunk_size, temperature)[0]
-            else:
-                flat = fused_token_logps(hidden, weight, targets, self.cfg.logprob_chunk_size,
-                                         temperature)
+            flat = head_logps(hidden, targets)
         out = torch.zeros(tuple(np.asarray(batch["input_ids"]).shape), dtype=flat.dtype,
                           device=self.device)
         return out.index_put(where, flat)

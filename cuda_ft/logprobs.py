@@ -13,14 +13,14 @@ most one ``[chunk_size, V]`` block of logits exists at a time, forward or backwa
 
 ``reference_token_logps`` is the plain full-logits formula the chunked path is tested against.
 
-When the output projection is frozen (LoRA / DoRA), training uses :func:`fused_token_logps`
-instead: the gradient w.r.t. the hidden states is formed in the forward pass, so backward
-needs neither the logits nor their recomputation.
+When the output projection is a bias-free ``nn.Linear`` (every family here, tied or not),
+:func:`head_token_logps` uses the fused head of :mod:`cuda_ft.kernels.fused_head` instead
+(Triton on CUDA with ``--kernels auto|triton``, its torch twin otherwise): one pass over each
+chunk's logits forward; for a frozen head the gradient w.r.t. the hidden states is formed in
+that pass, so backward needs neither the logits nor their recomputation.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 from torch import nn
@@ -69,53 +69,33 @@ def chunked_token_logps(hidden: torch.Tensor, lm_head: nn.Module, targets: torch
     return torch.cat(pieces).reshape(batch, length)
 
 
-class _FusedChunk(torch.autograd.Function):
-    """log-probs of one chunk and, in the same pass, their gradient w.r.t. the hidden states."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature):
-        logits = (hidden @ weight.t()).float()
-        if temperature != 1.0:
-            logits = logits / temperature
-        lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-        logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse.squeeze(-1)
-        probs = torch.exp(logits.sub_(lse))  # logits are not needed after this
-        grad = weight[targets].float() - (probs.to(weight.dtype) @ weight).float()
-        if temperature != 1.0:
-            grad = grad / temperature
-        ctx.save_for_backward(grad.to(hidden.dtype))
-        return logps
-
-    @staticmethod
-    def backward(ctx, grad_logps):
-        (grad,) = ctx.saved_tensors
-        return grad_logps.unsqueeze(-1).to(grad.dtype) * grad, None, None, None
-
-
-def frozen_head_weight(lm_head: nn.Module) -> torch.Tensor | None:
-    """The ``[V, H]`` weight of a frozen, bias-free ``nn.Linear`` head (LoRA / DoRA), else None
-    (then the checkpointed path runs). ``POSTTRAIN_TORCH_FUSED_HEAD=0`` turns it off."""
-    if os.environ.get("POSTTRAIN_TORCH_FUSED_HEAD", "1") == "0" \
-            or type(lm_head) is not nn.Linear or lm_head.bias is not None \
-            or lm_head.weight.requires_grad:
+# --- the fused head: Triton or torch (cuda_ft/kernels/fused_head.py) -----------------------
+def linear_head_weight(lm_head: nn.Module) -> torch.Tensor | None:
+    """The ``[V, H]`` weight of a bias-free ``nn.Linear`` head (frozen or trained, tied to the
+    embeddings or not), else None (then the checkpointed path runs)."""
+    if type(lm_head) is not nn.Linear or lm_head.bias is not None:
         return None
     return lm_head.weight
 
 
-def fused_token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                      chunk_size: int, temperature: float = 1.0) -> torch.Tensor:
-    """``log softmax(h W^T / T)[target]`` for ``hidden [N, H]`` and a FROZEN ``weight [V, H]``.
+def head_token_logps(hidden: torch.Tensor, lm_head: nn.Module, targets: torch.Tensor,
+                     chunk_size: int, temperature: float = 1.0,
+                     impl: str = "torch") -> torch.Tensor:
+    """log p(targets | hidden) float32 ``[N]`` for ``hidden [N, H]``, ``targets [N]`` (< 0 -> 0).
 
-    Per chunk: ``log p = z[t] - logsumexp(z)`` and ``d log p / d h = (W[t] - softmax(z) W) / T``
-    in one pass over the chunk's logits ``z``; backward scales the saved ``[N, H]`` gradient by
-    the incoming one. Compared with the checkpointed path it skips recomputing the logits
-    (one ``[chunk, V] x [V, H]`` matmul fewer per token). No gradient reaches ``weight``.
+    A Linear head goes through :func:`cuda_ft.kernels.fused_head.fused_linear_logprobs`
+    (``impl`` "triton" or "torch", from ``--kernels``); any other head through the
+    checkpointed chunks. Gradients reach ``hidden`` and a trained head weight either way.
     """
-    targets = targets.long().clamp(min=0)
-    pieces = [_FusedChunk.apply(hidden[i:i + chunk_size], weight, targets[i:i + chunk_size],
-                                temperature)
-              for i in range(0, hidden.shape[0], chunk_size)]
-    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+    weight = linear_head_weight(lm_head)
+    if weight is None:
+        return chunked_token_logps(hidden[None], lm_head, targets[None], chunk_size,
+                                   temperature)[0]
+    from .kernels.fused_head import fused_linear_logprobs
+
+    return fused_linear_logprobs(hidden, weight, targets, temperature, chunk_size=chunk_size,
+                                 impl=impl).logps
+# --- end fused head ------------------------------------------------------------------------
 
 
 @torch.no_grad()

@@ -82,6 +82,15 @@ def load_model(cfg: Any, model_path: str | Path, choice: DeviceChoice) -> nn.Mod
         for param in model.parameters():
             if not param.requires_grad:
                 param.data = param.data.to(choice.dtype)
+    # --- kernels and activation checkpointing (cuda_ft/kernel_patch.py, grad_checkpoint.py) ---
+    from . import grad_checkpoint, kernel_patch
+
+    hf_model = model if cfg.fine_tune_type == "full" else model.get_base_model()
+    plan = kernel_patch.apply(hf_model, getattr(cfg, "kernels", "auto"), choice.device)
+    model.posttrain_kernels = plan
+    if getattr(cfg, "grad_checkpoint", False):
+        grad_checkpoint.enable(hf_model)
+    # --- end kernels ---
     return model
 
 
