@@ -13,22 +13,22 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from cuda_ft.kernels.runtime import triton_runs_on  # noqa: E402
-from cuda_ft.kernels.tolerances import LOW_PRECISION_SLACK, tolerance  # noqa: E402
+from cuda_ft.kernels.runtime import triton_runs_on
+from cuda_ft.kernels.tolerances import LOW_PRECISION_SLACK, tolerance
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 if not triton_runs_on(DEVICE):
     pytest.skip("Triton cannot run here (not importable, or no GPU and no TRITON_INTERPRET=1)",
                 allow_module_level=True)
 
-from cuda_ft.kernels.fused_head import (  # noqa: E402
+from cuda_ft.kernels.fused_head import (
     fused_linear_logprobs,
     reference_linear_logprobs,
 )
-from cuda_ft.kernels.lora_mlp import Projection, lora_mlp, reference_lora_mlp  # noqa: E402
-from cuda_ft.kernels.rmsnorm import reference_rms_norm, rms_norm  # noqa: E402
-from cuda_ft.kernels.rope import apply_rope, reference_rope  # noqa: E402
-from cuda_ft.kernels.swiglu import reference_swiglu, swiglu  # noqa: E402
+from cuda_ft.kernels.lora_mlp import Projection, lora_mlp, reference_lora_mlp
+from cuda_ft.kernels.rmsnorm import reference_rms_norm, rms_norm
+from cuda_ft.kernels.rope import apply_rope, reference_rope
+from cuda_ft.kernels.swiglu import reference_swiglu, swiglu
 
 LOW = [pytest.param(d, marks=[pytest.mark.gpu, pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA GPU")]) for d in
