@@ -230,6 +230,25 @@ def test_runs_are_paired_with_their_baseline_per_repeat_and_aggregated():
     assert median["ours"] == "mlx-cpu (median of 2)" and median["tokens_per_s_ratio"] == 2.5
 
 
+def test_kernel_variants_run_on_torch_only_and_pair_with_trl_and_liger():
+    from scripts.bench import KERNEL_VARIANTS, pair_comparisons, parse_variant, plan_runs
+    from scripts.benchkit.backends import target
+
+    variants = [parse_variant(v) for v in KERNEL_VARIANTS]
+    plan = plan_runs([target("mlx-cpu"), target("torch-cpu")], variants, ["trl", "trl-liger"])
+    assert [(p[0], getattr(p[1], "name", p[1]), p[2][0] if len(p) > 2 else None) for p in plan] \
+        == [("ours", "torch-cpu", "kernels"), ("ours", "torch-cpu", "no-kernels"),
+            ("trl", "cpu", None), ("trl-liger", "cpu", None)]
+    runs = [measure.Run("torch-cpu[kernels]", "ours", "torch", "cpu", settings=SETTINGS,
+                        summary={"tokens_per_s": 3.0}),
+            measure.Run("trl-cpu", "trl", "torch", "cpu", settings=SETTINGS,
+                        summary={"tokens_per_s": 1.0}),
+            measure.Run("trl-liger-cpu", "trl-liger", "torch", "cpu", settings=SETTINGS,
+                        summary={"tokens_per_s": 2.0})]
+    assert [(c["baseline"], c["tokens_per_s_ratio"]) for c in pair_comparisons(runs)] == \
+        [("trl-cpu", 3.0), ("trl-liger-cpu", 1.5)]
+
+
 def test_variant_parsing():
     from scripts.bench import parse_variant
 
