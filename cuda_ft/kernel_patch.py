@@ -55,14 +55,19 @@ class KernelPlan:
                 f"blocks={blocks}; {self.reason}")
 
 
-def resolve(kernels: str, device: torch.device, model_type: str) -> KernelPlan:
-    """The plan for ``--kernels`` on ``device`` for a model of ``model_type``."""
+def check(kernels: str, device: torch.device) -> None:
+    """Raise ConfigError when ``--kernels`` cannot be honoured on ``device`` (before loading)."""
     if kernels not in ("auto", "triton", "torch"):
         raise ConfigError(f"--kernels={kernels!r}: must be one of auto, triton, torch")
-    if kernels == "torch":
-        return KernelPlan(kernels, "torch", "torch", "--kernels torch")
     if kernels == "triton" and not triton_runs_on(device):
         raise ConfigError(f"--kernels=triton: {why_not(device)}")
+
+
+def resolve(kernels: str, device: torch.device, model_type: str) -> KernelPlan:
+    """The plan for ``--kernels`` on ``device`` for a model of ``model_type``."""
+    check(kernels, device)
+    if kernels == "torch":
+        return KernelPlan(kernels, "torch", "torch", "--kernels torch")
     if kernels == "auto" and not (device.type == "cuda" and triton_importable()):
         why = "no CUDA GPU" if device.type != "cuda" else "Triton is not importable"
         return KernelPlan(kernels, "torch", "torch", f"auto -> torch ({why})")

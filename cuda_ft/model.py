@@ -68,6 +68,9 @@ def load_model(cfg: Any, model_path: str | Path, choice: DeviceChoice) -> nn.Mod
     """
     from transformers import AutoModelForCausalLM
 
+    from .kernel_patch import check
+
+    check(getattr(cfg, "kernels", "auto"), choice.device)  # before the weights load
     model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch.float32)
     model.to("cpu").eval()
     if cfg.fine_tune_type == "full":
