@@ -3,7 +3,8 @@
 Each mixin is placed before the module's own class, so ``super().forward`` is transformers'
 code: the fallback for every call a kernel does not cover. The attention forward is that of
 transformers' Llama / Mistral / Qwen2 / Qwen3 attention (q/k/v projections, Qwen3's per-head
-q/k norms, RoPE, the configured attention function, o projection) with RoPE in one kernel.
+q/k norms, RoPE, the configured attention function, o projection) with RoPE in one kernel and
+the three projections (with their LoRA adapters) in one autograd node where they allow it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 from torch import nn
 
 from .kernels.lora_mlp import Projection, lora_mlp
+from .kernels.lora_qkv import lora_qkv
 from .kernels.rmsnorm import rms_norm
 from .kernels.rope import apply_rope
 
@@ -37,11 +39,15 @@ class RopeAttentionMixin:
         kwargs.pop("past_key_values", None)
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
-        q = self.q_proj(hidden_states).view(hidden_shape)
-        k = self.k_proj(hidden_states).view(hidden_shape)
+        parts = [projection(m) for m in (self.q_proj, self.k_proj, self.v_proj)]
+        if all(p is not None for p in parts):  # q/k/v (+ LoRA) in one autograd node
+            q, k, v = lora_qkv(hidden_states, *parts)
+        else:  # a bias (Qwen2), DoRA, active LoRA dropout: the modules themselves
+            q, k, v = (m(hidden_states) for m in (self.q_proj, self.k_proj, self.v_proj))
+        q, k = q.view(hidden_shape), k.view(hidden_shape)
+        v = v.view(hidden_shape).transpose(1, 2)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
-        v = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         cos, sin = position_embeddings
         q, k = apply_rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
         attention: Callable = _attention_function(self.config._attn_implementation,

@@ -10,6 +10,7 @@ training, DoRA) goes to the original ``forward``:
 
 - every RMSNorm (block norms, final norm, Qwen3's q/k norms)  -> :mod:`cuda_ft.kernels.rmsnorm`
 - attention: RoPE on Q and K in one kernel                  -> :mod:`cuda_ft.kernels.rope`
+  and q/k/v with LoRA as one autograd node (no bias)        -> :mod:`cuda_ft.kernels.lora_qkv`
 - the SwiGLU MLP (with or without LoRA): one autograd node  -> :mod:`cuda_ft.kernels.lora_mlp`
 - the lm_head + log-softmax (any family with a Linear head) -> :mod:`cuda_ft.kernels.fused_head`
 

@@ -26,6 +26,7 @@ from cuda_ft.kernels.fused_head import (
     reference_linear_logprobs,
 )
 from cuda_ft.kernels.lora_mlp import Projection, lora_mlp, reference_lora_mlp
+from cuda_ft.kernels.lora_qkv import lora_qkv, reference_lora_qkv
 from cuda_ft.kernels.rmsnorm import reference_rms_norm, rms_norm
 from cuda_ft.kernels.rope import apply_rope, reference_rope
 from cuda_ft.kernels.swiglu import reference_swiglu, swiglu
@@ -215,6 +216,22 @@ def test_lora_mlp_values_dx_dlora_dw(impl, trained_base):
     for name, g, r in zip(names, torch.autograd.grad(got, params, dy),
                           torch.autograd.grad(want, params, dy)):
         close(g, r, "lora_mlp", name)
+
+
+@pytest.mark.parametrize("trained_base", [False, True])
+def test_lora_qkv_values_dx_dlora_dw(trained_base):
+    hidden = 20
+    q = _projection(24, hidden, 40, trained=trained_base)
+    k = _projection(12, hidden, 50, lora=False, trained=trained_base)  # an unadapted one
+    v = _projection(12, hidden, 60, trained=trained_base)
+    x = _rand(2, 7, hidden)
+    got, want = lora_qkv(x, q, k, v), reference_lora_qkv(x, q, k, v)
+    for name, g, w in zip("qkv", got, want):
+        close(g, w, "lora_qkv", name)
+    params = [x] + [t for p in (q, k, v) for t in p[:3] if t is not None and t.requires_grad]
+    up = [torch.randn_like(w) for w in want]
+    for i, (g, r) in enumerate(zip(grads(got, params, up), grads(want, params, up))):
+        close(g, r, "lora_qkv", f"grad {i}")
 
 
 # --- low precision on a GPU: no worse than the reference in the same dtype -----------------

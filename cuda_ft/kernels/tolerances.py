@@ -35,6 +35,8 @@ TOLERANCES: dict[str, dict[torch.dtype, tuple[float, float]]] = {
                torch.float16: (4e-3, 4e-3)},
     "lora_mlp": {torch.float32: (2e-4, 1e-4), torch.bfloat16: (6e-2, 3e-2),
                  torch.float16: (2e-2, 1e-2)},
+    "lora_qkv": {torch.float32: (2e-4, 1e-4), torch.bfloat16: (6e-2, 3e-2),
+                 torch.float16: (2e-2, 1e-2)},
     # a whole patched model (loss and every trainable gradient) against the unpatched one
     "model": {torch.float32: (1e-4, 1e-4), torch.bfloat16: (5e-2, 5e-2),
               torch.float16: (2e-2, 2e-2)},
