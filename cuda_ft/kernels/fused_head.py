@@ -44,62 +44,69 @@ if triton_importable():
 
     @triton.jit
     def _head_rows_forward(logits_ptr, stride, targets_ptr, lse_ptr, logp_ptr, ez_ptr, ent_ptr,
-                           lss_ptr, V, inv_t, WITH_ENT: tl.constexpr, WITH_LSS: tl.constexpr,
-                           BLOCK_V: tl.constexpr):
-        """One row: online max / sum exp (and sum e z, sum e^2) over V, then the statistics."""
-        row = tl.program_id(0).to(tl.int64)
-        base = logits_ptr + row * stride
-        m = float("-inf")
-        s = 0.0
-        sz = 0.0
-        s2 = 0.0
+                           lss_ptr, n_rows, V, inv_t, WITH_ENT: tl.constexpr,
+                           WITH_LSS: tl.constexpr, ROWS: tl.constexpr, BLOCK_V: tl.constexpr):
+        """``ROWS`` rows: online max / sum exp (and sum e z, sum e^2) over V, then the
+        statistics. One row per program on a GPU; several under the interpreter."""
+        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+        in_range = rows < n_rows
+        base = logits_ptr + rows[:, None] * stride
+        m = tl.full([ROWS], float("-inf"), tl.float32)
+        s = tl.zeros([ROWS], dtype=tl.float32)
+        sz = tl.zeros([ROWS], dtype=tl.float32)
+        s2 = tl.zeros([ROWS], dtype=tl.float32)
         for start in range(0, V, BLOCK_V):
-            cols = start + tl.arange(0, BLOCK_V)
-            z = tl.load(base + cols, mask=cols < V, other=float("-inf")).to(tl.float32) * inv_t
-            m_new = tl.maximum(m, tl.max(z, 0))
+            cols = start + tl.arange(0, BLOCK_V)[None, :]
+            z = tl.load(base + cols, mask=in_range[:, None] & (cols < V), other=float("-inf"))
+            z = tl.where(in_range[:, None], z.to(tl.float32) * inv_t, 0.0)
+            m_new = tl.maximum(m, tl.max(z, 1))
             scale = tl.exp(m - m_new)
-            e = tl.exp(z - m_new)
-            s = s * scale + tl.sum(e, 0)
+            e = tl.exp(z - m_new[:, None])
+            s = s * scale + tl.sum(e, 1)
             if WITH_ENT:
-                sz = sz * scale + tl.sum(e * tl.where(e > 0.0, z, 0.0), 0)
+                sz = sz * scale + tl.sum(e * tl.where(e > 0.0, z, 0.0), 1)
             if WITH_LSS:
-                s2 = s2 * scale * scale + tl.sum(e * e, 0)
+                s2 = s2 * scale * scale + tl.sum(e * e, 1)
             m = m_new
         lse = m + tl.log(s)
-        target = tl.load(targets_ptr + row)
+        target = tl.load(targets_ptr + rows, mask=in_range, other=-1)
         valid = (target >= 0) & (target < V)
-        z_t = tl.load(base + tl.where(valid, target, 0)).to(tl.float32) * inv_t
-        tl.store(lse_ptr + row, lse)
-        tl.store(logp_ptr + row, tl.where(valid, z_t - lse, 0.0))
+        z_t = tl.load(logits_ptr + rows * stride + tl.where(valid, target, 0), mask=in_range,
+                      other=0.0).to(tl.float32) * inv_t
+        tl.store(lse_ptr + rows, lse, mask=in_range)
+        tl.store(logp_ptr + rows, tl.where(valid, z_t - lse, 0.0), mask=in_range)
         if WITH_ENT:
             ez = sz / s
-            tl.store(ez_ptr + row, ez)
-            tl.store(ent_ptr + row, lse - ez)
+            tl.store(ez_ptr + rows, ez, mask=in_range)
+            tl.store(ent_ptr + rows, lse - ez, mask=in_range)
         if WITH_LSS:
-            tl.store(lss_ptr + row, tl.log(s2) + 2.0 * m - 2.0 * lse)
+            tl.store(lss_ptr + rows, tl.log(s2) + 2.0 * m - 2.0 * lse, mask=in_range)
 
     @triton.jit
-    def _head_rows_grad(logits_ptr, stride, targets_ptr, lse_ptr, ez_ptr, g_lp_ptr, g_ent_ptr, V,
-                        inv_t, HAS_LP: tl.constexpr, HAS_ENT: tl.constexpr, BLOCK_V: tl.constexpr):
-        """One row: overwrite the logits with dL/dz / T (see the module docstring)."""
-        row = tl.program_id(0).to(tl.int64)
-        base = logits_ptr + row * stride
-        lse = tl.load(lse_ptr + row)
-        target = tl.load(targets_ptr + row)
-        g_lp = 0.0
+    def _head_rows_grad(logits_ptr, stride, targets_ptr, lse_ptr, ez_ptr, g_lp_ptr, g_ent_ptr,
+                        n_rows, V, inv_t, HAS_LP: tl.constexpr, HAS_ENT: tl.constexpr,
+                        ROWS: tl.constexpr, BLOCK_V: tl.constexpr):
+        """``ROWS`` rows: overwrite the logits with dL/dz / T (see the module docstring)."""
+        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+        in_range = rows < n_rows
+        base = logits_ptr + rows[:, None] * stride
+        lse = tl.load(lse_ptr + rows, mask=in_range, other=0.0)[:, None]
+        target = tl.load(targets_ptr + rows, mask=in_range, other=-1)[:, None]
+        g_lp = tl.zeros([ROWS, 1], dtype=tl.float32)
         if HAS_LP:
-            g_lp = tl.where((target >= 0) & (target < V), tl.load(g_lp_ptr + row), 0.0)
-        g_ent = 0.0
-        ez = 0.0
+            g_lp = tl.load(g_lp_ptr + rows, mask=in_range, other=0.0)[:, None]
+            g_lp = tl.where((target >= 0) & (target < V), g_lp, 0.0)
+        g_ent = tl.zeros([ROWS, 1], dtype=tl.float32)
+        ez = tl.zeros([ROWS, 1], dtype=tl.float32)
         if HAS_ENT:
-            g_ent = tl.load(g_ent_ptr + row)
-            ez = tl.load(ez_ptr + row)
+            g_ent = tl.load(g_ent_ptr + rows, mask=in_range, other=0.0)[:, None]
+            ez = tl.load(ez_ptr + rows, mask=in_range, other=0.0)[:, None]
         for start in range(0, V, BLOCK_V):
-            cols = start + tl.arange(0, BLOCK_V)
-            mask = cols < V
+            cols = start + tl.arange(0, BLOCK_V)[None, :]
+            mask = in_range[:, None] & (cols < V)
             z = tl.load(base + cols, mask=mask, other=float("-inf")).to(tl.float32) * inv_t
             p = tl.exp(z - lse)
-            g = tl.zeros([BLOCK_V], dtype=tl.float32)
+            g = tl.zeros([ROWS, BLOCK_V], dtype=tl.float32)
             if HAS_LP:
                 g += g_lp * (tl.where(cols == target, 1.0, 0.0) - p)
             if HAS_ENT:
@@ -123,13 +130,15 @@ class _RowStats(NamedTuple):
     lss: torch.Tensor | None
 
 
-def _launch(logits: torch.Tensor) -> dict:
-    """Block over the vocabulary and warps: wide on a GPU, small under the interpreter (so the
-    tests' odd vocabularies take several blocks)."""
-    v = logits.shape[1]
+def _launch(logits: torch.Tensor) -> tuple[tuple[int], dict]:
+    """Grid and meta-parameters: one row per program over wide vocabulary blocks on a GPU;
+    several rows and small blocks under the interpreter (fewer, cheaper programs there, and
+    the tests' odd vocabularies still take several blocks)."""
+    c, v = logits.shape
     if logits.is_cuda:
-        return {"BLOCK_V": min(triton.next_power_of_2(v), 4096), "num_warps": 8}
-    return {"BLOCK_V": min(triton.next_power_of_2(v), 64)}
+        return (c,), {"ROWS": 1, "BLOCK_V": min(triton.next_power_of_2(v), 4096),
+                      "num_warps": 8}
+    return (triton.cdiv(c, 16),), {"ROWS": 16, "BLOCK_V": min(triton.next_power_of_2(v), 64)}
 
 
 def _rows_forward(logits: torch.Tensor, targets: torch.Tensor, inv_t: float, with_ent: bool,
@@ -151,8 +160,9 @@ def _rows_forward(logits: torch.Tensor, targets: torch.Tensor, inv_t: float, wit
             lss = torch.logsumexp(2 * z, -1) - 2 * lse
         return _RowStats(lse, logp, ez, ent, lss)
     out = [torch.empty(c, dtype=torch.float32, device=logits.device) for _ in range(5)]
-    _head_rows_forward[(c,)](logits, logits.stride(0), targets, *out, v, inv_t,
-                             WITH_ENT=with_ent, WITH_LSS=with_lss, **_launch(logits))
+    grid, meta = _launch(logits)
+    _head_rows_forward[grid](logits, logits.stride(0), targets, *out, c, v, inv_t,
+                             WITH_ENT=with_ent, WITH_LSS=with_lss, **meta)
     lse, logp, ez, ent, lss = out
     return _RowStats(lse, logp, ez if with_ent else None, ent if with_ent else None,
                      lss if with_lss else None)
@@ -176,12 +186,13 @@ def _rows_grad_(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
             g -= g_ent.float()[:, None] * torch.where(p > 0, p * (z - ez[:, None]), 0.0)
         return logits.copy_(g * inv_t)
     dummy = lse
-    _head_rows_grad[(c,)](logits, logits.stride(0), targets, lse,
+    grid, meta = _launch(logits)
+    _head_rows_grad[grid](logits, logits.stride(0), targets, lse,
                           ez if ez is not None else dummy,
                           g_lp.float().contiguous() if g_lp is not None else dummy,
                           g_ent.float().contiguous() if g_ent is not None else dummy,
-                          v, inv_t, HAS_LP=g_lp is not None, HAS_ENT=g_ent is not None,
-                          **_launch(logits))
+                          c, v, inv_t, HAS_LP=g_lp is not None, HAS_ENT=g_ent is not None,
+                          **meta)
     return logits
 
 

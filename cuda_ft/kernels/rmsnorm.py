@@ -24,16 +24,18 @@ if triton_importable():
     import triton.language as tl
 
     @triton.jit
-    def _rmsnorm_forward(x_ptr, w_ptr, y_ptr, r_ptr, x_stride, y_stride, H, eps,
-                         BLOCK_H: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)
-        cols = tl.arange(0, BLOCK_H)
-        mask = cols < H
-        x = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
-        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        r = 1.0 / tl.sqrt(tl.sum(x * x, 0) / H + eps)
-        tl.store(r_ptr + row, r)
-        tl.store(y_ptr + row * y_stride + cols, (x * r * w).to(y_ptr.dtype.element_ty), mask=mask)
+    def _rmsnorm_forward(x_ptr, w_ptr, y_ptr, r_ptr, x_stride, y_stride, n_rows, H, eps,
+                         BLOCK_H: tl.constexpr, ROWS: tl.constexpr):
+        """``ROWS`` rows per program (several short rows, e.g. per-head q/k norms, fill it)."""
+        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)[:, None]
+        cols = tl.arange(0, BLOCK_H)[None, :]
+        mask = (rows < n_rows) & (cols < H)
+        x = tl.load(x_ptr + rows * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + cols, mask=cols < H, other=0.0).to(tl.float32)
+        r = 1.0 / tl.sqrt(tl.sum(x * x, 1) / H + eps)
+        tl.store(r_ptr + rows, r[:, None], mask=rows < n_rows)
+        tl.store(y_ptr + rows * y_stride + cols, (x * r[:, None] * w).to(y_ptr.dtype.element_ty),
+                 mask=mask)
 
     @triton.jit
     def _rmsnorm_backward(dy_ptr, x_ptr, w_ptr, r_ptr, dx_ptr, dw_ptr, dy_stride, x_stride,
@@ -67,6 +69,11 @@ def _block(h: int) -> dict:
     return {"BLOCK_H": block, "num_warps": min(16, max(1, block // 256))}
 
 
+def _rows_per_program(h: int) -> int:
+    """Rows per forward program: about 4096 elements per program, at most 16 rows."""
+    return max(1, min(16, 4096 // triton.next_power_of_2(h)))
+
+
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps):
@@ -76,8 +83,9 @@ class _RMSNorm(torch.autograd.Function):
         y = torch.empty((n, h), dtype=out_dtype, device=x.device)
         r = torch.empty(n, dtype=torch.float32, device=x.device)
         if n:
-            _rmsnorm_forward[(n,)](x2, weight, y, r, x2.stride(0), y.stride(0), h, eps,
-                                   **_block(h))
+            rows = _rows_per_program(h)
+            _rmsnorm_forward[(triton.cdiv(n, rows),)](x2, weight, y, r, x2.stride(0), y.stride(0),
+                                                      n, h, eps, ROWS=rows, **_block(h))
         ctx.save_for_backward(x2, weight, r)
         ctx.shape = x.shape
         return y.reshape(*x.shape[:-1], h)
