@@ -42,8 +42,10 @@ NORM_SHAPES = [(16384, 2048), (16384, 4096)]
 ROPE_SHAPES = [(4, 32, 8, 4096, 128)]  # batch, q heads, kv heads, tokens, head dim
 SWIGLU_SHAPES = [(16384, 8192)]
 MLP_SHAPES = [(16384, 2048, 8192, 16)]  # tokens, hidden, intermediate, LoRA rank
+QKV_SHAPES = [(16384, 2048, 512, 16)]  # tokens, hidden, k/v width, LoRA rank
 QUICK = {"head": [(256, 64, 1000)], "rmsnorm": [(256, 64)], "rope": [(1, 4, 2, 64, 32)],
-         "swiglu": [(256, 128)], "lora_mlp": [(256, 64, 128, 4)]}
+         "swiglu": [(256, 128)], "lora_mlp": [(256, 64, 128, 4)],
+         "lora_qkv": [(256, 64, 32, 4)]}
 
 
 def liger() -> object | None:
@@ -183,16 +185,42 @@ def lora_mlp_cases(shape, lig):
             "torch": unfused}
 
 
+def lora_qkv_cases(shape, lig):
+    from cuda_ft.kernels.lora_mlp import Projection
+    from cuda_ft.kernels.lora_qkv import lora_qkv
+
+    n, h, kv, r = shape
+    x = _param(n, h)
+
+    def proj(out):
+        return Projection(_param(out, h, scale=0.02, grad=False),
+                          torch.randn(r, h, device=DEVICE).mul_(0.02).requires_grad_(),
+                          torch.randn(out, r, device=DEVICE).mul_(0.02).requires_grad_(), 2.0)
+
+    q, k, v = proj(h), proj(kv), proj(kv)
+    params = [x] + [t for p in (q, k, v) for t in p[1:3]]
+
+    def unfused():
+        outs = [x @ p.weight.t() + p.scale * (x @ p.lora_a.to(DTYPE).t()) @ p.lora_b.to(
+            DTYPE).t() for p in (q, k, v)]
+        _backward(torch.cat([o.flatten() for o in outs]), *params)
+
+    def ours():
+        _backward(torch.cat([o.flatten() for o in lora_qkv(x, q, k, v)]), *params)
+
+    return {"ours": ours, "torch": unfused}
+
+
 KERNELS = {"head": (head_cases, HEAD_SHAPES), "rmsnorm": (rmsnorm_cases, NORM_SHAPES),
            "rope": (rope_cases, ROPE_SHAPES), "swiglu": (swiglu_cases, SWIGLU_SHAPES),
-           "lora_mlp": (lora_mlp_cases, MLP_SHAPES)}
+           "lora_mlp": (lora_mlp_cases, MLP_SHAPES), "lora_qkv": (lora_qkv_cases, QKV_SHAPES)}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python scripts/bench_kernels.py",
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--kernels", nargs="*", default=None, choices=list(KERNELS),
-                   help="default: all on a GPU; head and lora_mlp (torch twins) on the CPU")
+                   help="default: all on a GPU; head, lora_mlp, lora_qkv on the CPU")
     p.add_argument("--quick", action="store_true", help="one small shape per kernel")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--out", default=None, help="dir for results.json / results.md")
@@ -202,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --kernels {' '.join(sorted(cpu_only))}: Triton-only kernels need a CUDA "
               "GPU", file=sys.stderr)
         return 2
-    args.kernels = args.kernels or (list(KERNELS) if TRITON else ["head", "lora_mlp"])
+    args.kernels = args.kernels or (list(KERNELS) if TRITON else ["head", "lora_mlp", "lora_qkv"])
     lig = liger()
     rows = []
     for name in args.kernels:
