@@ -146,7 +146,7 @@ def _rows_forward(logits: torch.Tensor, targets: torch.Tensor, inv_t: float, wit
     """Row statistics of one chunk of logits ``[C, V]`` (any dtype) -> float32 ``[C]`` each."""
     c, v = logits.shape
     if impl == "torch":
-        z = logits.float() * inv_t
+        z = logits if logits.dtype == torch.float32 and inv_t == 1.0 else logits.float() * inv_t
         lse = torch.logsumexp(z, -1)
         valid = (targets >= 0) & (targets < v)
         z_t = z.gather(-1, torch.where(valid, targets, 0)[:, None])[:, 0]
@@ -196,6 +196,24 @@ def _rows_grad_(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
     return logits
 
 
+def _eager_grad(logits: torch.Tensor, w: torch.Tensor, targets: torch.Tensor,
+                lse: torch.Tensor, inv_t: float, impl: str, ones: torch.Tensor) -> torch.Tensor:
+    """``d log p_t / d h = (W_t - softmax(z) W) / T`` for one chunk (0 for ignored rows),
+    overwriting ``logits``. The torch twin forms ``p`` in place and gathers ``W_t`` instead of
+    writing the one-hot term into ``[C, V]`` (two passes over the chunk fewer)."""
+    if impl == "triton":
+        return _rows_grad_(logits, targets, lse, None, ones[:logits.shape[0]], None, inv_t,
+                           impl) @ w
+    probs = logits.float() if logits.dtype != torch.float32 else logits
+    if inv_t != 1.0:
+        probs.mul_(inv_t)
+    probs = probs.sub_(lse[:, None]).exp_().to(w.dtype)
+    valid = (targets >= 0) & (targets < w.shape[0])
+    grad = w[torch.where(valid, targets, 0)] - probs @ w
+    grad.mul_((valid.to(grad.dtype) * inv_t)[:, None])
+    return grad
+
+
 def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     """The matmul dtype: autocast's when it is on (as ``nn.Linear`` would), else the promoted one."""
     kind = hidden.device.type
@@ -232,9 +250,8 @@ class _FusedLinearLogprobs(torch.autograd.Function):
             if with_lss:
                 lss[rows] = stats.lss
             if eager:  # d log p / d h while the chunk's logits are here (frozen W)
-                g = _rows_grad_(logits, targets[rows], stats.lse, None,
-                                ones[:logits.shape[0]], None, inv_t, impl)
-                torch.mm(g, w, out=grad_h_lp[rows])
+                grad_h_lp[rows] = _eager_grad(logits, w, targets[rows], stats.lse, inv_t, impl,
+                                              ones)
             del logits
         ctx.save_for_backward(hidden, weight, targets, lse, ez, grad_h_lp)
         ctx.cfg = (cdt, inv_t, chunk, impl, eager)
