@@ -17,6 +17,7 @@ names (``base_model.model.{module_path}.lora_A.default.weight``, and
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -92,7 +93,9 @@ def load_model(cfg: Any, model_path: str | Path, choice: DeviceChoice) -> nn.Mod
     plan = kernel_patch.apply(hf_model, getattr(cfg, "kernels", "auto"), choice.device)
     model.posttrain_kernels = plan
     if getattr(cfg, "grad_checkpoint", False):
-        grad_checkpoint.enable(hf_model)
+        blocks = grad_checkpoint.enable(hf_model)
+        print(f"cuda_ft: grad-checkpoint: {blocks} blocks keep only their input and are "
+              "recomputed in backward", file=sys.stderr, flush=True)
     # --- end kernels ---
     return model
 
