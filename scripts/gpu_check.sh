@@ -17,8 +17,12 @@
 # the wheels are installed into /tmp/site (nothing outside it changes) and SmolLM2's tokenizer
 # is taken from .gpu/cache. Each phase has its own time limit; a failing phase is recorded and
 # the next one still runs. Exit code: 0 when every phase passed.
+#
+# GPU_CHECK_QUICK=1 runs the same plumbing in a minute or two on any machine (CPU included):
+# one test, the --quick kernel shapes, random:tiny, torch-cpu when there is no GPU.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+QUICK=${GPU_CHECK_QUICK:-0}
 START=$(date +%s)
 RESULTS=${1:-${OUT:-runs/gpu_check}}
 WORK=runs/gpu_check_work
@@ -68,24 +72,36 @@ print("cuda", torch.version.cuda, torch.cuda.get_device_name(0) if torch.cuda.is
 EOF
 cat "$WORK/versions.txt"
 
+GPU=$($PY -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0)
+if [ "$GPU" != 1 ] && [ "$QUICK" != 1 ]; then
+  echo "gpu_check: no CUDA GPU visible to torch here (GPU_CHECK_QUICK=1 tries the plumbing)" >&2
+  exit 2
+fi
+BACKEND=torch-cuda; DTYPE=bfloat16; TESTS=(tests/test_kernels.py tests/test_kernel_models.py
+  "tests/test_torch_backend.py::test_bfloat16_on_gpu_trains_and_isolates_documents")
+SMALL=(--model random:135m --batch-size 16 --max-length 1024 --steps 10 --warmup 2 --timeout 30)
+LARGE=(--model random:1b --batch-size 8 --max-length 1024 --steps 6 --warmup 2 --timeout 40)
+KQUICK=(); VARIANTS=(--kernel-variants)
+if [ "$QUICK" = 1 ]; then
+  [ "$GPU" = 1 ] || { BACKEND=torch-cpu; DTYPE=float32; VARIANTS=(); }
+  TESTS=(tests/test_kernels.py -k lora_qkv); KQUICK=(--quick)
+  SMALL=(--model random:tiny --batch-size 2 --max-length 128 --steps 3 --warmup 1 --timeout 120)
+  LARGE=("${SMALL[@]}")
+fi
+
 # 1. tests: every kernel test on the GPU (fp32 and the gpu tier) + the backend's gpu tests
-phase tests 100 $PY -m pytest -q -p no:cacheprovider -m "not slow" -x \
-  tests/test_kernels.py tests/test_kernel_models.py \
-  "tests/test_torch_backend.py::test_bfloat16_on_gpu_trains_and_isolates_documents" \
+phase tests 100 $PY -m pytest -q -p no:cacheprovider -m "not slow" -x "${TESTS[@]}" \
   --junitxml="$RESULTS/tests.xml"
 
 # 2. kernel micro-benchmark
-phase kernels 75 $PY scripts/bench_kernels.py --reps 5 --out "$WORK/kernels"
+phase kernels 75 $PY scripts/bench_kernels.py --reps 5 "${KQUICK[@]}" --out "$WORK/kernels"
 
 # 3. training benchmark (same recipe for every runner; TRL reads the same synthetic data)
 BENCH=(--algorithm sft --data synthetic:chat --fine-tune-type lora --lora-rank 16
-       --lora-alpha 32 --dtype bfloat16 --backends torch-cuda --kernel-variants
-       --compare trl trl-liger --no-charts)
-phase train-135m 100 $PY scripts/bench.py "${BENCH[@]}" --model random:135m \
-  --model-dtype bfloat16 --batch-size 16 --max-length 1024 --steps 10 --warmup 2 --timeout 30 \
-  --out "$WORK/train-135m"
-phase train-1b 130 $PY scripts/bench.py "${BENCH[@]}" --model random:1b --model-dtype bfloat16 \
-  --batch-size 8 --max-length 1024 --steps 6 --warmup 2 --timeout 40 --out "$WORK/train-1b"
+       --lora-alpha 32 --dtype "$DTYPE" --model-dtype "$DTYPE" --backends "$BACKEND"
+       "${VARIANTS[@]}" --compare trl trl-liger --no-charts)
+phase train-135m 100 $PY scripts/bench.py "${BENCH[@]}" "${SMALL[@]}" --out "$WORK/train-135m"
+phase train-1b 130 $PY scripts/bench.py "${BENCH[@]}" "${LARGE[@]}" --out "$WORK/train-1b"
 
 # one folder: report.md + the machine-readable results
 cp "$WORK/kernels/results.json" "$RESULTS/kernels.json" 2>/dev/null

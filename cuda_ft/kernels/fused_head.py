@@ -295,11 +295,13 @@ class _FusedLinearLogprobs(torch.autograd.Function):
                 None, None, None, None, None, None)
 
 
-def default_chunk_size(n: int, vocab: int, width: int) -> int:
-    """Rows per chunk so that a ``[C, V]`` logits chunk is about the size of ``hidden [N, H]``
-    (a power of two, at least 1, at most N): memory stays O(N H) whatever V is."""
-    rows = max(1, -(-n // max(1, -(-vocab // width))))
-    return min(n, 1 << (rows - 1).bit_length()) if n else 1
+def default_chunk_size(n: int, vocab: int, device: torch.device) -> int:
+    """Rows per chunk: the largest power of two whose ``[C, V]`` logits chunk stays within
+    2^27 elements on a GPU (256 MB in bf16; big enough that the matmuls, not the launches,
+    set the pace) or 2^24 on the CPU (64 MB in fp32), at least 1 and at most N."""
+    budget = 1 << (27 if device.type == "cuda" else 24)
+    rows = max(1, budget // max(1, vocab))
+    return max(1, min(n, 1 << (rows.bit_length() - 1)))
 
 
 def resolve_impl(impl: str, device: torch.device) -> str:
@@ -337,7 +339,7 @@ def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     targets = targets.long().contiguous()
     if n and int(targets.max()) >= vocab:
         raise ValueError(f"target id {int(targets.max())} is outside the vocabulary (V={vocab})")
-    chunk = chunk_size or default_chunk_size(n, vocab, hidden.shape[1])
+    chunk = chunk_size or default_chunk_size(n, vocab, hidden.device)
     if chunk <= 0:
         raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
     if n == 0:
