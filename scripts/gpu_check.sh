@@ -99,7 +99,7 @@ phase kernels 75 $PY scripts/bench_kernels.py --reps 5 "${KQUICK[@]}" --out "$WO
 # 3. training benchmark (same recipe for every runner; TRL reads the same synthetic data)
 BENCH=(--algorithm sft --data synthetic:chat --fine-tune-type lora --lora-rank 16
        --lora-alpha 32 --dtype "$DTYPE" --model-dtype "$DTYPE" --backends "$BACKEND"
-       "${VARIANTS[@]}" --compare trl trl-liger --no-charts)
+       "${VARIANTS[@]}" --compare trl trl-liger --no-charts --extra=--logprob-chunk-size=2048)
 phase train-135m 100 $PY scripts/bench.py "${BENCH[@]}" "${SMALL[@]}" --out "$WORK/train-135m"
 phase train-1b 130 $PY scripts/bench.py "${BENCH[@]}" "${LARGE[@]}" --out "$WORK/train-1b"
 
