@@ -101,7 +101,7 @@ BENCH=(--algorithm sft --data synthetic:chat --fine-tune-type lora --lora-rank 1
        --lora-alpha 32 --dtype "$DTYPE" --model-dtype "$DTYPE" --backends "$BACKEND"
        "${VARIANTS[@]}" --compare trl trl-liger --no-charts --extra=--logprob-chunk-size=2048)
 phase train-135m 100 $PY scripts/bench.py "${BENCH[@]}" "${SMALL[@]}" --out "$WORK/train-135m"
-phase train-1b 130 $PY scripts/bench.py "${BENCH[@]}" "${LARGE[@]}" --out "$WORK/train-1b"
+phase train-1b 120 $PY scripts/bench.py "${BENCH[@]}" "${LARGE[@]}" --out "$WORK/train-1b"
 
 # one folder: report.md + the machine-readable results
 cp "$WORK/kernels/results.json" "$RESULTS/kernels.json" 2>/dev/null
