@@ -123,8 +123,10 @@ def test_training_with_kernels_equals_training_without(family_dirs, tiny_tokeniz
         curves[kernels] = (losses, be.trainable_parameters())
     np.testing.assert_allclose(curves["triton"][0], curves["torch"][0], atol=1e-5)
     assert curves["torch"][0][-1] < curves["torch"][0][0]  # it trained
+    # AdamW moves each weight by ~lr per step whatever the gradient's size, so float32
+    # rounding in a tiny gradient can show up as ~1e-5 here: 1e-4 is 0.3% of the 3e-2 moved.
     for name, value in curves["torch"][1].items():
-        np.testing.assert_allclose(curves["triton"][1][name], value, atol=1e-5, err_msg=name)
+        np.testing.assert_allclose(curves["triton"][1][name], value, atol=1e-4, err_msg=name)
 
 
 def test_unsupported_family_falls_back_with_a_notice(family_dirs, tiny_tokenizer, capsys,
