@@ -125,6 +125,15 @@ class TrainConfig:
     logprob_chunk_size: int = field(
         512, "tokens per chunk of the lm_head + log-softmax (the [B, T, V] logits never exist)"
     )
+    kernels: str = field(
+        "auto", "torch backend: Triton kernels (fused head, RMSNorm, RoPE, SwiGLU/LoRA MLP); "
+        "auto = on a CUDA GPU when Triton is importable, triton = insist, torch = none "
+        "(the MLX backend has no Triton and ignores it)", ["auto", "triton", "torch"],
+    )
+    grad_checkpoint: bool = field(
+        False, "activation checkpointing per transformer block: keep only each block's input, "
+        "recompute the rest in backward (less memory, one more forward pass)"
+    )
     # output and cadence
     run_dir: str = field("runs/latest", "where metrics, checkpoints and adapters are written")
     log_every: int = field(1, "write metrics every N optimiser steps")

@@ -37,6 +37,7 @@ from converters.fingerprint import write_base_record
 
 from . import varlen
 from .device import choose_device
+from .kernel_patch import head_impl
 from .logprobs import head_outputs
 from .model import canonical_parameters, load_model, set_adapter_training
 from .ops import TorchOps
@@ -148,7 +149,8 @@ class TorchBackend(ForwardShortcuts):
         pass and one chunked pass over the vocabulary (:func:`cuda_ft.logprobs.head_outputs`).
 
         Padding-free (:mod:`cuda_ft.varlen`) where the model family allows: only real tokens
-        are run, padding positions get 0.
+        are run, padding positions get 0. The head is the fused one where it applies
+        (Triton or torch per ``--kernels``, :func:`cuda_ft.logprobs.head_outputs`).
         """
         hf_model = self.hf_model if hf_model is None else hf_model
         head = hf_model.get_output_embeddings()
@@ -165,7 +167,7 @@ class TorchBackend(ForwardShortcuts):
                 hidden = hidden.reshape(-1, hidden.shape[-1])
                 targets, where = tensors["targets"].reshape(-1), None
             flat = head_outputs(hidden, head, targets, self.cfg.logprob_chunk_size,
-                                temperature, wanted)
+                                temperature, wanted, head_impl(self.model))
         if "values" in wanted:
             values = self.value_head(hidden.float()).squeeze(-1)
             flat["values"] = values if wanted["values"] else values.detach()

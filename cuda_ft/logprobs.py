@@ -10,23 +10,24 @@ every statistic a loss asked for (:data:`HEAD_OUTPUTS`):
     entropy     -sum_v p_v log p_v,  p = softmax(z)
     log_sum_sq  log sum_v p_v^2
 
-Three paths, the same numbers up to float rounding:
+Two paths, the same numbers up to float rounding:
 
-- no gradient: a plain loop over chunks;
-- gradient through ``logps`` only, head frozen (LoRA / DoRA): :class:`_FusedChunk` forms
-  ``d logps / d h = (W[t] - p W) / T`` in the same pass as the forward, so backward needs
-  neither the logits nor their recomputation; ``entropy`` / ``log_sum_sq`` come out of the same
-  pass, detached;
-- anything else (a trainable head, a gradient through ``entropy``): each chunk runs under
-  ``torch.utils.checkpoint`` (non-reentrant), which saves only the chunk's hidden states and
-  targets and recomputes its logits in backward.
+- a bias-free ``nn.Linear`` head (every family here, tied or not, frozen or trained): the fused
+  head of :mod:`cuda_ft.kernels.fused_head` (Triton on CUDA with ``--kernels auto|triton``, its
+  torch twin otherwise): one pass over each chunk's logits gives every statistic; for a frozen
+  head the gradient of ``logps`` w.r.t. the hidden states is formed in that pass, so backward
+  needs neither the logits nor their recomputation; gradients reach ``entropy`` too;
+- any other head: each chunk under ``torch.utils.checkpoint`` (non-reentrant), which saves
+  only the chunk's hidden states and targets and recomputes its logits in backward (without a
+  gradient: a plain loop).
 
-``reference_token_logps`` is the plain full-logits formula the chunked paths are tested against.
+``reference_token_logps`` / ``reference_outputs`` are the plain full-logits formulas the chunked
+paths are tested against.
 """
 
 from __future__ import annotations
 
-import os
+import contextlib
 
 import torch
 from torch import nn
@@ -58,54 +59,22 @@ def _chunk(lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, temp
     return tuple(_statistics(z, targets, wanted))
 
 
-class _FusedChunk(torch.autograd.Function):
-    """log-probs of one chunk, their gradient w.r.t. the hidden states formed in the same pass,
-    and the detached entropy / log sum p^2 when asked (``flags``)."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature, flags):
-        z = (hidden @ weight.t()).float()
-        if temperature != 1.0:
-            z = z / temperature
-        lse = torch.logsumexp(z, dim=-1, keepdim=True)
-        logps = z.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse.squeeze(-1)
-        logp = z.sub_(lse)  # z is not needed after this
-        probs = torch.exp(logp)
-        extra = []
-        if flags[0]:
-            extra.append(-(probs * logp).sum(-1))
-        if flags[1]:
-            extra.append(torch.log(probs.square().sum(-1)))
-        grad = weight[targets].float() - (probs.to(weight.dtype) @ weight).float()
-        if temperature != 1.0:
-            grad = grad / temperature
-        ctx.save_for_backward(grad.to(hidden.dtype))
-        ctx.mark_non_differentiable(*extra)
-        return (logps, *extra)
-
-    @staticmethod
-    def backward(ctx, grad_logps, *unused):
-        (grad,) = ctx.saved_tensors
-        return grad_logps.unsqueeze(-1).to(grad.dtype) * grad, None, None, None, None
-
-
-def frozen_head_weight(lm_head: nn.Module) -> torch.Tensor | None:
-    """The ``[V, H]`` weight of a frozen, bias-free ``nn.Linear`` head (LoRA / DoRA), else None
-    (then the checkpointed path runs). ``POSTTRAIN_TORCH_FUSED_HEAD=0`` turns it off."""
-    if os.environ.get("POSTTRAIN_TORCH_FUSED_HEAD", "1") == "0" \
-            or type(lm_head) is not nn.Linear or lm_head.bias is not None \
-            or lm_head.weight.requires_grad:
+def linear_head_weight(lm_head: nn.Module) -> torch.Tensor | None:
+    """The ``[V, H]`` weight of a bias-free ``nn.Linear`` head (frozen or trained, tied to the
+    embeddings or not), else None (then the checkpointed path runs)."""
+    if type(lm_head) is not nn.Linear or lm_head.bias is not None:
         return None
     return lm_head.weight
 
 
 def head_outputs(hidden: torch.Tensor, lm_head: nn.Module, targets: torch.Tensor,
-                 chunk_size: int, temperature: float, wanted: dict[str, bool]) -> dict:
+                 chunk_size: int, temperature: float, wanted: dict[str, bool],
+                 impl: str = "torch") -> dict:
     """The ``wanted`` statistics (name -> with gradient) of ``hidden [N, H]``, float32 ``[N]``.
 
     ``targets`` below zero (an ignore index) are read as token 0; their positions must be masked
-    by the caller. Gradients follow the chosen path (module docstring); an output asked without
-    gradient is detached.
+    by the caller. ``impl`` ("triton" or "torch", from ``--kernels``) picks the fused head's
+    row passes. An output asked without gradient is detached.
     """
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
@@ -115,16 +84,21 @@ def head_outputs(hidden: torch.Tensor, lm_head: nn.Module, targets: torch.Tensor
     targets = targets.long().clamp(min=0)
     grad_on = torch.is_grad_enabled() and any(wanted[n] for n in names) and (
         hidden.requires_grad or any(p.requires_grad for p in lm_head.parameters()))
-    weight = frozen_head_weight(lm_head) if grad_on else None
-    fused = weight is not None and "logps" in names and not any(
-        wanted[n] for n in names if n != "logps")
+    weight = linear_head_weight(lm_head)
+    if weight is not None:
+        from .kernels.fused_head import fused_linear_logprobs
+
+        with contextlib.nullcontext() if grad_on else torch.no_grad():
+            fused = fused_linear_logprobs(hidden, weight, targets, temperature,
+                                          with_entropy="entropy" in names,
+                                          with_log_sum_sq="log_sum_sq" in names,
+                                          chunk_size=chunk_size, impl=impl)
+        found = {"logps": fused.logps, "entropy": fused.entropy, "log_sum_sq": fused.log_sum_sq}
+        return {n: found[n] if wanted[n] else found[n].detach() for n in names}
     pieces: list[tuple] = []
     for start in range(0, hidden.shape[0], chunk_size):
         h, t = hidden[start:start + chunk_size], targets[start:start + chunk_size]
-        if fused:
-            flags = ("entropy" in names, "log_sum_sq" in names)
-            pieces.append(_FusedChunk.apply(h, weight, t, temperature, flags))
-        elif grad_on:
+        if grad_on:
             # Saves (h, t) only; the chunk's logits are rebuilt during backward and freed after.
             pieces.append(checkpoint(_chunk, lm_head, h, t, temperature, names,
                                      use_reentrant=False))

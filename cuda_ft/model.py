@@ -17,6 +17,7 @@ names (``base_model.model.{module_path}.lora_A.default.weight``, and
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -119,6 +120,9 @@ def load_model(cfg: Any, model_path: str | Path, choice: DeviceChoice) -> nn.Mod
     Base dropout is off (eval mode) and stays off; only adapter dropout follows train mode
     (:func:`set_adapter_training`). MLX models have no dropout, so this keeps parity.
     """
+    from .kernel_patch import check
+
+    check(cfg.kernels, choice.device)  # before the weights load
     model = _from_pretrained(model_path)
     model.to("cpu").eval()
     if cfg.fine_tune_type == "full":
@@ -133,6 +137,17 @@ def load_model(cfg: Any, model_path: str | Path, choice: DeviceChoice) -> nn.Mod
         for param in model.parameters():
             if not param.requires_grad:
                 param.data = param.data.to(choice.dtype)
+    # --- kernels and activation checkpointing (cuda_ft/kernel_patch.py, grad_checkpoint.py) ---
+    from . import grad_checkpoint, kernel_patch
+
+    hf_model = model if cfg.fine_tune_type == "full" else model.get_base_model()
+    plan = kernel_patch.apply(hf_model, getattr(cfg, "kernels", "auto"), choice.device)
+    model.posttrain_kernels = plan
+    if getattr(cfg, "grad_checkpoint", False):
+        blocks = grad_checkpoint.enable(hf_model)
+        print(f"cuda_ft: grad-checkpoint: {blocks} blocks keep only their input and are "
+              "recomputed in backward", file=sys.stderr, flush=True)
+    # --- end kernels ---
     return model
 
 

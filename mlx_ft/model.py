@@ -88,6 +88,13 @@ def attach_adapters(model: nn.Module, cfg: Any) -> dict:
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
     num_layers = len(model.layers)
+    if getattr(cfg, "grad_checkpoint", False):  # --grad-checkpoint (mlx_ft/grad_checkpoint.py)
+        import sys
+
+        from .grad_checkpoint import enable
+
+        print(f"mlx_ft: grad-checkpoint: {enable(model)} blocks keep only their input and are "
+              "recomputed in backward", file=sys.stderr, flush=True)
     if cfg.fine_tune_type == "full":
         model.unfreeze()
         return {"fine_tune_type": "full", "num_layers": num_layers}

@@ -27,6 +27,8 @@ from mlx import nn
 
 from algorithms.data.batching import document_spans
 
+from .grad_checkpoint import run_block
+
 VARLEN = {"llama", "mistral", "qwen2", "qwen3"}
 _ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj", "rope", "n_heads", "n_kv_heads", "scale")
 
@@ -103,9 +105,13 @@ def hidden_states(model: nn.Module, input_ids: np.ndarray, docs: list[Doc]) -> m
         at += d.length
     h = inner.embed_tokens(mx.array(ids[None].astype(np.int32)))
     for layer in inner.layers:
-        h = h + _attention(layer.self_attn, layer.input_layernorm(h), spans)
-        h = h + layer.mlp(layer.post_attention_layernorm(h))
+        h = run_block(layer, lambda x, layer=layer: _block(layer, x, spans), h)
     return inner.norm(h)[0]
+
+
+def _block(layer: nn.Module, h: mx.array, spans: list[tuple[int, int, int]]) -> mx.array:
+    h = h + _attention(layer.self_attn, layer.input_layernorm(h), spans)
+    return h + layer.mlp(layer.post_attention_layernorm(h))
 
 
 def gather_targets(targets: np.ndarray, docs: list[Doc]) -> mx.array:

@@ -37,7 +37,9 @@ from scripts.benchkit.recipe import Recipe, resolve_data, resolve_model, resolve
 from scripts.benchkit.settings import compare
 
 REPO = Path(__file__).resolve().parents[1]
-COMPARE = ("mlx-lm", "trl")
+COMPARE = ("mlx-lm", "trl", "trl-liger")
+# --kernel-variants: the torch backend with and without its Triton kernels (MLX has none)
+KERNEL_VARIANTS = ("kernels=--kernels triton", "no-kernels=--kernels torch")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,7 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--compare", nargs="*", default=[], choices=COMPARE,
                    help="also run the recipe through these trainers, matched")
     h.add_argument("--variant", action="append", default=[], metavar="LABEL=ARGS",
-                   help="run our backends once per variant with extra flags / NAME=VALUE env")
+                   help="run our backends once per variant with extra flags / NAME=VALUE env "
+                        "(a variant setting --kernels runs on the torch backends only)")
+    h.add_argument("--kernel-variants", action="store_true",
+                   help="add the variants " + " and ".join(KERNEL_VARIANTS)
+                        + " (torch backends; Triton needs a CUDA GPU)")
     h.add_argument("--repeats", type=int, default=1,
                    help="run everything this many times, interleaved (noisy machines)")
     h.add_argument("--out", default=None, help="output dir (default runs/bench/<time>)")
@@ -118,8 +124,11 @@ def recipe_from(args: argparse.Namespace) -> Recipe:
 
 
 def plan_runs(targets: list[bk.Target], variants: list, compare_with: list[str]) -> list[tuple]:
-    """The runs of one repeat, in order: ("ours", target, variant) and ("mlx-lm"|"trl", device)."""
-    plan: list[tuple] = [("ours", t, v) for t in targets for v in variants]
+    """The runs of one repeat, in order: ("ours", target, variant) and ("mlx-lm"|"trl"|
+    "trl-liger", device). A variant that sets ``--kernels`` is skipped on MLX targets (MLX
+    ignores the flag: it would be the same run twice)."""
+    plan: list[tuple] = [("ours", t, v) for t in targets for v in variants
+                         if t.framework == "torch" or "--kernels" not in v[1]]
     for tool in compare_with:
         framework = "mlx" if tool == "mlx-lm" else "torch"
         for device in dict.fromkeys(t.device for t in targets if t.framework == framework):
@@ -148,7 +157,7 @@ def execute(item: tuple, recipe: Recipe, model: Path, data: Path, out: Path,
     if tool == "mlx-lm":
         return run_mlx_lm(device, recipe, model, data, out, force_cpu=device == "cpu" and mlx_gpu,
                           timeout=timeout)
-    return run_trl(device, recipe, model, data, out, timeout=timeout)
+    return run_trl(device, recipe, model, data, out, timeout=timeout, liger=tool == "trl-liger")
 
 
 def pair_comparisons(runs: list[Run]) -> list[dict]:
@@ -156,9 +165,9 @@ def pair_comparisons(runs: list[Run]) -> list[dict]:
     out = []
     for ours in (r for r in runs if r.runner == "ours"):
         repeat = ours.name.partition("#")[2]
-        tool = "mlx-lm" if ours.framework == "mlx" else "trl"
+        tools = ("mlx-lm",) if ours.framework == "mlx" else ("trl", "trl-liger")
         for base in runs:
-            if base.runner == tool and base.device == ours.device \
+            if base.runner in tools and base.device == ours.device \
                     and base.name.partition("#")[2] == repeat:
                 out.append(compare(ours, base))
     return out
@@ -202,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         recipe = recipe_from(args)
         targets = bk.select(args.backends, available)
-        variants = [parse_variant(v) for v in args.variant] or [("", [], {})]
+        texts = list(args.variant) + (list(KERNEL_VARIANTS) if args.kernel_variants else [])
+        variants = [parse_variant(v) for v in texts] or [("", [], {})]
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -6,6 +6,21 @@ import os
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+
+def _no_cuda() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return True
+    return not torch.cuda.is_available()
+
+
+# Triton kernels are tested on the CPU through Triton's interpreter, which must be on before any
+# kernel is defined (cuda_ft.kernels is imported by backend tests too). `--kernels auto` never
+# picks the interpreter, so only tests that ask for Triton explicitly run it. On a GPU, unset.
+if "TRITON_INTERPRET" not in os.environ and _no_cuda():
+    os.environ["TRITON_INTERPRET"] = "1"
+
 import sys
 from pathlib import Path
 

@@ -230,6 +230,25 @@ def test_runs_are_paired_with_their_baseline_per_repeat_and_aggregated():
     assert median["ours"] == "mlx-cpu (median of 2)" and median["tokens_per_s_ratio"] == 2.5
 
 
+def test_kernel_variants_run_on_torch_only_and_pair_with_trl_and_liger():
+    from scripts.bench import KERNEL_VARIANTS, pair_comparisons, parse_variant, plan_runs
+    from scripts.benchkit.backends import target
+
+    variants = [parse_variant(v) for v in KERNEL_VARIANTS]
+    plan = plan_runs([target("mlx-cpu"), target("torch-cpu")], variants, ["trl", "trl-liger"])
+    assert [(p[0], getattr(p[1], "name", p[1]), p[2][0] if len(p) > 2 else None) for p in plan] \
+        == [("ours", "torch-cpu", "kernels"), ("ours", "torch-cpu", "no-kernels"),
+            ("trl", "cpu", None), ("trl-liger", "cpu", None)]
+    runs = [measure.Run("torch-cpu[kernels]", "ours", "torch", "cpu", settings=SETTINGS,
+                        summary={"tokens_per_s": 3.0}),
+            measure.Run("trl-cpu", "trl", "torch", "cpu", settings=SETTINGS,
+                        summary={"tokens_per_s": 1.0}),
+            measure.Run("trl-liger-cpu", "trl-liger", "torch", "cpu", settings=SETTINGS,
+                        summary={"tokens_per_s": 2.0})]
+    assert [(c["baseline"], c["tokens_per_s_ratio"]) for c in pair_comparisons(runs)] == \
+        [("trl-cpu", 3.0), ("trl-liger-cpu", 1.5)]
+
+
 def test_variant_parsing():
     from scripts.bench import parse_variant
 
@@ -328,7 +347,7 @@ def _lever_batch(tiny_tokenizer, tmp_path, packing: bool, temperature: float | N
 
 
 LEVERS_OFF = {"mlx": {"POSTTRAIN_MLX_VARLEN": "0", "POSTTRAIN_MLX_FUSED_HEAD": "0"},
-              "torch": {"POSTTRAIN_TORCH_VARLEN": "0", "POSTTRAIN_TORCH_FUSED_HEAD": "0"}}
+              "torch": {"POSTTRAIN_TORCH_VARLEN": "0"}}
 
 
 def _loss_grads_logps(backend_name, cfg, model, tokenizer, batch):
@@ -378,6 +397,10 @@ def test_fast_paths_match_the_plain_path(backend_name, family, packing, temperat
     fast = _loss_grads_logps(backend_name, cfg, model, tiny_tokenizer, batch)
     for key, value in LEVERS_OFF[backend_name].items():
         monkeypatch.setenv(key, value)
+    if backend_name == "torch":  # the checkpointed chunks instead of the fused head
+        from cuda_ft import logprobs
+
+        monkeypatch.setattr(logprobs, "linear_head_weight", lambda head: None)
     plain = _loss_grads_logps(backend_name, cfg, model, tiny_tokenizer, batch)
     assert fast[0] == pytest.approx(plain[0], abs=1e-6)
     assert fast[1].keys() == plain[1].keys()

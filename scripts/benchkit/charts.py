@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-COLOURS = {"ours": "#1f77b4", "mlx-lm": "#ff7f0e", "trl": "#2ca02c"}
+COLOURS = {"ours": "#1f77b4", "mlx-lm": "#ff7f0e", "trl": "#2ca02c", "trl-liger": "#d62728"}
 
 
 def _plt():
@@ -62,7 +62,7 @@ def memory_chart(runs: list[dict], path: Path) -> Path:
 def loss_chart(runs: list[dict], path: Path) -> Path:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4))
-    styles = {"ours": "-", "mlx-lm": "--", "trl": ":"}
+    styles = {"ours": "-", "mlx-lm": "--", "trl": ":", "trl-liger": "-."}
     for r in runs:
         if r["status"] == "ok" and r["steps"]:
             ax.plot([s["step"] for s in r["steps"]], [s["loss"] for s in r["steps"]],

@@ -12,7 +12,7 @@ _RUN = {
     "required": ["name", "runner", "framework", "device", "status", "settings", "steps",
                  "memory", "summary", "command"],
     "properties": {
-        "name": {"type": "string"}, "runner": {"enum": ["ours", "mlx-lm", "trl"]},
+        "name": {"type": "string"}, "runner": {"enum": ["ours", "mlx-lm", "trl", "trl-liger"]},
         "framework": {"enum": ["mlx", "torch"]}, "device": {"enum": ["cpu", "gpu"]},
         "status": {"enum": ["ok", "failed", "skipped"]}, "message": {"type": "string"},
         "settings": {"type": "object"}, "memory": {"type": "object",

@@ -1,4 +1,6 @@
-"""``--compare trl``: the recipe through TRL's ``SFTTrainer`` + PEFT LoRA (where TRL is installed).
+"""``--compare trl``: the recipe through TRL's ``SFTTrainer`` + PEFT LoRA (where TRL is installed);
+``--compare trl-liger``: the same with ``use_liger_kernel=True`` (Liger-Kernel's Triton kernels,
+where ``liger-kernel`` is installed).
 
 TRL is not a dependency of this project: when ``import trl`` fails in a probe subprocess the
 run is reported as skipped with the ``pip install`` line. The trainer script is
@@ -20,22 +22,29 @@ from .run_ours import normalise_targets
 SUPPORTED = ("sft",)
 
 
-def trl_version() -> str | None:
-    probe = subprocess.run([sys.executable, "-c", "import trl, peft; print(trl.__version__)"],
+def trl_version(liger: bool = False) -> str | None:
+    code = "import trl, peft; print(trl.__version__)"
+    if liger:
+        code = "import liger_kernel, trl, peft; print(trl.__version__)"
+    probe = subprocess.run([sys.executable, "-c", code],
                            check=False, capture_output=True, text=True,
                            env=proc.child_env())
     return probe.stdout.strip() if probe.returncode == 0 else None
 
 
 def run_trl(device: str, recipe: Recipe, model: Path, data: Path, out: Path,
-            timeout: float | None = None) -> Run:
-    name = f"trl-{device}"
+            timeout: float | None = None, liger: bool = False) -> Run:
+    runner = "trl-liger" if liger else "trl"
+    name = f"{runner}-{device}"
     run_dir = out / "runs" / name
-    run = Run(name, "trl", "torch", device, run_dir=str(run_dir))
-    version = trl_version()
+    run = Run(name, runner, "torch", device, run_dir=str(run_dir))
+    version = trl_version(liger)
     if version is None:
-        run.status, run.message = "skipped", ("TRL is not importable here; to compare with it: "
-                                              "pip install trl  (not a dependency of posttrain)")
+        what = "TRL and Liger-Kernel are" if liger else "TRL is"
+        package = "trl liger-kernel" if liger else "trl"
+        run.status, run.message = "skipped", (f"{what} not importable here; to compare: "
+                                              f"pip install {package}  (not posttrain "
+                                              "dependencies)")
         return run
     if recipe.algorithm not in SUPPORTED or recipe.fine_tune_type != "lora":
         run.status, run.message = "skipped", ("--compare trl supports LoRA sft; the recipe is "
@@ -49,14 +58,15 @@ def run_trl(device: str, recipe: Recipe, model: Path, data: Path, out: Path,
             "steps": recipe.steps, "learning_rate": recipe.learning_rate, "seed": recipe.seed,
             "lora_rank": recipe.lora_rank, "lora_alpha": recipe.lora_alpha,
             "target_modules": sorted({t.rsplit(".", 1)[-1] for t in targets}),
-            "dtype": resolved_dtype(recipe, device), "device": device}
+            "dtype": resolved_dtype(recipe, device), "device": device, "liger": liger}
     (run_dir / "spec.json").write_text(json.dumps(spec, indent=2) + "\n")
     metrics = run_dir / "metrics.jsonl"
     metrics.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "scripts.benchkit.trl_entry", str(run_dir / "spec.json")]
     env = {"CUDA_VISIBLE_DEVICES": ""} if device == "cpu" else {}
     run.command, run.env = cmd, env
-    result = proc.run(cmd, run_dir, f"{name} (TRL {version})", metrics, recipe.steps, env,
+    result = proc.run(cmd, run_dir, f"{name} (TRL {version}{' + Liger' if liger else ''})",
+                      metrics, recipe.steps, env,
                       timeout)
     if not record_outcome(run, result, metrics):
         return run

@@ -41,6 +41,7 @@ def main(spec_path: str) -> None:
         use_cpu=not cuda, bf16=cuda and spec["dtype"] == "bfloat16",
         fp16=cuda and spec["dtype"] == "float16", dataloader_num_workers=0,
         assistant_only_loss=False, packing=False, disable_tqdm=True,
+        use_liger_kernel=bool(spec.get("liger")),
     )
     peft_config = LoraConfig(r=spec["lora_rank"], lora_alpha=spec["lora_alpha"],
                              lora_dropout=0.0, target_modules=spec["target_modules"],
