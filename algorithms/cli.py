@@ -52,7 +52,8 @@ def run_cli(prog: str, backend_spec: str, argv: Sequence[str] | None = None) -> 
         return 2
     algo = registry[name]
     try:
-        cfg = build_config(algo.config_cls, argv[1:], prog=f"python -m {prog} {name}")
+        cfg = build_config(algo.config_cls, argv[1:], prog=f"python -m {prog} {name}",
+                           algorithm=name)
         result = run_training(prog, backend_spec, algo, cfg)
     except (ConfigError, UserError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -95,8 +96,27 @@ def run_training(prog: str, backend_spec: str, algo, cfg):
     for split, report in data.reports.items():
         print(f"{prog}: {split}: {report}", file=sys.stderr)
 
+    backend_cls = load_backend_class(backend_spec)
+    check = getattr(importlib.import_module(f"{backend_spec.split('.')[0]}.model"),
+                    "check_model", None)
+    try:
+        if check is not None:
+            check(model_path, model_config)
+        fingerprints = rundir.run_fingerprints(cfg, model_path)
+        run = rundir.open_run(cfg, backend_cls.name, algo.total_steps(cfg, data), fingerprints)
+    except (ModelError, rundir.RunDirError, FileNotFoundError) as e:
+        raise UserError(str(e)) from None
+    for warning in extreme_settings(cfg):
+        print(f"{prog}: warning: {warning}", file=sys.stderr)
+    failed = True
+    try:
+        started = time.perf_counter()
+        try:
+            backend = backend_cls(cfg, model_path, tokenizer)
+        except ModelError as e:
             raise UserError(str(e)) from None
-        run.commit(config_json(cfg, {"backend": prog, "model_path": str(model_path)}),
+        run.commit(config_json(cfg, {"algorithm": algo.name, "backend": prog,
+                                     "model_path": str(model_path)}),
                    fingerprints)
         try:
             result = algo.train(cfg, backend, data, run.path, model_path)
