@@ -23,11 +23,25 @@ class UserError(Exception):
     """An error the user can fix; printed without a traceback."""
 
 
+# Verbs beside the algorithms: module:function(prog, backend_spec, argv) -> exit code.
+VERBS = {
+    "evaluate": ("algorithms.evaluation:main",
+                 "an algorithm's own metrics on a data split (test by default), with or without "
+                 "an adapter; JSON out"),
+    "generate": ("algorithms.generation:generate_main",
+                 "completions for one prompt or a JSONL of prompts -> JSONL"),
+    "chat": ("algorithms.generation:chat_main", "an interactive chat in the terminal"),
+}
+
+
 def usage(prog: str) -> str:
     lines = [f"usage: python -m {prog} <algorithm> [flags]   (python -m {prog} <algorithm> --help)",
+             f"       python -m {prog} evaluate|generate|chat [flags]",
              f"       python -m {prog} --list-rewards", "", "algorithms:"]
     for algo in algorithms().values():
         lines.append(f"  {algo.name:<10} {algo.summary}")
+    lines += ["", "verbs:"]
+    lines += [f"  {verb:<10} {summary}" for verb, (_, summary) in VERBS.items()]
     return "\n".join(lines)
 
 
@@ -43,6 +57,9 @@ def run_cli(prog: str, backend_spec: str, argv: Sequence[str] | None = None) -> 
         return 0
     registry = algorithms()
     name = argv[0]
+    if name in VERBS:
+        module, _, function = VERBS[name][0].partition(":")
+        return getattr(importlib.import_module(module), function)(prog, backend_spec, argv[1:])
     if name not in registry:
         import difflib
 
@@ -51,6 +68,8 @@ def run_cli(prog: str, backend_spec: str, argv: Sequence[str] | None = None) -> 
         print(f"error: unknown algorithm {name!r}{hint}\n\n{usage(prog)}", file=sys.stderr)
         return 2
     algo = registry[name]
+    if "--list-rewards" in argv[1:]:
+        return list_rewards(algo)
     try:
         cfg = build_config(algo.config_cls, argv[1:], prog=f"python -m {prog} {name}",
                            algorithm=name)
@@ -62,6 +81,20 @@ def run_cli(prog: str, backend_spec: str, argv: Sequence[str] | None = None) -> 
                       "valid_loss": result.final_valid_loss, "run_dir": str(result.run_dir)}))
     if result.sample is not None:
         print(f"\n>>> {cfg.sample_prompt}\n{result.sample}")
+    return 0
+
+
+def list_rewards(algo) -> int:
+    """``<algorithm> --list-rewards``: the rewards an online algorithm can use."""
+    import dataclasses
+
+    if "reward" not in {f.name for f in dataclasses.fields(algo.config_cls)}:
+        print(f"error: --list-rewards: {algo.name} takes no reward functions (the online "
+              "algorithms do: grpo, dapo, rloo, ppo...)", file=sys.stderr)
+        return 2
+    from rewards import format_reward_list
+
+    print(format_reward_list())
     return 0
 
 
@@ -97,11 +130,12 @@ def run_training(prog: str, backend_spec: str, algo, cfg):
         print(f"{prog}: {split}: {report}", file=sys.stderr)
 
     backend_cls = load_backend_class(backend_spec)
-    check = getattr(importlib.import_module(f"{backend_spec.split('.')[0]}.model"),
-                    "check_model", None)
+    backend_model = importlib.import_module(f"{backend_spec.split('.')[0]}.model")
+    check = getattr(backend_model, "check_model", None)
     try:
         if check is not None:
             check(model_path, model_config)
+        check_run_options(cfg, backend_model, model_path)
         fingerprints = rundir.run_fingerprints(cfg, model_path)
         run = rundir.open_run(cfg, backend_cls.name, algo.total_steps(cfg, data), fingerprints)
     except (ModelError, rundir.RunDirError, FileNotFoundError) as e:
@@ -132,6 +166,24 @@ def run_training(prog: str, backend_spec: str, algo, cfg):
     print(f"{prog}: {result.steps} steps in {time.perf_counter() - started:.1f}s; "
           f"adapters in {run.path / 'adapters'}", file=sys.stderr)
     return result
+
+
+def check_run_options(cfg, backend_model, model_path: Path) -> None:
+    """Options that need the model dir or the machine, checked before the model loads:
+    ``--init-adapter`` (an adapter that fits the model), ``--report-to`` (packages present),
+    and the backend's own (``check_options``: e.g. bitsandbytes needs CUDA)."""
+    from .adapter_io import check_init_adapter
+    from .model_check import ModelError
+    from .tracking import check_available
+
+    try:
+        check_init_adapter(cfg, model_path)
+        check_available(list(getattr(cfg, "report_to", [])))
+    except ValueError as e:
+        raise ModelError(str(e)) from None
+    options = getattr(backend_model, "check_options", None)
+    if options is not None:
+        options(cfg)
 
 
 def load_tokenizer(model_path: Path):

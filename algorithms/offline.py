@@ -39,13 +39,14 @@ def data_preparer(kind: str, kl: Callable[[Any], bool] = lambda cfg: False,
         from .data.preference_batching import PreferenceBatchPlan
 
         sets = {split: prepare_preference_dataset(cfg.data, split, tokenizer, cfg, kind=kind)
-                for split in ("train", "valid")}
+                for split in ("train", "valid", "test")}
         plans = {split: PreferenceBatchPlan(ds, cfg.batch_size, cfg.max_length, seed=cfg.seed,
                                             packing=cfg.packing, kl=kl(cfg),
                                             kl_pairing=kl_pairing(cfg))
                  for split, ds in sets.items() if ds is not None and len(ds.examples)}
         return PreparedData(plans["train"], plans.get("valid"),
-                            {s: ds.report for s, ds in sets.items() if ds is not None})
+                            {s: ds.report for s, ds in sets.items() if ds is not None},
+                            test=plans.get("test"))
 
     return prepare_data
 
@@ -140,6 +141,11 @@ def _precompute(cfg: Any, backend: Any, data: PreparedData, model_path: Path) ->
 
     reference = resolve_model(cfg.ref_model) if cfg.ref_model else model_path
     model_fp = ref_cache.model_fingerprint(reference)
+    if getattr(cfg, "init_adapter", "") and not cfg.ref_model:  # the reference is base + it
+        from converters.fingerprint import combined, model_fingerprint
+
+        model_fp = combined({"model": model_fp,
+                             "init_adapter": combined(model_fingerprint(cfg.init_adapter))})
     caches = {}
     for split, plan in (("train", data.train), ("valid", data.valid)):
         if plan is None:

@@ -67,6 +67,8 @@ def run_fingerprints(cfg: Any, model_path: Path) -> dict[str, Any]:
     ref = getattr(cfg, "ref_model", "")
     if ref:
         out["ref_model"] = model_fingerprint(resolve_model(ref))
+    if getattr(cfg, "init_adapter", ""):
+        out["init_adapter"] = model_fingerprint(cfg.init_adapter)
     return out
 
 
@@ -188,7 +190,8 @@ def _check_fingerprints(latest: Path, step: int, now: dict[str, Any]) -> None:
                 f"--resume: the {split} data changed {since}: {old['path']} had {old['lines']} "
                 f"lines (sha256 {old['sha256'][:12]}), {new['path']} now has {new['lines']} "
                 f"(sha256 {new['sha256'][:12]}); {advice}")
-    for key, what in (("model", "model"), ("ref_model", "reference model")):
+    for key, what in (("model", "model"), ("ref_model", "reference model"),
+                      ("init_adapter", "initial adapter (--init-adapter)")):
         changed = differences(before.get(key, {}), now.get(key, {}))
         if changed:
             raise RunDirError(f"--resume: the {what} changed {since}: {'; '.join(changed[:4])}; "

@@ -51,11 +51,13 @@ def make_loss(cfg: SFTConfig) -> Loss:
 
 
 def prepare_data(cfg: TrainConfig, tokenizer: Any):
-    """Tokenised train/valid splits (every example validated) and their batch plans."""
+    """Tokenised train/valid/test splits (every example validated) and their batch plans."""
     from .data import BatchPlan, PreparedData, prepare_dataset
 
-    sets = {split: prepare_dataset(cfg.data, split, tokenizer, cfg) for split in ("train", "valid")}
+    sets = {split: prepare_dataset(cfg.data, split, tokenizer, cfg)
+            for split in ("train", "valid", "test")}
     plans = {split: BatchPlan(ds, cfg.batch_size, cfg.max_length, cfg.packing, cfg.seed)
              for split, ds in sets.items() if ds is not None and len(ds)}
     return PreparedData(plans["train"], plans.get("valid"),
-                        {split: ds.report for split, ds in sets.items() if ds is not None})
+                        {split: ds.report for split, ds in sets.items() if ds is not None},
+                        test=plans.get("test"))

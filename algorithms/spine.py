@@ -52,7 +52,10 @@ class Run:
         self.step, self.cursor = 0, Cursor()
         if cfg.resume:
             self.step, self.cursor = resume(cfg, backend, self.run_dir)
-        self.log = MetricsLog(self.run_dir, n_steps, self.step, cfg.progress)
+        from .tracking import make_trackers
+
+        self.log = MetricsLog(self.run_dir, n_steps, self.step, cfg.progress,
+                              make_trackers(cfg, self.run_dir))
         self.window = Window()
         self.guard = DivergenceGuard(cfg)  # stops on a NaN/inf loss or a collapsed gradient
         self.last_loss: float | None = None

@@ -207,7 +207,23 @@ def prepare_data(cfg: Any, tokenizer: Any) -> Any:
     except RewardError as e:
         raise DataError(f"--reward: {e}") from None
     sets = {split: prepare_prompt_dataset(cfg.data, split, tokenizer, cfg)
-            for split in ("train", "valid")}
+            for split in ("train", "valid", "test")}
+    for split, ds in sets.items():
+        if ds is not None:
+            check_reward_columns(rewards, ds.report)
     return PreparedData(sets["train"], sets["valid"],
                         {s: ds.report for s, ds in sets.items() if ds is not None},
-                        extras={"rewards": rewards})
+                        extras={"rewards": rewards}, test=sets["test"])
+
+
+def check_reward_columns(rewards: list, report: PromptReport) -> None:
+    """A DataError when a reward needs a column the split lacks (``math_answer`` without
+    ``answer`` would score every completion None and train on nothing)."""
+    from rewards.contract import required_columns
+
+    present = ["prompt", *report.columns]
+    for spec, fn in rewards:
+        missing = [c for c in required_columns(fn) if c not in present] if fn else []
+        if missing:
+            raise DataError(f"--reward {spec}: needs the column {missing[0]!r}, which "
+                            f"{report.path} lacks (columns present: {', '.join(present)})")
