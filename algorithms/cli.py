@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from .config import ConfigError, build_config, config_json
 from .registry import algorithms
@@ -26,8 +27,8 @@ class UserError(Exception):
 # Verbs beside the algorithms: module:function(prog, backend_spec, argv) -> exit code.
 VERBS = {
     "evaluate": ("algorithms.evaluation:main",
-                 "an algorithm's own metrics on a data split (test by default), with or without "
-                 "an adapter; JSON out"),
+                 ("an algorithm's own metrics on a data split (test by default), with or without "
+                 "an adapter; JSON out")),
     "generate": ("algorithms.generation:generate_main",
                  "completions for one prompt or a JSONL of prompts -> JSONL"),
     "chat": ("algorithms.generation:chat_main", "an interactive chat in the terminal"),
@@ -105,23 +106,14 @@ def load_backend_class(spec: str) -> type:
 
 def run_training(prog: str, backend_spec: str, algo, cfg):
     from converters.atomic import DiskFullError
-    from converters.models import resolve_model
     from rewards import RewardError
 
     from . import rundir
     from .data import DataError
     from .guards import TrainingStopped, extreme_settings
-    from .model_check import ModelError, check_model_dir
+    from .model_check import ModelError
 
-    try:
-        model_path = resolve_model(cfg.model)
-    except (FileNotFoundError, ValueError, ImportError) as e:
-        raise UserError(f"--model {cfg.model}: {e}") from None
-    try:
-        model_config = check_model_dir(model_path)
-    except ModelError as e:
-        raise UserError(str(e)) from None
-    tokenizer = load_tokenizer(model_path)
+    model_path, model_config, tokenizer = open_model(cfg.model)
     try:
         data = algo.prepare_data(cfg, tokenizer)
     except (DataError, FileNotFoundError, ValueError) as e:
@@ -166,6 +158,24 @@ def run_training(prog: str, backend_spec: str, algo, cfg):
     print(f"{prog}: {result.steps} steps in {time.perf_counter() - started:.1f}s; "
           f"adapters in {run.path / 'adapters'}", file=sys.stderr)
     return result
+
+
+def open_model(model: str) -> tuple[Path, dict, Any]:
+    """``--model`` resolved and checked (config, weights' headers, tokenizer), before any
+    backend loads it: (model dir, its config, the tokenizer)."""
+    from converters.models import resolve_model
+
+    from .model_check import ModelError, check_model_dir
+
+    try:
+        model_path = resolve_model(model)
+    except (FileNotFoundError, ValueError, ImportError) as e:
+        raise UserError(f"--model {model}: {e}") from None
+    try:
+        model_config = check_model_dir(model_path)
+    except ModelError as e:
+        raise UserError(str(e)) from None
+    return model_path, model_config, load_tokenizer(model_path)
 
 
 def check_run_options(cfg, backend_model, model_path: Path) -> None:

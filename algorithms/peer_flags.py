@@ -12,18 +12,18 @@ from __future__ import annotations
 PEER_FLAGS: dict[str, tuple[str | None, str]] = {
     # mlx-lm (mlx_lm.lora)
     "iters": ("steps", "--steps N (optimiser steps)"),
-    "mask_prompt": ("train_on", "--train-on completion (the default, auto, already trains only "
-                                "the completion / assistant turns)"),
-    "num_layers": ("target_modules", "every block is adapted; choose the layers' modules with "
-                                     "--target-modules q_proj v_proj ..."),
-    "lora_layers": ("target_modules", "every block is adapted; choose the layers' modules with "
-                                      "--target-modules q_proj v_proj ..."),
-    "adapter_path": ("run_dir", "--run-dir DIR (adapters are written to DIR/adapters); to start "
-                                "from an existing adapter: --init-adapter DIR"),
+    "mask_prompt": ("train_on", ("--train-on completion (the default, auto, already trains only "
+                                "the completion / assistant turns)")),
+    "num_layers": ("target_modules", ("every block is adapted; choose the layers' modules with "
+                                     "--target-modules q_proj v_proj ...")),
+    "lora_layers": ("target_modules", ("every block is adapted; choose the layers' modules with "
+                                      "--target-modules q_proj v_proj ...")),
+    "adapter_path": ("run_dir", ("--run-dir DIR (adapters are written to DIR/adapters); to start "
+                                "from an existing adapter: --init-adapter DIR")),
     "resume_adapter_file": ("init_adapter", "--init-adapter DIR (an mlx-lm or PEFT adapter dir)"),
     "train": ("steps", "training is what this command does; no flag needed"),
-    "test": ("data", "evaluate with the evaluate verb: python -m mlx_ft evaluate <algorithm> "
-                     "--data DIR --adapter DIR"),
+    "test": ("data", ("evaluate with the evaluate verb: python -m mlx_ft evaluate <algorithm> "
+                     "--data DIR --adapter DIR")),
     "val_batches": ("eval_batches", "--eval-batches N"),
     "test_batches": ("eval_batches", "the evaluate verb's --eval-batches N"),
     "steps_per_eval": ("eval_every", "--eval-every N"),
@@ -58,11 +58,11 @@ PEER_FLAGS: dict[str, tuple[str | None, str]] = {
     "lora_target_modules": ("target_modules", "--target-modules q_proj v_proj ..."),
     "max_prompt_length": ("max_length", "--max-length N covers prompt + completion"),
     "max_new_tokens": ("max_completion_length", "--max-completion-length N"),
-    "optim": ("learning_rate", "AdamW is the optimiser; tune --learning-rate, --adam-beta1/2, "
-                               "--weight-decay"),
+    "optim": ("learning_rate", ("AdamW is the optimiser; tune --learning-rate, --adam-beta1/2, "
+                               "--weight-decay")),
     "use_peft": ("fine_tune_type", "LoRA is the default (--fine-tune-type lora|dora|full)"),
-    "use_vllm": ("rollout_batch_size", "rollouts use the backend's own batched sampler "
-                                       "(--rollout-batch-size sets how many at once)"),
+    "use_vllm": ("rollout_batch_size", ("rollouts use the backend's own batched sampler "
+                                       "(--rollout-batch-size sets how many at once)")),
     "report_to_wandb": ("report_to", "--report-to wandb"),
 }
 

@@ -208,7 +208,7 @@ def prepare_data(cfg: Any, tokenizer: Any) -> Any:
         raise DataError(f"--reward: {e}") from None
     sets = {split: prepare_prompt_dataset(cfg.data, split, tokenizer, cfg)
             for split in ("train", "valid", "test")}
-    for split, ds in sets.items():
+    for ds in sets.values():
         if ds is not None:
             check_reward_columns(rewards, ds.report)
     return PreparedData(sets["train"], sets["valid"],
