@@ -78,8 +78,11 @@ def run_cli(prog: str, backend_spec: str, argv: Sequence[str] | None = None) -> 
     except (ConfigError, UserError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps({"steps": result.steps, "train_loss": result.final_train_loss,
-                      "valid_loss": result.final_valid_loss, "run_dir": str(result.run_dir)}))
+    summary = {"steps": result.steps, "train_loss": result.final_train_loss,
+               "valid_loss": result.final_valid_loss, "run_dir": str(result.run_dir)}
+    if result.test is not None:
+        summary["test"] = result.test
+    print(json.dumps(summary))
     if result.sample is not None:
         print(f"\n>>> {cfg.sample_prompt}\n{result.sample}")
     return 0
@@ -146,6 +149,9 @@ def run_training(prog: str, backend_spec: str, algo, cfg):
                    fingerprints)
         try:
             result = algo.train(cfg, backend, data, run.path, model_path)
+            from .report import finish_run
+
+            finish_run(run.path, cfg.plots)  # plots and the run's README
         except (RewardError, TrainingStopped, DiskFullError) as e:
             raise UserError(str(e)) from None
         except (FileNotFoundError, ValueError) as e:

@@ -95,6 +95,8 @@ def evaluate_run(prog: str, backend_spec: str, algo: Any, cfg: Any, adapter_dir:
     try:
         adapter = read_adapter_weights(adapter_dir, "--adapter", model_path) \
             if adapter_dir else None
+        if hasattr(backend_model, "check_model"):
+            backend_model.check_model(model_path, model_config)
         check_run_options(dataclasses.replace(cfg, report_to=[]), backend_model, model_path)
         recorded = None
         if adapter is not None and initial and not online \
