@@ -134,22 +134,22 @@ def model_card(run_dir: Path, config: dict[str, Any], records: list[dict]) -> st
         peft = f"{run_dir}/peft_adapter" if mlx else str(adapters)
         lines += ["```",
                   f"python -m {backend} chat --model {config.get('model')} --adapter {adapters}",
-                  f"python -m mlx_lm generate --model {model} --adapter-path "
-                  f"{adapters if mlx else run_dir / 'mlx_adapter'} --prompt 'Hello'", "```", "",
+                  (f"python -m mlx_lm generate --model {model} --adapter-path "
+                  f"{adapters if mlx else run_dir / 'mlx_adapter'} --prompt 'Hello'"), "```", "",
                   "transformers + PEFT:", "", "```python",
                   "from peft import PeftModel",
                   "from transformers import AutoModelForCausalLM",
-                  f"model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("
-                  f"'{model}'), '{peft}')", "```", "",
+                  (f"model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("
+                  f"'{model}'), '{peft}')"), "```", "",
                   f"vLLM: `vllm serve {model} --enable-lora --lora-modules tuned={peft}`", ""]
         if mlx:
-            lines += ["The PEFT dir comes from `python -m converters mlx-adapter-to-peft "
+            lines += [("The PEFT dir comes from `python -m converters mlx-adapter-to-peft "
                       f"{adapters} {peft}`; `python -m converters fuse {model} {adapters} OUT` "
-                      "merges it into the model."]
+                      "merges it into the model.")]
         else:
-            lines += ["The mlx-lm dir comes from `python -m converters peft-to-mlx-adapter "
+            lines += [("The mlx-lm dir comes from `python -m converters peft-to-mlx-adapter "
                       f"{adapters} {run_dir / 'mlx_adapter'}`; `python -m converters fuse {model} "
-                      f"{adapters} OUT` merges it into the model."]
+                      f"{adapters} OUT` merges it into the model.")]
     return "\n".join(lines) + "\n"
 
 
