@@ -297,7 +297,7 @@ def _unknown(name: str, names: dict[str, str], where: str) -> ConfigError:
     key = name.strip("'\"").lstrip("-").replace("-", "_")
     hint = peer_hint(key, set(names.values()))
     if hint is not None:
-        return ConfigError(f"{where} {name}: not an option here; use {hint}")
+        return ConfigError(f"{where} {name}: another tool's option; here: {hint}")
     near = _nearest(key, list(names)) if where != "unknown flag" else \
         _nearest(name, [_flag(n) for n in names] + ["--config"])
     return ConfigError(f"{where} {name}{near}")
