@@ -140,7 +140,7 @@ def read_prompts(gcfg: GenerateConfig) -> list[dict]:
             raise ValueError(f"{path}:{number}: not valid JSON ({e.msg})") from None
         if not isinstance(row, dict) or not (isinstance(row.get("prompt"), (str, list))
                                              or isinstance(row.get("messages"), list)):
-            raise ValueError(f"{path}:{number}: needs \"prompt\" (text or messages) or "
+            raise ValueError(f"{path}:{number}: needs \"prompt\" (text or messages) or "  # noqa: TRY004
                              f"\"messages\"; got {line[:60]!r}")
         if "messages" in row and "prompt" not in row:
             row["prompt"] = row.pop("messages")
