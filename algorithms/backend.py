@@ -141,8 +141,9 @@ class Backend(Protocol):
                 reference: bool = False) -> dict[str, np.ndarray]:
         """The named outputs, float32 ``[B, T]`` numpy, without gradients or dropout, under the
         policy or (``reference=True``) the reference policy: the base model with adapters
-        disabled (LoRA/DoRA, no second copy), a frozen copy of the start (full), or
-        ``cfg.reference_model``. The reference has no value head."""
+        disabled (LoRA/DoRA, no second copy; with ``--init-adapter`` the frozen initial
+        adapter stays on), a frozen copy of the start (full), or ``cfg.reference_model``. The
+        reference has no value head."""
 
     def optimizer_step(self, learning_rate: float, max_grad_norm: float) -> float:
         """Clip the summed gradients by global norm, apply AdamW, zero them; returns the norm."""
@@ -156,6 +157,10 @@ class Backend(Protocol):
     def save_adapters(self, directory: str) -> None:
         """The artefact a user takes away (MLX adapter dir, PEFT dir, or a full model dir),
         plus :data:`VALUE_HEAD_FILE` when the run has a value head."""
+
+    def load_adapter_weights(self, weights: dict[str, np.ndarray]) -> None:
+        """Adapter weights under canonical names (``algorithms.adapter_io``, read from an
+        mlx-lm or PEFT dir) into the adapter layers (``evaluate`` / ``generate --adapter``)."""
 
     def generate(self, prompt: str, max_tokens: int) -> str:
         """Greedy reply to one user message, through the tokenizer's chat template."""

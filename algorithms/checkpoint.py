@@ -33,7 +33,8 @@ FINGERPRINTS = "fingerprints.json"
 RESUMABLE_CHANGES = {"steps", "epochs", "resume", "progress", "log_every", "eval_every",
                      "eval_batches", "save_every", "sample_prompt", "sample_max_tokens", "run_dir",
                      "zero_grad_patience", "unscored_patience", "allow_weak_sandbox",
-                     "reward_timeout", "log_completions_every"}
+                     "reward_timeout", "log_completions_every", "report_to", "wandb_project",
+                     "wandb_mode", "plots"}
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:

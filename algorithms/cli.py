@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from .config import ConfigError, build_config, config_json
 from .registry import algorithms
@@ -23,11 +24,25 @@ class UserError(Exception):
     """An error the user can fix; printed without a traceback."""
 
 
+# Verbs beside the algorithms: module:function(prog, backend_spec, argv) -> exit code.
+VERBS = {
+    "evaluate": ("algorithms.evaluation:main",
+                 ("an algorithm's own metrics on a data split (test by default), with or without "
+                 "an adapter; JSON out")),
+    "generate": ("algorithms.generation:generate_main",
+                 "completions for one prompt or a JSONL of prompts -> JSONL"),
+    "chat": ("algorithms.generation:chat_main", "an interactive chat in the terminal"),
+}
+
+
 def usage(prog: str) -> str:
     lines = [f"usage: python -m {prog} <algorithm> [flags]   (python -m {prog} <algorithm> --help)",
+             f"       python -m {prog} evaluate|generate|chat [flags]",
              f"       python -m {prog} --list-rewards", "", "algorithms:"]
     for algo in algorithms().values():
         lines.append(f"  {algo.name:<10} {algo.summary}")
+    lines += ["", "verbs:"]
+    lines += [f"  {verb:<10} {summary}" for verb, (_, summary) in VERBS.items()]
     return "\n".join(lines)
 
 
@@ -43,6 +58,9 @@ def run_cli(prog: str, backend_spec: str, argv: Sequence[str] | None = None) -> 
         return 0
     registry = algorithms()
     name = argv[0]
+    if name in VERBS:
+        module, _, function = VERBS[name][0].partition(":")
+        return getattr(importlib.import_module(module), function)(prog, backend_spec, argv[1:])
     if name not in registry:
         import difflib
 
@@ -51,16 +69,36 @@ def run_cli(prog: str, backend_spec: str, argv: Sequence[str] | None = None) -> 
         print(f"error: unknown algorithm {name!r}{hint}\n\n{usage(prog)}", file=sys.stderr)
         return 2
     algo = registry[name]
+    if "--list-rewards" in argv[1:]:
+        return list_rewards(algo)
     try:
-        cfg = build_config(algo.config_cls, argv[1:], prog=f"python -m {prog} {name}")
+        cfg = build_config(algo.config_cls, argv[1:], prog=f"python -m {prog} {name}",
+                           algorithm=name)
         result = run_training(prog, backend_spec, algo, cfg)
     except (ConfigError, UserError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps({"steps": result.steps, "train_loss": result.final_train_loss,
-                      "valid_loss": result.final_valid_loss, "run_dir": str(result.run_dir)}))
+    summary = {"steps": result.steps, "train_loss": result.final_train_loss,
+               "valid_loss": result.final_valid_loss, "run_dir": str(result.run_dir)}
+    if result.test is not None:
+        summary["test"] = result.test
+    print(json.dumps(summary))
     if result.sample is not None:
         print(f"\n>>> {cfg.sample_prompt}\n{result.sample}")
+    return 0
+
+
+def list_rewards(algo) -> int:
+    """``<algorithm> --list-rewards``: the rewards an online algorithm can use."""
+    import dataclasses
+
+    if "reward" not in {f.name for f in dataclasses.fields(algo.config_cls)}:
+        print(f"error: --list-rewards: {algo.name} takes no reward functions (the online "
+              "algorithms do: grpo, dapo, rloo, ppo...)", file=sys.stderr)
+        return 2
+    from rewards import format_reward_list
+
+    print(format_reward_list())
     return 0
 
 
@@ -71,24 +109,15 @@ def load_backend_class(spec: str) -> type:
 
 def run_training(prog: str, backend_spec: str, algo, cfg):
     from converters.atomic import DiskFullError
-    from converters.models import resolve_model
     from rewards import RewardError
 
     from . import rundir
     from .data import DataError
     from .guards import TrainingStopped, extreme_settings
-    from .model_check import ModelError, check_model_dir
+    from .model_check import ModelError
 
+    model_path, model_config, tokenizer = open_model(cfg.model, cfg.chat_template, prog)
     try:
-        model_path = resolve_model(cfg.model)
-    except (FileNotFoundError, ValueError, ImportError) as e:
-        raise UserError(f"--model {cfg.model}: {e}") from None
-    try:
-        model_config = check_model_dir(model_path)
-    except ModelError as e:
-        raise UserError(str(e)) from None
-    try:
-        tokenizer = load_tokenizer(model_path, cfg.chat_template, prog)
         data = algo.prepare_data(cfg, tokenizer)
     except (DataError, FileNotFoundError, ValueError) as e:
         raise UserError(str(e)) from None
@@ -96,11 +125,12 @@ def run_training(prog: str, backend_spec: str, algo, cfg):
         print(f"{prog}: {split}: {report}", file=sys.stderr)
 
     backend_cls = load_backend_class(backend_spec)
-    check = getattr(importlib.import_module(f"{backend_spec.split('.')[0]}.model"),
-                    "check_model", None)
+    backend_model = importlib.import_module(f"{backend_spec.split('.')[0]}.model")
+    check = getattr(backend_model, "check_model", None)
     try:
         if check is not None:
             check(model_path, model_config)
+        check_run_options(cfg, backend_model, model_path)
         fingerprints = rundir.run_fingerprints(cfg, model_path, data)
         run = rundir.open_run(cfg, backend_cls.name, algo.total_steps(cfg, data), fingerprints)
     except (ModelError, rundir.RunDirError, FileNotFoundError) as e:
@@ -114,10 +144,14 @@ def run_training(prog: str, backend_spec: str, algo, cfg):
             backend = backend_cls(cfg, model_path, tokenizer)
         except ModelError as e:
             raise UserError(str(e)) from None
-        run.commit(config_json(cfg, {"backend": prog, "model_path": str(model_path)}),
+        run.commit(config_json(cfg, {"algorithm": algo.name, "backend": prog,
+                                     "model_path": str(model_path)}),
                    fingerprints)
         try:
             result = algo.train(cfg, backend, data, run.path, model_path)
+            from .report import finish_run
+
+            finish_run(run.path, cfg.plots)  # plots and the run's README
         except (RewardError, TrainingStopped, DiskFullError) as e:
             raise UserError(str(e)) from None
         except (FileNotFoundError, ValueError) as e:
@@ -130,6 +164,42 @@ def run_training(prog: str, backend_spec: str, algo, cfg):
     print(f"{prog}: {result.steps} steps in {time.perf_counter() - started:.1f}s; "
           f"adapters in {run.path / 'adapters'}", file=sys.stderr)
     return result
+
+
+def open_model(model: str, chat_template: str = "", prog: str = "") -> tuple[Path, dict, Any]:
+    """``--model`` resolved and checked (config, weights' headers, tokenizer), before any
+    backend loads it: (model dir, its config, the tokenizer with ``--chat-template``)."""
+    from converters.models import resolve_model
+
+    from .model_check import ModelError, check_model_dir
+
+    try:
+        model_path = resolve_model(model)
+    except (FileNotFoundError, ValueError, ImportError) as e:
+        raise UserError(f"--model {model}: {e}") from None
+    try:
+        model_config = check_model_dir(model_path)
+    except ModelError as e:
+        raise UserError(str(e)) from None
+    return model_path, model_config, load_tokenizer(model_path, chat_template, prog)
+
+
+def check_run_options(cfg, backend_model, model_path: Path) -> None:
+    """Options that need the model dir or the machine, checked before the model loads:
+    ``--init-adapter`` (an adapter that fits the model), ``--report-to`` (packages present),
+    and the backend's own (``check_options``: e.g. bitsandbytes needs CUDA)."""
+    from .adapter_io import check_init_adapter
+    from .model_check import ModelError
+    from .tracking import check_available
+
+    try:
+        check_init_adapter(cfg, model_path)
+        check_available(list(getattr(cfg, "report_to", [])))
+    except ValueError as e:
+        raise ModelError(str(e)) from None
+    options = getattr(backend_model, "check_options", None)
+    if options is not None:
+        options(cfg)
 
 
 def load_tokenizer(model_path: Path, chat_template: str = "", prog: str = ""):

@@ -27,12 +27,16 @@ class ConfigError(ValueError):
 
 
 def field(default: Any, help: str, choices: Sequence[Any] | None = None,
-          aliases: Sequence[str] = (), raw: bool = False, **kw) -> Any:
+          aliases: Sequence[str] = (), raw: bool = False, split: bool = True,
+          **kw) -> Any:
     """A dataclass field carrying its CLI help text (and allowed values, and other names the
-    field answers to: the names TRL gives the same option, e.g. ``kl_coef`` for ``beta``). A
-    ``raw`` list keeps its items as given (strings, or YAML mappings) instead of splitting
-    strings on commas."""
-    meta: dict[str, Any] = {"help": help}
+    field answers to: the names TRL gives the same option, e.g. ``kl_coef`` for ``beta``).
+
+    List fields: a repeated flag adds to the list (``--reward a --reward b``); with ``split``
+    each value is also cut at commas and spaces (``--reward-weights 1,0.5`` or ``"1 0.5"``);
+    fields whose items may hold commas or spaces (reward specs, stop strings) say
+    ``split=False``; a ``raw`` list keeps its items as given (strings, or YAML mappings)."""
+    meta: dict[str, Any] = {"help": help, "split": split}
     if choices is not None:
         meta["choices"] = tuple(choices)
     if aliases:
@@ -58,6 +62,14 @@ class TrainConfig:
     target_modules: list = field(  # noqa: RUF009 (field() returns a default_factory field)
         [], "module names to adapt (e.g. q_proj v_proj); empty = every linear layer of every block"
     )
+    init_adapter: str = field(
+        "", "start from this LoRA adapter (mlx-lm or PEFT dir, e.g. runs/sft/adapters): it stays "
+        "frozen and a new adapter trains on top; the reference (DPO, KTO, the online KL) is the "
+        "base with it; the saved adapter holds both (rank = the two ranks added)")
+    quantize_base: int = field(
+        0, "quantise a float base at load to 4 or 8 bits and train adapters on it (QLoRA); "
+        "mlx_ft: MLX affine quantisation; cuda_ft: bitsandbytes NF4 / int8 (CUDA only); 0 = off")
+    quantize_group_size: int = field(64, "group size of --quantize-base (32, 64 or 128; MLX)")
     dtype: str = field(
         "auto", "compute dtype; auto = bfloat16 on a GPU, float32 on CPU",
         ["auto", "float32", "bfloat16", "float16"],
@@ -141,7 +153,17 @@ class TrainConfig:
     eval_batches: int = field(0, "validation micro-batches per evaluation; 0 = the whole set")
     save_every: int = field(0, "checkpoint every N steps (always at the end); 0 = only at the end")
     resume: bool = field(False, "continue from the latest checkpoint in --run-dir")
-    progress: bool = field(True, "show a progress bar")
+    progress: bool = field(
+        True, "a progress bar on a terminal; without one (or with --no-progress) one log line "
+        "per --log-every steps")
+    report_to: list = field(  # noqa: RUF009
+        [], "also log metrics and the config to: tensorboard (<run-dir>/tensorboard) and/or "
+        "wandb", ["tensorboard", "wandb"])
+    wandb_project: str = field("posttrain", "W&B project (--report-to wandb)")
+    wandb_mode: str = field(
+        "auto", "W&B mode: online, offline (<run-dir>/wandb, upload with wandb sync), or auto = "
+        "online when W&B credentials are set, else offline", ["auto", "online", "offline"])
+    plots: bool = field(True, "PNG plots of the metrics in <run-dir>/plots at the end")
     sample_prompt: str = field("", "after training, generate a reply to this prompt and print it")
     sample_max_tokens: int = field(64, "tokens generated for --sample-prompt")
 
@@ -181,9 +203,21 @@ class TrainConfig:
         if not self.data:
             _bad("data", "", "is required: a data file or directory, or a Hugging Face dataset id")
         self._validate_data()
+        if self.quantize_base not in (0, 4, 8):
+            _bad("quantize_base", self.quantize_base, "must be 4 or 8 (0 = off)")
+        if self.quantize_group_size not in (32, 64, 128):
+            _bad("quantize_group_size", self.quantize_group_size, "must be 32, 64 or 128")
+        if self.quantize_base and self.fine_tune_type == "full":
+            _bad("quantize_base", self.quantize_base, "trains adapters on a quantised base; "
+                 "full fine-tuning needs float weights (use --fine-tune-type lora or dora)")
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
-            if choices and getattr(self, f.name) not in choices:
+            value = getattr(self, f.name)
+            if choices and isinstance(value, list):
+                bad = [v for v in value if v not in choices]
+                if bad:
+                    _bad(f.name, bad[0], f"must be among {', '.join(map(str, choices))}")
+            elif choices and value not in choices:
                 _bad(f.name, getattr(self, f.name), f"must be one of {', '.join(map(str, choices))}")
 
     @property
@@ -259,10 +293,12 @@ def _coerce(cls: type, f: dataclasses.Field, value: Any, where: str) -> Any:
             raise ValueError(value)
         if kind is list:
             if isinstance(value, str):
-                return [v for v in value.replace(",", " ").split() if v]
-            if isinstance(value, (list, tuple)):
+                value = [value]
+            if not isinstance(value, (list, tuple)):
+                raise ValueError(value)
+            if not f.metadata.get("split", True):
                 return [str(v) for v in value]
-            raise ValueError(value)
+            return [v for item in value for v in str(item).replace(",", " ").split() if v]
         if kind is int and isinstance(value, float) and not value.is_integer():
             raise ValueError(value)
         if kind in (int, float) and isinstance(value, bool):
@@ -312,25 +348,55 @@ def _unique_key_loader():
     return Loader
 
 
-def build_config(cls: type, argv: Sequence[str], prog: str) -> TrainConfig:
-    """Parse ``argv`` (flags and an optional ``--config``) into a validated ``cls`` instance."""
+# Keys a run's own config.json carries besides the options: what ran it. Accepted in --config
+# so a run reproduces from its record (``algorithm`` must match; the others are informative).
+RECORD_KEYS = ("algorithm", "backend", "model_path")
+# Actions of one invocation, not settings: a run record's value is not replayed.
+NOT_REPLAYED = ("resume",)
+
+
+def _unknown(name: str, names: dict[str, str], where: str) -> ConfigError:
+    """An unknown flag / key: a peer tool's equivalent when we know one, else the nearest."""
+    from .peer_flags import peer_hint
+
+    key = name.strip("'\"").lstrip("-").replace("-", "_")
+    hint = peer_hint(key, set(names.values()))
+    if hint is not None:
+        return ConfigError(f"{where} {name}: another tool's option; here: {hint}")
+    near = _nearest(key, list(names)) if where != "unknown flag" else \
+        _nearest(name, [_flag(n) for n in names] + ["--config"])
+    return ConfigError(f"{where} {name}{near}")
+
+
+def _record_keys(data: dict, path: str, algorithm: str | None, cls: type) -> dict:
+    """``data`` without a run record's own keys; an error when it is another algorithm's."""
+    if not any(k in data for k in RECORD_KEYS):
+        return data
+    recorded = data.get("algorithm")
+    if algorithm and recorded not in (None, algorithm, cls.__name__):
+        raise ConfigError(f"{path}: the config of a {recorded!r} run; this is {algorithm!r} "
+                          f"(run it with the {recorded} command)")
+    return {k: v for k, v in data.items() if k not in RECORD_KEYS + NOT_REPLAYED}
+
+
+def build_config(cls: type, argv: Sequence[str], prog: str,
+                 algorithm: str | None = None) -> TrainConfig:
+    """Parse ``argv`` (flags and an optional ``--config``: YAML, or a run's ``config.json``)
+    into a validated ``cls`` instance; ``algorithm`` is the command's name."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     names = {alias: f.name for f in fields.values() for alias in f.metadata.get("aliases", ())}
     names.update({name: name for name in fields})
     parser = make_parser(cls, prog)
     args, unknown = parser.parse_known_args(argv)
     if unknown:
-        flag = unknown[0].split("=")[0]
-        raise ConfigError(
-            f"unknown flag {flag}{_nearest(flag, [_flag(n) for n in names] + ['--config'])}"
-        )
+        raise _unknown(unknown[0].split("=")[0], names, "unknown flag")
     values: dict[str, Any] = {}
     if args.config:
-        for key, value in load_yaml(args.config).items():
+        data = _record_keys(load_yaml(args.config), args.config, algorithm, cls)
+        for key, value in data.items():
             name = names.get(str(key).replace("-", "_"))
             if name is None:
-                raise ConfigError(f"{args.config}: unknown key {key!r}"
-                                  f"{_nearest(str(key).replace('-', '_'), list(names))}")
+                raise _unknown(repr(key), names, f"{args.config}: unknown key")
             if name in values:
                 raise ConfigError(f"{args.config}: {key!r} sets --{name.replace('_', '-')} a "
                                   "second time (it is another name of the same option)")
@@ -348,7 +414,11 @@ def make_parser(cls: type, prog: str) -> argparse.ArgumentParser:
     parser = ArgumentParser(
         prog=prog, description=(cls.__doc__ or "").strip(), allow_abbrev=False
     )
-    parser.add_argument("--config", help="YAML file setting any option below; flags override it")
+    parser.add_argument("--config", help="YAML file setting any option below, or a run's "
+                        "config.json (reruns that run); flags override it")
+    if any(f.name == "reward" for f in dataclasses.fields(cls)):
+        parser.add_argument("--list-rewards", action="store_true",
+                            help="list the built-in and installed reward functions, then exit")
     for f in dataclasses.fields(cls):
         kind = _field_type(cls, f)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
@@ -359,11 +429,15 @@ def make_parser(cls: type, prog: str) -> argparse.ArgumentParser:
         if "choices" in f.metadata:
             kw["choices"] = f.metadata["choices"]
         if kind is bool:
-            parser.add_argument(_flag(f.name), *aliases, action="store_const", const=True, **kw)
+            # A switch that is on by default is shown as its --no- form (--no-progress).
+            on = default is True
+            parser.add_argument(_flag(f.name), *aliases, action="store_const", const=True,
+                                **{**kw, "help": argparse.SUPPRESS if on else helptext})
             parser.add_argument("--no-" + f.name.replace("_", "-"), action="store_const",
-                                const=False, dest=f.name, help=argparse.SUPPRESS)
+                                const=False, dest=f.name,
+                                help=f"turn off: {helptext}" if on else argparse.SUPPRESS)
         elif kind is list:
-            parser.add_argument(_flag(f.name), *aliases, nargs="*", **kw)
+            parser.add_argument(_flag(f.name), *aliases, nargs="*", action="extend", **kw)
         else:
             parser.add_argument(_flag(f.name), *aliases, type=str, **kw)
     return parser

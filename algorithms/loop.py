@@ -87,9 +87,11 @@ def evaluate(backend: Any, loss: Loss, plan: BatchPlan | None, max_batches: int,
 
 def train(cfg: Any, backend: Any, loss: Loss, train_plan: BatchPlan,
           valid_plan: BatchPlan | None, run_dir: Path, prepare: Any = None,
-          normaliser: str = "tokens") -> TrainResult:
-    def run_eval() -> dict | None:
-        return evaluate(backend, loss, valid_plan, cfg.eval_batches, prepare, normaliser)
+          normaliser: str = "tokens", test_plan: BatchPlan | None = None) -> TrainResult:
+    from .evaluation import offline_metrics
+
+    def run_eval(plan: BatchPlan | None = valid_plan) -> dict | None:
+        return offline_metrics(cfg, backend, loss, plan, prepare, normaliser)
 
     with Run(cfg, backend, run_dir, total_steps(cfg, train_plan.num_batches)) as run:
         stream = micro_batch_stream(train_plan, run.cursor)
@@ -113,4 +115,6 @@ def train(cfg: Any, backend: Any, loss: Loss, train_plan: BatchPlan,
                 run.save(cursor)
         valid = run_eval()
         run.write_eval(valid)
+        if test_plan is not None:
+            run.write_eval(run_eval(test_plan), "test")
         return run.finish(cursor, valid["loss"] if valid else None)

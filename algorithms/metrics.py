@@ -1,7 +1,9 @@
-"""Metrics: one JSON object per line in ``<run_dir>/metrics.jsonl``, and a progress bar.
+"""Metrics: one JSON object per line in ``<run_dir>/metrics.jsonl``, a progress bar, trackers.
 
-Logging services are null objects: with ``progress=False`` (or no terminal) the bar is a no-op
-and the JSONL file is still written.
+Logging services are null objects: the bar exists only with ``progress`` on a terminal;
+otherwise (a pipe, a log file, ``--no-progress``) every train record, written every
+``--log-every`` steps, is echoed as one line instead. The JSONL file is always written, and
+each record also goes to the experiment trackers given (:mod:`algorithms.tracking`).
 """
 
 from __future__ import annotations
@@ -14,20 +16,31 @@ from typing import Any
 
 
 class MetricsLog:
-    def __init__(self, run_dir: Path, total_steps: int, initial_step: int, progress: bool):
+    def __init__(self, run_dir: Path, total_steps: int, initial_step: int, progress: bool,
+                 trackers: list | None = None):
         self.path = Path(run_dir) / "metrics.jsonl"
+        self.total = total_steps
+        self.trackers = list(trackers or [])
         self._file = self.path.open("a")
-        self._bar = _make_bar(total_steps, initial_step) if progress else None
+        bar = progress and sys.stderr.isatty()
+        self._bar = _make_bar(total_steps, initial_step) if bar else None
 
     def write(self, record: dict[str, Any]) -> None:
         record = {"time": round(time.time(), 3), **record}
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
-        if self._bar is not None and record.get("split") == "train":
-            self._bar.set_postfix_str(_short(record), refresh=False)
-        elif record.get("split") == "valid":
+        for tracker in self.trackers:
+            tracker.log(record)
+        if record.get("split") == "train":
+            if self._bar is not None:
+                self._bar.set_postfix_str(_short(record), refresh=False)
+            else:
+                self.echo(f"step {record['step']}/{self.total}: {_short(record)}")
+        else:
             shown = "loss" if "loss" in record else "reward"
-            self.echo(f"step {record['step']}: valid {shown} {record[shown]:.4f}")
+            if shown in record:
+                self.echo(f"step {record['step']}: {record.get('split')} {shown} "
+                          f"{record[shown]:.4f}")
 
     def advance(self, n: int = 1) -> None:
         if self._bar is not None:
@@ -43,6 +56,8 @@ class MetricsLog:
         if self._bar is not None:
             self._bar.close()
         self._file.close()
+        for tracker in self.trackers:
+            tracker.close()
 
 
 def _make_bar(total: int, initial: int):
@@ -53,5 +68,6 @@ def _make_bar(total: int, initial: int):
 
 def _short(r: dict[str, Any]) -> str:
     reward = f"reward {r['reward']:.3f} " if "reward" in r else ""
-    return (f"{reward}loss {r['loss']:.4f} lr {r['learning_rate']:.2e} "
+    grad = f"grad {r['grad_norm']:.3g} " if "grad_norm" in r else ""
+    return (f"{reward}loss {r['loss']:.4f} lr {r['learning_rate']:.2e} {grad}"
             f"{r['tokens_per_second']:.0f} tok/s mem {r['peak_memory_gb']:.2f}GB")

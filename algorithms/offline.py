@@ -47,7 +47,8 @@ def data_preparer(kind: str, kl: Callable[[Any], bool] = lambda cfg: False,
                                             kl_pairing=kl_pairing(cfg))
                  for split, ds in sets.items() if ds is not None and len(ds.examples)}
         return PreparedData(plans["train"], plans.get("valid"),
-                            {s: ds.split_report for s, ds in sets.items() if ds is not None})
+                            {s: ds.split_report for s, ds in sets.items() if ds is not None},
+                            test=plans.get("test"))
 
     return prepare_data
 
@@ -143,6 +144,11 @@ def _precompute(cfg: Any, backend: Any, data: PreparedData, model_path: Path) ->
     reference = resolve_model(cfg.ref_model) if cfg.ref_model else model_path
     model_fp = ref_cache.model_fingerprint(reference)
     root = ref_cache.cache_root(cfg.data)
+    if getattr(cfg, "init_adapter", "") and not cfg.ref_model:  # the reference is base + it
+        from converters.fingerprint import combined, model_fingerprint
+
+        model_fp = combined({"model": model_fp,
+                             "init_adapter": combined(model_fingerprint(cfg.init_adapter))})
     caches = {}
     for split, plan in (("train", data.train), ("valid", data.valid)):
         if plan is None:

@@ -55,7 +55,7 @@ def offline_loop(algo: Algorithm, cfg: Any, backend: Any, data: Any, run_dir: Pa
 
     prepare = algo.make_prepare(cfg, backend, data, model_path)
     return train(cfg, backend, algo.make_loss(cfg), data.train, data.valid, run_dir,
-                 prepare=prepare, normaliser=algo.normaliser)
+                 prepare=prepare, normaliser=algo.normaliser, test_plan=data.test)
 
 
 def online_loop(algo: Algorithm, cfg: Any, backend: Any, data: Any, run_dir: Path,

@@ -83,6 +83,8 @@ def run_fingerprints(cfg: Any, model_path: Path, data: Any) -> dict[str, Any]:
     ref = cfg.reference_model
     if ref:
         out["ref_model"] = model_fingerprint(resolve_model(ref))
+    if getattr(cfg, "init_adapter", ""):
+        out["init_adapter"] = model_fingerprint(cfg.init_adapter)
     return out
 
 
@@ -207,7 +209,8 @@ def _check_fingerprints(latest: Path, step: int, now: dict[str, Any]) -> None:
                 f"the hold-out or the tokenisation): {was} then (sha256 "
                 f"{str(old.get('sha256'))[:12]}), {new['examples']} examples now (sha256 "
                 f"{new['sha256'][:12]}); {advice}")
-    for key, what in (("model", "model"), ("ref_model", "reference model")):
+    for key, what in (("model", "model"), ("ref_model", "reference model"),
+                      ("init_adapter", "initial adapter (--init-adapter)")):
         changed = differences(before.get(key, {}), now.get(key, {}))
         if changed:
             raise RunDirError(f"--resume: the {what} changed {since}: {'; '.join(changed[:4])}; "

@@ -51,7 +51,7 @@ def make_loss(cfg: SFTConfig) -> Loss:
 
 
 def prepare_data(cfg: TrainConfig, tokenizer: Any):
-    """Tokenised train/valid splits (every example validated) and their batch plans."""
+    """Tokenised train/valid/test splits (every example validated) and their batch plans."""
     from .data import BatchPlan, PreparedData
     from .data.dataset import SFT
     from .data.pipeline import prepare_splits
@@ -60,4 +60,5 @@ def prepare_data(cfg: TrainConfig, tokenizer: Any):
     plans = {split: BatchPlan(ds, cfg.batch_size, cfg.max_length, cfg.packing, cfg.seed)
              for split, ds in sets.items() if ds is not None and len(ds)}
     return PreparedData(plans["train"], plans.get("valid"),
-                        {split: ds.split_report for split, ds in sets.items() if ds is not None})
+                        {split: ds.split_report for split, ds in sets.items() if ds is not None},
+                        test=plans.get("test"))

@@ -40,6 +40,7 @@ class TrainResult:
     final_valid_loss: float | None
     run_dir: Path
     sample: str | None = None
+    test: dict | None = None  # the test split's metrics, when the data has one
 
 
 class Run:
@@ -52,10 +53,14 @@ class Run:
         self.step, self.cursor = 0, Cursor()
         if cfg.resume:
             self.step, self.cursor = resume(cfg, backend, self.run_dir)
-        self.log = MetricsLog(self.run_dir, n_steps, self.step, cfg.progress)
+        from .tracking import make_trackers
+
+        self.log = MetricsLog(self.run_dir, n_steps, self.step, cfg.progress,
+                              make_trackers(cfg, self.run_dir))
         self.window = Window()
         self.guard = DivergenceGuard(cfg)  # stops on a NaN/inf loss or a collapsed gradient
         self.last_loss: float | None = None
+        self.test: dict | None = None
 
     def __enter__(self) -> Run:  # noqa: PYI034 (the class is not subclassed)
         return self
@@ -88,10 +93,13 @@ class Run:
         the end (the end has its own)."""
         return bool(every) and self.step % every == 0 and not self.done
 
-    def write_eval(self, record: dict | None) -> None:
-        """Log a validation record (evaluation time is not training time)."""
+    def write_eval(self, record: dict | None, split: str = "valid") -> None:
+        """Log an evaluation record (evaluation time is not training time); the test split's
+        is kept for the result."""
         if record is not None:
-            self.log.write({"split": "valid", "step": self.step, **record})
+            self.log.write({"split": split, "step": self.step, **record})
+            if split == "test":
+                self.test = record
         self.window.restart()
 
     def save(self, cursor: Cursor) -> None:
@@ -110,7 +118,8 @@ class Run:
         sample = None
         if self.cfg.sample_prompt:
             sample = self.backend.generate(self.cfg.sample_prompt, self.cfg.sample_max_tokens)
-        return TrainResult(self.step, self.last_loss, valid_loss, self.run_dir, sample)
+        return TrainResult(self.step, self.last_loss, valid_loss, self.run_dir, sample,
+                           self.test)
 
 
 class Window:

@@ -258,7 +258,18 @@ def merge(w: np.ndarray, adapter: Adapter, path: str) -> np.ndarray:
 
 
 # --- the verb --------------------------------------------------------------------------------
-def fuse(base: str | Path, adapter_dir: str | Path, out: str | Path, *, fmt: str,
+def detect_format(base: str | Path) -> str:
+    """"mlx" for an MLX model dir (mlx-lm quantisation in config.json, or weights whose
+    safetensors metadata says mlx), else "hf" (converters.inspect recognises them)."""
+    from .inspect import describe
+
+    if not (Path(base) / "config.json").is_file():
+        raise FileNotFoundError(f"{Path(base) / 'config.json'}: missing (expected a model "
+                                "directory)")
+    return "mlx" if describe(base).get("format") == "MLX model" else "hf"
+
+
+def fuse(base: str | Path, adapter_dir: str | Path, out: str | Path, *, fmt: str | None = None,
          dequantize_all: bool = False, quantize_bits: int | None = None,
          group_size: int | None = None, force: bool = False,
          ignore_base_fingerprint: bool = False) -> Path:
@@ -267,6 +278,8 @@ def fuse(base: str | Path, adapter_dir: str | Path, out: str | Path, *, fmt: str
     An adapter that records its base (``converters.fingerprint.BASE_RECORD``, written by both
     trainers) is refused on another architecture, and on other weights unless
     ``ignore_base_fingerprint``."""
+    if fmt is None:
+        fmt = detect_format(base)
     if fmt not in ("hf", "mlx"):
         raise ValueError(f"--format {fmt!r}: must be 'hf' or 'mlx'")
     if fmt == "hf" and (dequantize_all or quantize_bits is not None):

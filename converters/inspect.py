@@ -166,7 +166,18 @@ def _describe_adapter(path: Path) -> dict[str, Any]:
         result.update(fine_tune_type=config.get("fine_tune_type", "lora"),
                       config_rank=lora.get("rank"), scale=lora.get("scale"),
                       config_targets=lora.get("keys"), num_layers=config.get("num_layers"),
-                      base_model=config.get("model"))
+                      base_model=config.get("model") or config.get("base_model"))
+    base = path / "posttrain_base.json"  # written beside the adapters by both trainers
+    if base.is_file():
+        try:
+            record = json.loads(base.read_text())
+            result["base_model"] = record.get("base_model") or result.get("base_model")
+            result["base_architecture"] = (record.get("architecture") or {}).get("model_type")
+            result["base_fingerprint"] = str(record.get("base_fingerprint", ""))[:16] or None
+        except (ValueError, AttributeError):
+            result["base_record"] = f"{base.name}: unreadable"
+    if config.get("init_adapter"):
+        result["init_adapter"] = config["init_adapter"]
     return result
 
 

@@ -2,7 +2,7 @@
 
     python -m converters mlx-adapter-to-peft ADAPTER_DIR OUT [--base MODEL_DIR] [--force]
     python -m converters peft-to-mlx-adapter ADAPTER_DIR OUT [--base MODEL_DIR] [--force]
-    python -m converters fuse MODEL_DIR ADAPTER_DIR OUT --format {hf,mlx}
+    python -m converters fuse MODEL_DIR ADAPTER_DIR OUT [--format {hf,mlx}]
                               [--dequantize | --quantize BITS [--group-size N]] [--force]
 """
 
@@ -84,8 +84,9 @@ def _add_fuse(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("adapter", help="the adapter directory or Hub id (adapters.safetensors or "
                                         "adapter_model.safetensors inside)")
     parser.add_argument("out", help="output model directory (must not exist unless --force)")
-    parser.add_argument("--format", required=True, choices=("hf", "mlx"),
-                        help="the base model's format, and the output's")
+    parser.add_argument("--format", default=None, choices=("hf", "mlx"),
+                        help="the base model's format, and the output's (default: detected "
+                             "from the dir, as converters info does)")
     quant = parser.add_mutually_exclusive_group()
     quant.add_argument("--dequantize", action="store_true",
                        help="write the fused MLX model unquantised")

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from algorithms.adapter_io import check_init_adapter, deltas, stack
 from algorithms.backend import (
     VALUE_HEAD_KEYS,
     ForwardShortcuts,
@@ -61,7 +62,9 @@ class TorchBackend(ForwardShortcuts):
         self.device = self.choice.device
         self.ops = TorchOps(self.device)
         torch.manual_seed(cfg.seed)
-        self.model = load_model(cfg, self.model_path, self.choice)
+        self.init_adapter = check_init_adapter(cfg, self.model_path)
+        init = deltas(self.init_adapter) if self.init_adapter is not None else None
+        self.model = load_model(cfg, self.model_path, self.choice, init)
         # the HF model inside the PEFT wrapper (PEFT swaps layers in place, so it holds them)
         self.hf_model = self.model if cfg.fine_tune_type == "full" else self.model.get_base_model()
         self.params = canonical_parameters(self.model)
@@ -84,6 +87,8 @@ class TorchBackend(ForwardShortcuts):
         hidden_size = self.hf_model.get_output_embeddings().weight.shape[1]
         head = torch.nn.Linear(hidden_size, 1)
         init = value_head_init(self.cfg.seed, hidden_size)
+        if self.init_adapter is not None and self.init_adapter.value_head is not None:
+            init = self.init_adapter.value_head  # continue from the initial adapter's head
         with torch.no_grad():
             head.weight.copy_(torch.from_numpy(init["v_head.weight"]))
             head.bias.copy_(torch.from_numpy(init["v_head.bias"]))
@@ -286,10 +291,44 @@ class TorchBackend(ForwardShortcuts):
         if self.cfg.fine_tune_type == "full":
             self.tokenizer.save_pretrained(str(path))
         else:
+            if self.init_adapter is not None:
+                self._stack_init_adapter(path)
             write_base_record(path, self.model_path)  # fuse refuses it on another base
         if self.value_head is not None:
             params = self.trainable_parameters()
             save_value_head(path, {k: params[k] for k in VALUE_HEAD_KEYS})
+
+    def _stack_init_adapter(self, path: Path) -> None:
+        """Rewrite the saved PEFT adapter as the initial adapter and the trained one in one LoRA
+        of rank r1 + r2 (algorithms.adapter_io.stack), which PEFT loads on the base."""
+        import json
+
+        from safetensors.numpy import save_file
+
+        trained = {k: v for k, v in self.trainable_parameters().items()
+                   if not k.startswith("v_head.")}
+        scale = self.cfg.lora_alpha / self.cfg.lora_rank
+        stacked = stack(self.init_adapter, trained, self.cfg.lora_rank, scale)
+        save_file({f"base_model.model.{k}.weight": v for k, v in stacked.items()},
+                  str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
+        config = json.loads((path / "adapter_config.json").read_text())
+        rank = self.cfg.lora_rank + self.init_adapter.rank
+        modules = sorted({k.rsplit(".", 1)[0].rsplit(".", 1)[1] for k in stacked})
+        config.update(r=rank, lora_alpha=scale * rank, target_modules=modules,
+                      layers_to_transform=None)
+        (path / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+    def load_adapter_weights(self, weights: dict[str, np.ndarray]) -> None:
+        """Canonical adapter weights (algorithms.adapter_io) into the PEFT layers; modules the
+        weights do not name keep their initial (zero) adapter."""
+        with torch.no_grad():
+            for name, value in weights.items():
+                param = self.params.get(name)
+                if param is None or tuple(param.shape) != value.shape:
+                    shape = None if param is None else tuple(param.shape)
+                    raise ValueError(f"--adapter: {name} {value.shape} does not fit this "
+                                     f"model's adapter layers ({shape})")
+                param.copy_(torch.from_numpy(value).to(param.device, param.dtype))
 
     # generation and memory ---------------------------------------------------------------------
     def generate(self, prompt: str, max_tokens: int) -> str:

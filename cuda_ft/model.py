@@ -82,6 +82,13 @@ def check_model(path: Path, config: dict) -> None:
                          "causal language model (no AutoModelForCausalLM class)")
 
 
+def check_options(cfg: Any) -> None:
+    """Options this backend cannot honour here, refused before the model loads."""
+    from .quantized import check_options as check_quantized
+
+    check_quantized(cfg)
+
+
 def _from_pretrained(model_path: str | Path) -> nn.Module:
     """The model in float32; a ModelError for missing or misshapen tensors (transformers would
     initialise them randomly, or raise pointing at a table it logged)."""
@@ -114,17 +121,26 @@ def _from_pretrained(model_path: str | Path) -> nn.Module:
     return model
 
 
-def load_model(cfg: Any, model_path: str | Path, choice: DeviceChoice) -> nn.Module:
+def load_model(cfg: Any, model_path: str | Path, choice: DeviceChoice,
+               init_deltas: dict | None = None) -> nn.Module:
     """The HF model (full) or PEFT model (lora/dora) for ``cfg``, on ``choice.device``.
 
     Base dropout is off (eval mode) and stays off; only adapter dropout follows train mode
     (:func:`set_adapter_training`). MLX models have no dropout, so this keeps parity.
+    ``init_deltas`` (``--init-adapter``, ``{module: (A, s B)}``) are merged into the float32
+    base weights before the new adapter is attached, so the reference (adapters disabled) is
+    base + initial adapter with no second copy.
     """
     from .kernel_patch import check
 
     check(cfg.kernels, choice.device)  # before the weights load
+    if getattr(cfg, "quantize_base", 0):
+        from .quantized import load_quantized
+
+        return load_quantized(cfg, model_path, choice, init_deltas)
     model = _from_pretrained(model_path)
     model.to("cpu").eval()
+    merge_deltas(model, init_deltas or {})
     if cfg.fine_tune_type == "full":
         for param in model.parameters():
             param.requires_grad_(True)
@@ -149,6 +165,18 @@ def load_model(cfg: Any, model_path: str | Path, choice: DeviceChoice) -> nn.Mod
               "recomputed in backward", file=sys.stderr, flush=True)
     # --- end kernels ---
     return model
+
+
+@torch.no_grad()
+def merge_deltas(model: nn.Module, deltas: dict) -> None:
+    """``W += (s B) A`` in float32 for every ``{module path: (A [r, in], s B [out, r])}``."""
+    for path, (a, b) in deltas.items():
+        try:
+            layer = model.get_submodule(path)
+        except AttributeError:
+            raise ModelError(f"--init-adapter: the model has no module {path}") from None
+        delta = torch.from_numpy(b) @ torch.from_numpy(a)
+        layer.weight.add_(delta.to(layer.weight.dtype))
 
 
 def _attach_lora(cfg: Any, model: nn.Module) -> nn.Module:

@@ -21,6 +21,7 @@ import numpy as np
 from mlx import nn
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
+from algorithms.adapter_io import check_init_adapter, deltas, stack
 from algorithms.backend import (
     VALUE_HEAD_KEYS,
     ForwardShortcuts,
@@ -80,7 +81,11 @@ class MLXBackend(ForwardShortcuts):
         mx.random.seed(cfg.seed)
         self.dtype, self.dtype_name = choose_device(cfg.dtype)
         self.model, self.model_config = mlx_model.load_model(self.model_path, self.dtype)
+        mlx_model.quantize_base(self.model, self.model_config, cfg)
         self.adapter_config = mlx_model.attach_adapters(self.model, cfg)
+        self.init_adapter = check_init_adapter(cfg, self.model_path)
+        if self.init_adapter is not None:  # frozen under the new adapter (adapter_io)
+            mlx_model.stack_frozen_adapter(self.model, deltas(self.init_adapter), self.dtype)
         self.value_head = self._make_value_head() if cfg.uses_value_head else None
         self.optimizer = optim.AdamW(
             learning_rate=cfg.learning_rate, betas=[cfg.adam_beta1, cfg.adam_beta2],
@@ -97,6 +102,8 @@ class MLXBackend(ForwardShortcuts):
         ``v_head`` so the optimiser, the gradients and the checkpoints carry it."""
         hidden = int(self.model_config["hidden_size"])
         init = value_head_init(self.cfg.seed, hidden)
+        if self.init_adapter is not None and self.init_adapter.value_head is not None:
+            init = self.init_adapter.value_head  # continue from the initial adapter's head
         head = nn.Linear(hidden, 1)
         head.update({"weight": mx.array(init["v_head.weight"]),
                      "bias": mx.array(init["v_head.bias"])})
@@ -216,15 +223,59 @@ class MLXBackend(ForwardShortcuts):
         d = Path(directory)
         save_chat_template(d, self.tokenizer)
         weights = mlx_model.trainable(self.model)
+        if self.cfg.fine_tune_type == "full":
+            return self._save_model_dir(d, weights)
         adapters = {k: v for k, v in weights.items() if k not in VALUE_HEAD_KEYS}
+        config = {**self.adapter_config, "base_model": str(self.model_path),
+                  "lora_alpha": self.cfg.lora_alpha}
+        if self.init_adapter is not None:  # one LoRA of rank r1 + r2 (adapter_io.stack)
+            trained = {k: v for k, v in self.trainable_parameters().items()
+                       if not k.startswith("v_head.")}
+            stacked = stack(self.init_adapter, trained, self.cfg.lora_rank,
+                            self.cfg.lora_alpha / self.cfg.lora_rank)
+            adapters = dict(mlx_model.from_canonical(stacked))
+            rank = self.cfg.lora_rank + self.init_adapter.rank
+            keys = sorted({k.rsplit(".", 1)[0].split(".", 3)[3] for k in stacked})
+            params = {**config["lora_parameters"], "rank": rank, "keys": keys}
+            config = {**config, "lora_parameters": params,
+                      "lora_alpha": params["scale"] * rank,
+                      "init_adapter": str(self.init_adapter.path)}
         mx.save_safetensors(str(d / "adapters.safetensors"), adapters)
         if self.value_head is not None:
             save_value_head(d, {k: np.array(weights[k].astype(mx.float32))
                                 for k in VALUE_HEAD_KEYS})
-        config = {**self.adapter_config, "base_model": str(self.model_path),
-                  "lora_alpha": self.cfg.lora_alpha}
         (d / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
         write_base_record(d, self.model_path)  # fuse refuses it on another base
+
+    def _save_model_dir(self, d: Path, weights: dict) -> None:
+        """A full fine-tune as a complete mlx-lm model dir: weights, config, tokenizer and chat
+        template (``mlx_lm.load`` runs it; ``converters mlx-to-hf`` converts it)."""
+        from mlx_lm.utils import save_config, save_model
+
+        head = self.model.pop("v_head", None)  # not a weight mlx-lm's model has
+        try:
+            save_model(d, self.model, donate_model=False)
+        finally:
+            if head is not None:
+                self.model.v_head = head
+        config = {k: v for k, v in self.model_config.items() if k not in ("quantization",
+                                                                           "quantization_config")}
+        save_config(config, d / "config.json")
+        self.tokenizer.save_pretrained(str(d))
+        if self.value_head is not None:
+            save_value_head(d, {k: np.array(weights[k].astype(mx.float32))
+                                for k in VALUE_HEAD_KEYS})
+
+    def load_adapter_weights(self, weights: dict[str, np.ndarray]) -> None:
+        """Canonical adapter weights (algorithms.adapter_io) into the adapter layers; modules
+        the weights do not name keep their initial (zero) adapter."""
+        mine = mlx_model.to_canonical(mlx_model.trainable(self.model), self.cfg.fine_tune_type)
+        for name, value in weights.items():
+            if name not in mine or mine[name].shape != value.shape:
+                raise ValueError(f"--adapter: {name} {tuple(value.shape)} does not fit this "
+                                 f"model's adapter layers ({mine.get(name, np.empty(0)).shape})")
+        self.model.load_weights(mlx_model.from_canonical(weights), strict=False)
+        mx.eval(self.model.parameters())
 
     # --- generation and resources ---------------------------------------------------------
     def generate(self, prompt: str, max_tokens: int) -> str:

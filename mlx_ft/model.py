@@ -65,6 +65,34 @@ def _cast_floats(tree: Any, dtype: Any) -> Any:
     return tree
 
 
+def quantize_base(model: nn.Module, config: dict, cfg: Any) -> None:
+    """``--quantize-base BITS``: quantise the float base at load (affine, ``--quantize-group-size``,
+    embeddings included as mlx-lm does), so QLoRA needs no conversion step. Layers whose input
+    width is not a multiple of the group size stay float. A start-up line says when quantised
+    matmuls are the slow path (the Linux CPU has no optimised kernels for them)."""
+    import sys
+
+    bits = int(getattr(cfg, "quantize_base", 0) or 0)
+    quantized = bits or config.get("quantization")
+    if bits:
+        if config.get("quantization"):
+            q = config["quantization"]
+            raise ModelError(f"--quantize-base {bits}: the model is already quantised "
+                             f"({q.get('bits')}-bit, group size {q.get('group_size')}); drop "
+                             "the flag (its adapters train as QLoRA as it is)")
+        group = int(cfg.quantize_group_size)
+        nn.quantize(model, group_size=group, bits=bits,
+                    class_predicate=lambda _, m: hasattr(m, "to_quantized")
+                    and m.weight.shape[-1] % group == 0)
+        print(f"mlx_ft: base quantised to {bits} bits (group size {group}) at load",
+              file=sys.stderr)
+    if quantized and sys.platform.startswith("linux") \
+            and mx.default_device().type == mx.DeviceType.cpu:
+        print("mlx_ft: note: quantised matmuls on the Linux CPU have no optimised kernels: "
+              "expect steps several times (up to ~10x) slower than float; quantisation saves "
+              "memory here, not time", file=sys.stderr)
+
+
 def block_linear_keys(model: nn.Module, targets: list[str]) -> list[str]:
     """Block-relative paths (e.g. ``self_attn.q_proj``) of the linear layers to adapt.
 
@@ -118,6 +146,54 @@ def _init_lora(model: nn.Module, seed: int, rank: int) -> None:
             updates.append((f"{name}.lora_a", mx.array(a.T)))
             updates.append((f"{name}.lora_b", mx.zeros_like(module.lora_b)))
     model.load_weights(updates, strict=False)
+
+
+class FrozenDelta(nn.Module):
+    """A linear layer plus a frozen low-rank delta: ``y = linear(x) + (x A^T) B^T`` with
+    ``B`` already scaled (``--init-adapter``, see algorithms.adapter_io). Wraps a plain or
+    quantised layer; sits under the trainable adapter, so the reference (adapters disabled)
+    keeps it."""
+
+    def __init__(self, linear: nn.Module, a: np.ndarray, b: np.ndarray, dtype: Any):
+        super().__init__()
+        self.linear = linear
+        self.delta_a = mx.array(np.ascontiguousarray(a.T)).astype(dtype)  # [in, r]
+        self.delta_b = mx.array(np.ascontiguousarray(b.T)).astype(dtype)  # [r, out]
+        self.freeze()
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.linear(x) + (x @ self.delta_a) @ self.delta_b
+
+
+def stack_frozen_adapter(model: nn.Module, deltas: dict, dtype: Any) -> None:
+    """Put each module's frozen delta (``{path: (A [r, in], s B [out, r])}``) under its
+    trainable adapter layer, or around the plain layer when the module is not adapted."""
+    modules = dict(model.named_modules())
+    replaced = []
+    for path, (a, b) in deltas.items():
+        module = modules.get(path)
+        if module is None:
+            raise ModelError(f"--init-adapter: the model has no module {path}")
+        if hasattr(module, "lora_a"):
+            module.linear = FrozenDelta(module.linear, a, b, dtype)
+        else:
+            replaced.append((path, FrozenDelta(module, a, b, dtype)))
+    if replaced:
+        from mlx.utils import tree_unflatten
+
+        model.update_modules(tree_unflatten(replaced))
+
+
+def from_canonical(weights: dict[str, np.ndarray]) -> list[tuple[str, mx.array]]:
+    """Canonical (PEFT-layout) adapter weights under mlx-lm's names and layouts."""
+    back = {v: k for k, v in LORA_LEAVES.items()}
+    out = []
+    for name, array in weights.items():
+        module, _, leaf = name.rpartition(".")
+        if leaf in ("lora_A", "lora_B"):
+            array = array.T
+        out.append((f"{module}.{back.get(leaf, leaf)}", mx.array(np.ascontiguousarray(array))))
+    return out
 
 
 def canonical_name(name: str, fine_tune_type: str) -> str:

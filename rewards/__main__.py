@@ -62,7 +62,7 @@ def score_file(args: argparse.Namespace) -> int:
         from .code_exec import allow_weak_sandbox
 
         allow_weak_sandbox()
-    weights = parse_reward_weights(args.reward_weights, len(args.reward))
+    weights = parse_reward_weights(" ".join(args.reward_weights or []) or None, len(args.reward))
     funcs = [load_reward(spec) for spec in args.reward]
     rows = read_rows(Path(args.data))
     names = dict.fromkeys(k for row in rows for k in row if k not in ("prompt", "completion"))
@@ -97,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     score.add_argument("data", help="JSONL: {prompt, completion, ...columns} per line")
     score.add_argument("--reward", action="append", required=True,
                        help="reward spec (repeatable): built-in, file.py:fn, pkg.mod:fn, entry point")
-    score.add_argument("--reward-weights", help="comma-separated weights, one per --reward")
+    score.add_argument("--reward-weights", nargs="+",
+                       help="one weight per --reward: 1,0.5 or 1 0.5")
     score.add_argument("--reward-on-error", choices=ON_ERROR_CHOICES, default="raise",
                        help="a raising function stops (raise) or scores None (none)")
     score.add_argument("--timeout", type=float, default=60.0, help="seconds per function call")

@@ -80,4 +80,5 @@ def make_code_exec(column: str = "tests", wall_s: float = 5.0, cpu_s: int = 2,
 
     code_exec.__doc__ = ("Fraction of the `tests` column's test cases the completion's code "
                          "passes, each run in its own sandbox.")
+    code_exec.required_columns = (column,)
     return code_exec

@@ -36,6 +36,27 @@ def reward_name(fn: Callable[..., Any]) -> str:
     return name if isinstance(name, str) and name else type(fn).__name__
 
 
+CONTRACT_ARGUMENTS = ("prompts", "completions", "completion_ids", "step")
+
+
+def required_columns(fn: Callable[..., Any]) -> tuple[str, ...]:
+    """Dataset columns a reward function cannot score without: its ``required_columns``
+    attribute when it has one (factories set it: ``math_answer`` needs ``answer``), else the
+    parameters of its signature that have no default, other than the contract's own."""
+    declared = getattr(fn, "required_columns", None)
+    if declared is not None:
+        return tuple(declared)
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return ()
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return tuple(p.name for p in list(params)[2:] if p.kind in kinds
+                 and p.default is inspect.Parameter.empty and p.name not in CONTRACT_ARGUMENTS)
+
+
 def completion_text(completion: Any) -> str:
     """Text of a completion: the string itself, or the last message's ``content`` of a message
     list (chat data). Anything else is an error the scorer reports with the function's name."""

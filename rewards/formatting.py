@@ -113,5 +113,6 @@ def json_schema(schema: dict | str | None = None, column: str = "schema") -> Any
         return scores
 
     reward.__name__ = reward.__qualname__ = "json_schema"
+    reward.required_columns = () if fixed is not None else (column,)
     reward.__doc__ = "1.0 if the completion's JSON validates against the schema, else 0.0."
     return reward

@@ -123,3 +123,6 @@ def math_answer(prompts: Sequence[Any], completions: Sequence[Any],
         predicted = extract_answer(completion_text(completion))
         scores.append(float(predicted is not None and answers_match(predicted, str(gold))))
     return scores
+
+
+math_answer.required_columns = ("answer",)  # scored against the answer column

@@ -55,13 +55,15 @@ class _CallFailed(Exception):
 
 
 def parse_reward_weights(text: str | None, n_functions: int) -> list[float]:
-    """``--reward-weights "1,0.5"`` -> ``[1.0, 0.5]``; None -> all ones. Checked before loading."""
+    """``--reward-weights "1,0.5"`` (or ``"1 0.5"``) -> ``[1.0, 0.5]``; None -> all ones.
+    Checked before loading."""
     if text is None or not text.strip():
         return [1.0] * n_functions
     try:
-        weights = [float(w) for w in text.split(",")]
+        weights = [float(w) for w in text.replace(",", " ").split()]
     except ValueError:
-        raise RewardError(f"--reward-weights {text!r}: expected comma-separated numbers") from None
+        raise RewardError(f"--reward-weights {text!r}: expected numbers separated by commas "
+                          "or spaces") from None
     if len(weights) != n_functions or not all(math.isfinite(w) for w in weights):
         raise RewardError(f"--reward-weights {text!r}: expected {n_functions} finite numbers, "
                           f"one per reward function")

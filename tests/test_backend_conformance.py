@@ -243,7 +243,9 @@ def _load_elsewhere(name: str, kind: str, model_dir, out):
         import mlx.core as mx
         from mlx_lm.utils import load
 
-        model, _ = load(str(model_dir), adapter_path=str(out))
+        # a full fine-tune is a complete model dir; adapters load on the base
+        model, _ = load(str(out)) if kind == "full" else load(str(model_dir),
+                                                              adapter_path=str(out))
         return lambda ids: np.array(model(mx.array(ids)))
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

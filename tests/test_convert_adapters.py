@@ -225,7 +225,8 @@ def test_our_trainers_adapters_convert(tmp_path, tiny_llama_dir):
     (tmp_path / "ours_mlx").mkdir()
     MLXBackend.save_adapters(SimpleNamespace(model=model, adapter_config=adapter_config,
                                              model_path=tiny_llama_dir, cfg=cfg,
-                                             value_head=None, tokenizer=None),
+                                             value_head=None, tokenizer=None,
+                                             init_adapter=None),
                              str(tmp_path / "ours_mlx"))
     mlx_adapter_to_peft(tmp_path / "ours_mlx", tmp_path / "as_peft")
     np.testing.assert_allclose(peft_logits(tiny_llama_dir, tmp_path / "as_peft"),

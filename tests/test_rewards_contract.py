@@ -205,10 +205,11 @@ def test_bad_configuration_is_refused():
     with pytest.raises(RewardError, match="column 'answer' has 1 values for 2"):
         score([flaky], columns={"answer": ["x"]})
     assert parse_reward_weights("1, 0.5", 2) == [1.0, 0.5]
+    assert parse_reward_weights("1 0.5", 2) == [1.0, 0.5]  # the README's other form
     assert parse_reward_weights(None, 3) == [1.0, 1.0, 1.0]
     with pytest.raises(RewardError, match="expected 2 finite numbers"):
         parse_reward_weights("1", 2)
-    with pytest.raises(RewardError, match="comma-separated numbers"):
+    with pytest.raises(RewardError, match="separated by commas or spaces"):
         parse_reward_weights("1;2", 2)
 
 

@@ -118,7 +118,9 @@ def parts_name(parts: list[Part]) -> str:
 
 
 def prepare_splits(cfg: Any, tokenizer: Any, family: Family) -> dict[str, Any]:
-    """``{"train": dataset, "valid": dataset or None}`` and their reports (module doc)."""
+    """``{"train": dataset, "valid": dataset or None, "test": dataset or None}`` and their
+    reports (module doc). The test split is never mixed or held out: it is every source's own
+    test split, for evaluation."""
     specs = parse_sources(cfg.data, getattr(cfg, "data_split", "train"),
                           getattr(cfg, "data_config", ""), getattr(cfg, "data_format", "auto"),
                           getattr(cfg, "columns", ()))
@@ -135,7 +137,7 @@ def prepare_splits(cfg: Any, tokenizer: Any, family: Family) -> dict[str, Any]:
         located = locate(spec)
         loaded.append((spec, {split: load_split(located[split], spec, family, tokenizer, cfg,
                                                 tokenizer_fp)
-                              for split in ("train", "valid") if split in located}))
+                              for split in ("train", "valid", "test") if split in located}))
     _hold_out(loaded, float(getattr(cfg, "valid_fraction", 0.0) or 0.0))
     train_parts = [splits["train"] for _, splits in loaded]
     picks = draw([len(p.examples) for p in train_parts], [s.weight for s, _ in loaded],
@@ -151,9 +153,13 @@ def prepare_splits(cfg: Any, tokenizer: Any, family: Family) -> dict[str, Any]:
     elapsed = time.perf_counter() - started
     if elapsed > 2 and getattr(cfg, "progress", True):
         print(f"data: prepared in {elapsed:.1f}s", file=sys.stderr)
+    test_parts = [splits["test"] for _, splits in loaded if "test" in splits]
+    test = [e for p in test_parts for e in p.examples]
     out = {"train": _built(family, train, train_parts, tokenizer, cfg, len(specs) > 1)}
     out["valid"] = (_built(family, valid, valid_parts, tokenizer, cfg, len(specs) > 1)
                     if valid else None)
+    out["test"] = (_built(family, test, test_parts, tokenizer, cfg, len(specs) > 1)
+                   if test else None)
     return out
 
 
@@ -231,8 +237,8 @@ def single_source_split(path: Any, split: str, tokenizer: Any, cfg: Any,
     """``split`` ("train" / "valid") of one path as the family's dataset; None when absent.
 
     The API the tests and tools use for one file or directory (no mixing, no hold-out)."""
-    if split not in ("train", "valid"):
-        raise DataError(f"unknown split {split!r}; expected train or valid")
+    if split not in ("train", "valid", "test"):
+        raise DataError(f"unknown split {split!r}; expected train, valid or test")
     spec = parse_sources([str(path)], "train", "", getattr(cfg, "data_format", "auto"),
                          getattr(cfg, "columns", ()))[0]
     located = locate(spec)

@@ -79,7 +79,8 @@ class SplitSource:
 
 
 def locate(spec: SourceSpec) -> dict[str, SplitSource]:
-    """``{"train": ..., "valid": ...}`` (valid only when the source has one) for ``spec``."""
+    """``{"train": ..., "valid": ..., "test": ...}`` (valid and test only when the source has
+    them) for ``spec``."""
     path = Path(spec.path).expanduser()
     if path.is_file():
         return {"train": _file_split(path, spec)}
@@ -207,7 +208,9 @@ def _split_files(path: Path, train_split: str) -> dict[str, list[Path]]:
     if (path / f"{train_split}.jsonl").is_file():
         valid = [path / f"{name}.jsonl" for name in ("valid", "validation")
                  if (path / f"{name}.jsonl").is_file()][:1]
-        return {"train": [path / f"{train_split}.jsonl"], **({"valid": valid} if valid else {})}
+        test = [path / "test.jsonl"] if (path / "test.jsonl").is_file() else []
+        return {"train": [path / f"{train_split}.jsonl"], **({"valid": valid} if valid else {}),
+                **({"test": test} if test else {})}
     from datasets.data_files import DataFilesDict, get_data_patterns
 
     try:
@@ -216,7 +219,8 @@ def _split_files(path: Path, train_split: str) -> dict[str, list[Path]]:
         resolved = {}
     found = {str(k): sorted(Path(f) for f in v if Path(f).suffix.lower() in DATA_SUFFIXES)
              for k, v in resolved.items()}
-    out = {"train": found.get("train", []), "valid": found.get(VALID, [])}
+    out = {"train": found.get("train", []), "valid": found.get(VALID, []),
+           "test": found.get("test", [])}
     if train_split != "train":
         pattern = re.compile(rf"^{re.escape(train_split)}([-._ 0-9].*)?$")
         out["train"] = sorted(p for p in path.rglob("*") if p.is_file()
@@ -271,7 +275,7 @@ def _hub_splits(spec: SourceSpec) -> dict[str, SplitSource]:
 
 def _dataset_splits(loaded: Any, spec: SourceSpec, label: str, files: list[Path],
                     identity: str | None) -> dict[str, SplitSource]:
-    """The train / valid :class:`SplitSource` of a loaded ``Dataset`` or ``DatasetDict``; their
+    """The train / valid / test :class:`SplitSource` of a loaded ``Dataset`` or ``DatasetDict``; their
     identity: ``identity``, else the hash of ``files``, else ``datasets``' fingerprint."""
     if not hasattr(loaded, "keys"):  # one Dataset: the train split
         splits = {"train": (loaded, label)}
@@ -284,6 +288,8 @@ def _dataset_splits(loaded: Any, spec: SourceSpec, label: str, files: list[Path]
         valid = next((n for n in (VALID, "valid", "dev", "val") if n in names), None)
         if valid is not None and valid != spec.split:
             splits["valid"] = (loaded[valid], f"{label}:{valid}")
+        if "test" in names and spec.split != "test":
+            splits["test"] = (loaded["test"], f"{label}:test")
     out = {}
     for split, (dataset, name) in splits.items():
         source = SplitSource(name, True, lambda dataset=dataset, name=name:

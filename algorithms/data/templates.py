@@ -158,3 +158,13 @@ def save_chat_template(directory: str | Path, tokenizer: Any) -> None:
         template = template.get("default")
     if isinstance(template, str) and template:
         Path(directory, CHAT_TEMPLATE_FILE).write_text(template, encoding="utf-8")
+
+
+def template_for(chat_template: str, adapter_dir: str | Path | None) -> str:
+    """The template a run on an adapter uses: ``--chat-template`` when given, else the
+    ``chat_template.jinja`` the adapter was trained with (if saved), else "" (the model's)."""
+    if chat_template:
+        return chat_template
+    if adapter_dir and Path(adapter_dir, CHAT_TEMPLATE_FILE).is_file():
+        return str(Path(adapter_dir, CHAT_TEMPLATE_FILE))
+    return ""

@@ -57,7 +57,8 @@ class OnlineConfig(TrainConfig):
     top_k: int = field(0, "keep only the top_k most likely tokens; 0 = off")
     min_p: float = field(0.0, "drop tokens below min_p x the top probability; 0 = off")
     stop: list = field(  # noqa: RUF009 (field() returns a default_factory field)
-        [], "stop strings: a completion ends where one appears (the string is kept)")
+        [], "stop strings: a completion ends where one appears (the string is kept); "
+        "repeatable", split=False)
     # policy update
     num_iterations: int = field(
         1, "mu (PPO: epochs): passes over each generation batch; > 1 makes the update "
@@ -139,10 +140,11 @@ class OnlineConfig(TrainConfig):
         "each per group, weight-sum, then normalise over the batch (GDPO; needs "
         "--scale-rewards group)", AGGREGATIONS)
     reward: list = field(  # noqa: RUF009
-        [], "reward functions (at least one): a built-in name (math_answer, "
-        "'xml_tags(think, answer)'), file.py:function, module:function, or model:<dir>")
+        [], "reward functions (at least one; repeat the flag for more): a built-in name "
+        "(math_answer, 'xml_tags(think, answer)'; --list-rewards shows them), file.py:function, "
+        "module:function, or model:<dir>", split=False)
     reward_weights: list = field(  # noqa: RUF009
-        [], "one weight per --reward; empty = 1.0 each")
+        [], "one weight per --reward, as 1,0.5 or '1 0.5'; empty = 1.0 each")
     reward_on_error: str = field(
         "raise", "a reward function that raises: stop the run (raise), or score the failing "
         "samples None, which gives them advantage 0 (none)", ON_ERROR_CHOICES)

@@ -226,9 +226,12 @@ def prepare_data(cfg: Any, tokenizer: Any) -> Any:
     from ..data.pipeline import prepare_splits
 
     sets = prepare_splits(cfg, tokenizer, PROMPTS)
+    for ds in sets.values():
+        if ds is not None:
+            check_reward_columns(rewards, ds.report)
     return PreparedData(sets["train"], sets["valid"],
                         {s: ds.split_report for s, ds in sets.items() if ds is not None},
-                        extras={"rewards": rewards})
+                        extras={"rewards": rewards}, test=sets["test"])
 
 
 def _prompt_family() -> Any:
@@ -239,3 +242,16 @@ def _prompt_family() -> Any:
 
 
 PROMPTS = _prompt_family()
+
+
+def check_reward_columns(rewards: list, report: PromptReport) -> None:
+    """A DataError when a reward needs a column the split lacks (``math_answer`` without
+    ``answer`` would score every completion None and train on nothing)."""
+    from rewards.contract import required_columns
+
+    present = ["prompt", *report.columns]
+    for spec, fn in rewards:
+        missing = [c for c in required_columns(fn) if c not in present] if fn else []
+        if missing:
+            raise DataError(f"--reward {spec}: needs the column {missing[0]!r}, which "
+                            f"{report.path} lacks (columns present: {', '.join(present)})")

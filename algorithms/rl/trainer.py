@@ -81,6 +81,8 @@ def train(cfg: Any, backend: Any, loss: Loss, data: Any, run_dir: Path) -> Train
                 run.save(Cursor(stream.epoch, stream.index))
         if data.valid is not None:
             run.write_eval(evaluate_rewards(cfg, backend, data.valid, scorer, run.step))
+        if getattr(data, "test", None) is not None:
+            run.write_eval(evaluate_rewards(cfg, backend, data.test, scorer, run.step), "test")
         return run.finish(Cursor(stream.epoch, stream.index))
 
 
