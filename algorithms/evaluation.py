@@ -75,9 +75,8 @@ def evaluate_run(prog: str, backend_spec: str, algo: Any, cfg: Any, adapter_dir:
     from .adapter_io import adopt_settings, read_adapter_weights
     from .cli import UserError, check_run_options, load_backend_class, open_model
     from .data import DataError
-    from .model_check import ModelError
-
     from .data.templates import template_for
+    from .model_check import ModelError
 
     model_path, model_config, tokenizer = open_model(
         cfg.model, template_for(cfg.chat_template, adapter_dir), prog)

@@ -89,9 +89,8 @@ def load_backend(prog: str, backend_spec: str, gcfg: GenerateConfig) -> Any:
     from .adapter_io import adopt_settings, read_adapter_weights
     from .cli import UserError, check_run_options, load_backend_class, open_model
     from .config import TrainConfig
-    from .model_check import ModelError
-
     from .data.templates import template_for
+    from .model_check import ModelError
 
     model_path, model_config, tokenizer = open_model(
         gcfg.model, template_for(gcfg.chat_template, gcfg.adapter), prog)
