@@ -10,7 +10,8 @@ import pytest
 pytest.importorskip("mlx")
 
 from mlx.utils import tree_flatten
-from test_torch_backend import DOC_A, DOC_B, DOC_C, DOC_D, make_batch, sft_loss
+from test_torch_backend import sft_loss
+from tiny import DOC_A, DOC_B, DOC_C, DOC_D, make_batch
 
 from algorithms.backend import attention_allowed
 from algorithms.config import TrainConfig

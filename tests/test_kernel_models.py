@@ -16,7 +16,8 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
-from test_torch_backend import DOC_A, DOC_B, DOC_C, DOC_D, make_batch, sft_loss
+from test_torch_backend import sft_loss
+from tiny import DOC_A, DOC_B, DOC_C, DOC_D, make_batch
 
 from algorithms.config import ConfigError, TrainConfig
 from cuda_ft.backend import TorchBackend
