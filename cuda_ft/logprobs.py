@@ -12,14 +12,14 @@ every statistic a loss asked for (:data:`HEAD_OUTPUTS`):
 
 Two paths, the same numbers up to float rounding:
 
-- a bias-free ``nn.Linear`` head (every family here, tied or not, frozen or trained): the fused
-  head of :mod:`cuda_ft.kernels.fused_head` (Triton on CUDA with ``--kernels auto|triton``, its
-  torch twin otherwise): one pass over each chunk's logits gives every statistic; for a frozen
+- a bias-free ``nn.Linear`` head with Triton (``--kernels auto|triton`` on CUDA), or a frozen
+  one (LoRA / DoRA) on any device: the fused head of :mod:`cuda_ft.kernels.fused_head` (its
+  torch twin off CUDA): one pass over each chunk's logits gives every statistic; for a frozen
   head the gradient of ``logps`` w.r.t. the hidden states is formed in that pass, so backward
   needs neither the logits nor their recomputation; gradients reach ``entropy`` too;
-- any other head: each chunk under ``torch.utils.checkpoint`` (non-reentrant), which saves
-  only the chunk's hidden states and targets and recomputes its logits in backward (without a
-  gradient: a plain loop).
+- any other head (a trained head on the torch path, a head with a bias...): each chunk under
+  ``torch.utils.checkpoint`` (non-reentrant), which saves only the chunk's hidden states and
+  targets and recomputes its logits in backward (without a gradient: a plain loop).
 
 ``reference_token_logps`` / ``reference_outputs`` are the plain full-logits formulas the chunked
 paths are tested against.
@@ -85,7 +85,10 @@ def head_outputs(hidden: torch.Tensor, lm_head: nn.Module, targets: torch.Tensor
     grad_on = torch.is_grad_enabled() and any(wanted[n] for n in names) and (
         hidden.requires_grad or any(p.requires_grad for p in lm_head.parameters()))
     weight = linear_head_weight(lm_head)
-    if weight is not None:
+    # The fused head for Triton, and for a frozen head (LoRA / DoRA) where it saves the backward
+    # recompute; a trained head on the torch path keeps autograd's own log-softmax backward
+    # (the numbers of TRL's trainers to float32 rounding: tests/test_trl_parity.py).
+    if weight is not None and (impl == "triton" or not weight.requires_grad):
         from .kernels.fused_head import fused_linear_logprobs
 
         with contextlib.nullcontext() if grad_on else torch.no_grad():

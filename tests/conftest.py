@@ -6,7 +6,21 @@ import os
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import sys
+from pathlib import Path
 
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tiny import make_tiny_model, make_tiny_tokenizer
+
+import mlx_ft  # noqa: F401 - loads the system OpenBLAS before any test imports mlx.core
+
+
+# After mlx_ft, never before: whether the system OpenBLAS is loaded before torch decides the BLAS
+# some torch CPU ops use, hence their float rounding (the TRL parity tier is pinned to it).
 def _no_cuda() -> bool:
     try:
         import torch
@@ -20,18 +34,6 @@ def _no_cuda() -> bool:
 # picks the interpreter, so only tests that ask for Triton explicitly run it. On a GPU, unset.
 if "TRITON_INTERPRET" not in os.environ and _no_cuda():
     os.environ["TRITON_INTERPRET"] = "1"
-
-import sys
-from pathlib import Path
-
-import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from tiny import make_tiny_model, make_tiny_tokenizer
-
-import mlx_ft  # noqa: F401 - loads the system OpenBLAS before any test imports mlx.core
 
 
 @pytest.fixture(scope="session", autouse=True)

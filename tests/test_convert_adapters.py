@@ -215,7 +215,8 @@ def test_our_trainers_adapters_convert(tmp_path, tiny_llama_dir):
     from mlx_ft.backend import MLXBackend
 
     cfg = SimpleNamespace(fine_tune_type="dora", target_modules=["q_proj", "gate_proj"],
-                          lora_rank=4, lora_alpha=16.0, lora_dropout=0.0, seed=3)
+                          lora_rank=4, lora_alpha=16.0, lora_dropout=0.0, seed=3,
+                          kernels="torch", grad_checkpoint=False)
     model, _ = mlx_model.load_model(tiny_llama_dir, None)
     adapter_config = mlx_model.attach_adapters(model, cfg)
     rng = np.random.default_rng(1)
