@@ -52,6 +52,7 @@ import numpy as np
 from .atomic import atomic_output_dir, check_output_dir
 from .fuse import CHAT_TEMPLATE, Stored, read_tensors, write_tensors
 from .jsonfile import read_json_object
+from .value_head import read_value_head, write_value_head
 
 MLX_WEIGHTS, PEFT_WEIGHTS = "adapters.safetensors", "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
@@ -345,28 +346,6 @@ def mlx_config(adapter: Adapter, base_layers: int | None, base: str | None) -> d
 
 
 # --- the two verbs --------------------------------------------------------------------------
-def read_value_head(adapter_dir: str | Path, hidden_size: int | None = None) -> dict | None:
-    """The PPO value head saved beside an adapter (``value_head.safetensors``: the same file
-    for mlx-lm and PEFT adapters), checked against the base's hidden size when known; None when
-    the adapter has none."""
-    from algorithms.backend import VALUE_HEAD_FILE, load_value_head
-
-    head = load_value_head(adapter_dir)
-    if head is not None and hidden_size is not None \
-            and head["v_head.weight"].shape[1] != hidden_size:
-        raise ValueError(f"{Path(adapter_dir) / VALUE_HEAD_FILE}: a value head for hidden size "
-                         f"{head['v_head.weight'].shape[1]}, the base has {hidden_size}")
-    return head
-
-
-def write_value_head(directory: Path, head: dict | None) -> None:
-    """Carry a value head into an output dir (nothing when there is none)."""
-    if head is not None:
-        from algorithms.backend import save_value_head
-
-        save_value_head(directory, head)
-
-
 def _convert(src, out, base, force, reader, fmt, weights_name, make_config) -> Path:
     verb = "mlx-adapter-to-peft" if fmt == "peft" else "peft-to-mlx-adapter"
     check_output_dir(Path(out), force, verb)

@@ -292,7 +292,8 @@ def fuse(base: str | Path, adapter_dir: str | Path, out: str | Path, *, fmt: str
         raise ValueError(f"--quantize {quantize_bits}: bits must be one of {QUANT_BITS}")
     if group_size is not None and group_size not in GROUP_SIZES:
         raise ValueError(f"--group-size {group_size}: must be one of {GROUP_SIZES}")
-    from .adapters import read_adapter, read_value_head, write_value_head
+    from .adapters import read_adapter
+    from .value_head import read_value_head, write_value_head
 
     check_output_dir(Path(out), force, "fuse")
     model = read_base_model(base, fmt)
