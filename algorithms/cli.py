@@ -39,10 +39,11 @@ def usage(prog: str) -> str:
     lines = [f"usage: python -m {prog} <algorithm> [flags]   (python -m {prog} <algorithm> --help)",
              f"       python -m {prog} evaluate|generate|chat [flags]",
              f"       python -m {prog} --list-rewards", "", "algorithms:"]
-    for algo in algorithms().values():
-        lines.append(f"  {algo.name:<10} {algo.summary}")
+    registry = algorithms()
+    width = max(len(name) for name in [*registry, *VERBS])
+    lines += [f"  {algo.name:<{width}} {algo.summary}" for algo in registry.values()]
     lines += ["", "verbs:"]
-    lines += [f"  {verb:<10} {summary}" for verb, (_, summary) in VERBS.items()]
+    lines += [f"  {verb:<{width}} {summary}" for verb, (_, summary) in VERBS.items()]
     return "\n".join(lines)
 
 
