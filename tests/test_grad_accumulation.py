@@ -111,6 +111,9 @@ ONLINE = {
     "reinforce_pp_baseline": ("mlx", ["--num-iterations", "2"]),
     "ppo": ("torch", ["--num-iterations", "2", "--num-generations", "1",
                       "--prompts-per-step", "4", "--entropy-coef", "0.01"]),
+    "grpo-vespo": ("mlx", ["--num-iterations", "2", "--loss-type", "vespo"]),
+    "grpo-sapo": ("torch", ["--num-iterations", "2", "--loss-type", "sapo"]),
+    "gspo-luspo": ("mlx", ["--num-iterations", "2", "--loss-type", "luspo"]),
 }
 
 
@@ -118,7 +121,7 @@ ONLINE = {
 def test_online_accumulation(algo, data, tiny_llama_dir, tmp_path):
     backend, extra = ONLINE[algo]
     prog, spec = BACKENDS[backend]
-    argv = [algo, "--model", str(tiny_llama_dir), "--data", str(data / "prompts.jsonl"),
+    argv = [algo.split("-")[0], "--model", str(tiny_llama_dir), "--data", str(data / "prompts.jsonl"),
             "--reward", f"{data / 'reward.py'}:odd", "--prompts-per-step", "2",
             "--num-generations", "2", "--max-completion-length", "6", "--temperature", "1.3",
             "--log-completions-every", "0", *COMMON, *extra]

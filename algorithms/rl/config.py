@@ -23,7 +23,7 @@ from rewards.scorer import ON_ERROR_CHOICES
 
 from ..config import TrainConfig, _bad, field
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence", "sequence_sum")
 ESTIMATORS = ("group", "leave_one_out", "global_batch", "gae")
 KL_ESTIMATORS = ("k1", "k2", "k3")
@@ -103,10 +103,27 @@ class OnlineConfig(TrainConfig):
         "rollout policy is at least the (1 - rho) quantile over the generation batch (Wang et "
         "al. 2025 keep 0.2); 1 = every token")
     loss_type: str = field(
-        "grpo", "how token losses are averaged: grpo = mean over completions of each "
-        "completion's token mean; bnpo = token mean per micro-batch; dr_grpo = token sum / "
-        "(completions x max_completion_length); dapo = token mean over the generation batch",
-        LOSS_TYPES)
+        "grpo", "the policy loss and how its token losses are averaged: grpo = mean over "
+        "completions of each completion's token mean; bnpo = token mean per micro-batch; "
+        "dr_grpo = token sum / (completions x max_completion_length); dapo = token mean over "
+        "the generation batch; cispo (MiniMax-M1) = -sg(min(w, 1 + epsilon_high)) A log p, "
+        "token mean; sapo = the soft gate -(4 / tau) sigmoid(tau (w - 1)) A, completion mean; "
+        "luspo = the clipped loss summed over each completion, mean over completions (use with "
+        "--importance-sampling-level sequence); vespo = -phi(W) A log p with W the "
+        "completion's probability ratio, token mean", LOSS_TYPES)
+    sapo_temperature_pos: float = field(
+        1.0, "sapo: gate temperature tau for tokens with advantage > 0")
+    sapo_temperature_neg: float = field(
+        1.05, "sapo: gate temperature tau for tokens with advantage <= 0 (the paper makes it "
+        "larger, so negative updates fade faster off-policy)")
+    vespo_k_pos: float = field(
+        2.0, "vespo: exponent k of phi(W) = exp(lambda + k log W - lambda W) for advantage >= 0 "
+        "(how fast W < 1 is down-weighted)")
+    vespo_lambda_pos: float = field(
+        3.0, "vespo: decay lambda of phi(W) for advantage >= 0 (how fast W > 1 is "
+        "down-weighted)")
+    vespo_k_neg: float = field(3.0, "vespo: exponent k of phi(W) for advantage < 0")
+    vespo_lambda_neg: float = field(2.0, "vespo: decay lambda of phi(W) for advantage < 0")
     # rewards and advantages
     advantage_estimator: str = field(
         "group", "rewards -> advantages: group (GRPO: group mean, std scaling), leave_one_out "
@@ -274,6 +291,7 @@ class OnlineConfig(TrainConfig):
                  f"({1 + self.effective_epsilon_high:g}); INTELLECT-2 uses 4")
         if self.entropy_coef < 0:
             _bad("entropy_coef", self.entropy_coef, "must be >= 0 (a bonus on the entropy)")
+        self._validate_loss_type()
         if not 0 < self.top_entropy_quantile <= 1:
             _bad("top_entropy_quantile", self.top_entropy_quantile,
                  "must be in (0, 1]: the share of highest-entropy tokens trained on")
@@ -293,6 +311,25 @@ class OnlineConfig(TrainConfig):
         if self.missing_eos_penalty < 0:
             _bad("missing_eos_penalty", self.missing_eos_penalty,
                  "must be >= 0 (it is subtracted from the reward)")
+
+    def _validate_loss_type(self) -> None:
+        for name in ("sapo_temperature_pos", "sapo_temperature_neg", "vespo_lambda_pos",
+                     "vespo_lambda_neg"):
+            if not getattr(self, name) > 0:
+                _bad(name, getattr(self, name), "must be > 0")
+        for name in ("vespo_k_pos", "vespo_k_neg"):
+            if getattr(self, name) < 0:
+                _bad(name, getattr(self, name), "must be >= 0")
+        if self.loss_type == "vespo" and self.importance_sampling_level != "token":
+            _bad("importance_sampling_level", self.importance_sampling_level,
+                 "vespo forms its own completion-level weight from the summed token log-ratios; "
+                 "use --importance-sampling-level token with --loss-type vespo")
+        if self.loss_type in ("cispo", "sapo", "vespo") and self.delta > 0:
+            _bad("delta", self.delta, f"caps the clipped objective's ratio; --loss-type "
+                 f"{self.loss_type} has no clipped objective (drop --delta)")
+        if self.loss_type in ("cispo", "sapo", "vespo") and not self.clip_policy_ratio:
+            _bad("clip_policy_ratio", False, f"--loss-type {self.loss_type} shapes the ratio "
+                 "itself; --no-clip-policy-ratio applies to the clipped loss types only")
 
     def _validate_rewards(self) -> None:
         if not self.reward:
