@@ -87,11 +87,11 @@ def evaluate(backend: Any, loss: Loss, plan: BatchPlan | None, max_batches: int,
 
 def train(cfg: Any, backend: Any, loss: Loss, train_plan: BatchPlan,
           valid_plan: BatchPlan | None, run_dir: Path, prepare: Any = None,
-          normaliser: str = "tokens") -> TrainResult:
+          normaliser: str = "tokens", state: Any = None) -> TrainResult:
     def run_eval() -> dict | None:
         return evaluate(backend, loss, valid_plan, cfg.eval_batches, prepare, normaliser)
 
-    with Run(cfg, backend, run_dir, total_steps(cfg, train_plan.num_batches)) as run:
+    with Run(cfg, backend, run_dir, total_steps(cfg, train_plan.num_batches), state) as run:
         stream = micro_batch_stream(train_plan, run.cursor)
         cursor = run.cursor
         valid = None

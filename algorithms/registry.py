@@ -43,8 +43,10 @@ def offline_loop(algo: Algorithm, cfg: Any, backend: Any, data: Any, run_dir: Pa
     from .loop import train
 
     prepare = algo.make_prepare(cfg, backend, data, model_path)
+    # a hook may keep algorithm state across steps (BCO's delta): checkpoints hold it
     return train(cfg, backend, algo.make_loss(cfg), data.train, data.valid, run_dir,
-                 prepare=prepare, normaliser=algo.normaliser)
+                 prepare=prepare, normaliser=algo.normaliser,
+                 state=getattr(prepare, "state", None))
 
 
 def online_loop(algo: Algorithm, cfg: Any, backend: Any, data: Any, run_dir: Path,
@@ -59,7 +61,7 @@ def online_loop(algo: Algorithm, cfg: Any, backend: Any, data: Any, run_dir: Pat
 def algorithms() -> dict[str, Algorithm]:
     from . import sft
     from .offline import data_preparer, orpo_prepare, reference_prepare, with_chosen_items
-    from .preference import cpo, dpo, kto, orpo
+    from .preference import bco, cpo, dpo, kto, orpo
     from .rl import data as rl_data
     from .rl import policy_loss, presets
 
@@ -89,7 +91,7 @@ def algorithms() -> dict[str, Algorithm]:
                 sft.prepare_data, "tokens"),
         preference("dpo", dpo.DPOConfig, dpo, "direct preference optimisation and its "
                    "variants: IPO, hinge, robust, EXO, NCA, BCO, SPPO, AOT, APO, DiscoPOP, RPO, "
-                   "MPO, LD-DPO, WPO", make_prepare=reference_prepare),
+                   "MPO, LD-DPO, WPO", make_prepare=bco.dpo_prepare),
         preference("cpo", cpo.CPOConfig, cpo,
                    "contrastive preference optimisation (reference-free; AlphaPO option)"),
         preference("simpo", cpo.SimPOConfig, cpo,
@@ -102,6 +104,9 @@ def algorithms() -> dict[str, Algorithm]:
                    data_preparer("unpaired", kl=lambda cfg: cfg.needs_kl_batch,
                                  kl_pairing=lambda cfg: cfg.kl_pairing),
                    reference_prepare),
+        preference("bco", bco.BCOConfig, bco, "binary classifier optimisation on desirable / "
+                   "undesirable completions, the running mean reward as threshold (paired data "
+                   "is unpaired)", data_preparer("unpaired"), bco.bco_prepare),
         *(online(name, config_cls, summary) for name, config_cls, summary in presets.PRESETS),
     ]
     return {a.name: a for a in entries}

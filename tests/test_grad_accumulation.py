@@ -85,6 +85,10 @@ OFFLINE = {
     "orpo": ("torch", "pairs.jsonl", ["--nll-include-prompt"], (1, 4)),
     "kto": ("mlx", "kto.jsonl", [], (2, 2)),
     "kto_apo": ("torch", "kto.jsonl", ["--loss-type", "apo_zero_unpaired"], (1, 4)),
+    # BCO's running delta is folded over the whole step before its first micro-batch
+    "bco": ("torch", "kto.jsonl", [], (1, 4)),
+    "dpo_bco": ("mlx", "pairs.jsonl", ["--loss-type", "bco_pair", "--bco-running-delta"],
+                (1, 4)),
 }
 
 
