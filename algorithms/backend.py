@@ -170,8 +170,15 @@ class Backend(Protocol):
         top-k, top-p, min-p (transformers' order). A completion ends at an EOS id
         (``stop_token_ids``), a stop string or ``max_tokens``, as ``sampling.finish`` rules.
         The same (prompts, params, seed) gives the same completions on the same backend; the
-        training RNG is not disturbed; the model samples in eval mode, adapters active, and its
-        train/eval mode is restored afterwards.
+        training RNG is not disturbed; the model samples in eval mode and its train/eval mode
+        is restored afterwards.
+
+        ``params.source`` picks the sampling distribution: ``policy`` (adapters active),
+        ``reference`` (what ``forward(reference=True)`` runs: XPO's second completion),
+        ``mixture`` (Nash-MD's geometric mixture: next-token log-probs
+        ``(1 - c) log pi + c log ref``, ``c = params.mixture_coef``, renormalised, then the
+        filters; each model keeps its own KV cache), ``teacher`` (the ``--teacher`` model of a
+        distillation run).
         """
 
     def trainable_parameters(self) -> dict[str, np.ndarray]:

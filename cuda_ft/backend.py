@@ -39,7 +39,7 @@ from .device import choose_device
 from .logprobs import head_outputs
 from .model import canonical_parameters, load_model, set_adapter_training
 from .ops import TorchOps
-from .reference import Reference
+from .reference import Reference, load_frozen
 
 _WEIGHTS = "trainable.safetensors"
 _OPTIMIZER = "optimizer.pt"
@@ -65,6 +65,9 @@ class TorchBackend(ForwardShortcuts):
         self.params = canonical_parameters(self.model)
         self.value_head = self._make_value_head() if cfg.uses_value_head else None
         self.reference = Reference(self.model, self.hf_model, cfg, self.model_path, self.choice)
+        # distillation: the frozen teacher (the teacher_divergence output, teacher sampling)
+        self.teacher = load_frozen(cfg.teacher, self.choice) if getattr(cfg, "teacher", "") \
+            else None
         # Weight decay on all but biases and norm weights (algorithms.weight_decay): two groups.
         decayed = set(decayed_names(self.params, cfg.decay_norms_and_biases))
         groups = [{"params": [p for n, p in self.params.items() if n in decayed],
@@ -308,8 +311,17 @@ class TorchBackend(ForwardShortcuts):
         from .rollout import sample
 
         eos_ids = stop_token_ids(self.tokenizer, self.model_path)
-        return sample(self.model, self.tokenizer, prompts, params, seed, eos_ids, self.device,
-                      self._autocast())
+        with contextlib.ExitStack() as stack:
+            if params.source == "reference":
+                model = stack.enter_context(self.reference.model())
+            elif params.source == "teacher":
+                if self.teacher is None:
+                    raise ValueError("sampling from the teacher needs a run with --teacher")
+                model = self.teacher
+            else:  # the policy; for "mixture", beside the reference (cuda_ft.rollout)
+                model = self.model
+            return sample(model, self.tokenizer, prompts, params, seed, eos_ids, self.device,
+                          self._autocast(), reference=self.reference.model)
 
     def peak_memory_bytes(self) -> int:
         """CUDA peak allocated bytes on a GPU, else the process's peak resident set size."""
