@@ -32,6 +32,7 @@ class Algorithm:
     loop: Callable
     normaliser: str = "tokens"
     make_prepare: Callable = lambda cfg, backend, data, model_path: None
+    make_pipeline: Callable = lambda cfg: None  # online: what a generation batch is
 
     def train(self, cfg: Any, backend: Any, data: Any, run_dir: Path, model_path: Path):
         return self.loop(self, cfg, backend, data, run_dir, model_path)
@@ -52,15 +53,19 @@ def offline_loop(algo: Algorithm, cfg: Any, backend: Any, data: Any, run_dir: Pa
 def online_loop(algo: Algorithm, cfg: Any, backend: Any, data: Any, run_dir: Path,
                 model_path: Path):
     """The online loop of :mod:`algorithms.rl.trainer`: rollout -> score -> advantage
-    estimator -> update."""
+    estimator -> update (or the algorithm's own pipeline)."""
     from .rl.trainer import train
 
-    return train(cfg, backend, algo.make_loss(cfg), data, run_dir)
+    return train(cfg, backend, algo.make_loss(cfg), data, run_dir,
+                 pipeline=algo.make_pipeline(cfg))
 
 
 def algorithms() -> dict[str, Algorithm]:
     from . import sft
     from .offline import data_preparer, orpo_prepare, reference_prepare, with_chosen_items
+    from .online_preference import config as op_config
+    from .online_preference import losses as op_losses
+    from .online_preference.pipeline import PairPipeline
     from .preference import bco, cpo, dpo, kto, orpo
     from .rl import data as rl_data
     from .rl import policy_loss, presets
@@ -81,10 +86,15 @@ def algorithms() -> dict[str, Algorithm]:
         return offline(name, config_cls, summary, module.make_loss, prepare_data, "rows",
                        make_prepare)
 
-    def online(name: str, config_cls: type, summary: str):
+    def online(name: str, config_cls: type, summary: str, make_loss: Callable | None = None,
+               make_pipeline: Callable | None = None):
+        hooks = {"make_pipeline": make_pipeline} if make_pipeline else {}
         return Algorithm(name=name, config_cls=config_cls, summary=summary,
-                         prepare_data=rl_data.prepare_data, make_loss=policy_loss.make_loss,
-                         loop=online_loop, normaliser="rows")
+                         prepare_data=rl_data.prepare_data,
+                         make_loss=make_loss or policy_loss.make_loss, loop=online_loop,
+                         normaliser="rows", **hooks)
+
+    pairs, policy_rows = (lambda cfg: PairPipeline("pairs")), (lambda cfg: PairPipeline("policy"))
 
     entries = [
         offline("sft", sft.SFTConfig, "supervised fine-tuning (losses: nll, dft)", sft.make_loss,
@@ -108,5 +118,14 @@ def algorithms() -> dict[str, Algorithm]:
                    "undesirable completions, the running mean reward as threshold (paired data "
                    "is unpaired)", data_preparer("unpaired"), bco.bco_prepare),
         *(online(name, config_cls, summary) for name, config_cls, summary in presets.PRESETS),
+        online("online_dpo", op_config.OnlineDPOConfig, "online DPO: two policy completions per "
+               "prompt ranked by the rewards, DPO (sigmoid / IPO) against the reference",
+               op_losses.make_pair_loss, pairs),
+        online("xpo", op_config.XPOConfig, "XPO: online DPO against the reference's own "
+               "completion, plus the exploration term alpha log pi(y_ref)",
+               op_losses.make_pair_loss, pairs),
+        online("nash_md", op_config.NashMDConfig, "Nash-MD: the policy's completion against "
+               "one from the policy/reference mixture, REINFORCE on the preference "
+               "probability with a KL term", op_losses.make_nash_md_loss, policy_rows),
     ]
     return {a.name: a for a in entries}

@@ -132,3 +132,19 @@ def test_online_accumulation(algo, data, tiny_llama_dir, tmp_path):
     whole = _run(prog, spec, [*argv, "--batch-size", "4"], tmp_path / "whole")
     split = _run(prog, spec, [*argv, "--batch-size", "1"], tmp_path / "split")
     _compare(whole, split)
+
+
+PAIRS = {"online_dpo": "mlx", "xpo": "torch", "nash_md": "mlx"}
+
+
+@pytest.mark.parametrize("algo", list(PAIRS))
+def test_pair_accumulation(algo, data, tiny_llama_dir, tmp_path):
+    """Online preference learning: micro-batches of 1 pair equal one of 4 (the step's pairs)."""
+    prog, spec = BACKENDS[PAIRS[algo]]
+    argv = [algo, "--model", str(tiny_llama_dir), "--data", str(data / "prompts.jsonl"),
+            "--reward", f"{data / 'reward.py'}:odd", "--prompts-per-step", "4",
+            "--max-completion-length", "6", "--temperature", "1.3", "--num-iterations", "2",
+            "--log-completions-every", "0", *COMMON]
+    whole = _run(prog, spec, [*argv, "--batch-size", "4"], tmp_path / "whole")
+    split = _run(prog, spec, [*argv, "--batch-size", "1"], tmp_path / "split")
+    _compare(whole, split)

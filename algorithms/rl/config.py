@@ -332,6 +332,17 @@ class OnlineConfig(TrainConfig):
                  "itself; --no-clip-policy-ratio applies to the clipped loss types only")
 
     def _validate_rewards(self) -> None:
+        self._validate_reward_functions()
+        if self.multi_objective_aggregation == "normalize_then_sum" \
+                and self.scale_rewards != "group":
+            _bad("scale_rewards", self.scale_rewards,
+                 "normalize_then_sum (GDPO) always divides by the group and batch std; use "
+                 "--scale-rewards group with it, or --multi-objective-aggregation "
+                 "sum_then_normalize")
+
+    def _validate_reward_functions(self) -> None:
+        """The checks of the reward options every rewarded online algorithm shares (the pair
+        configs of :mod:`algorithms.online_preference` run them too)."""
         if not self.reward:
             _bad("reward", self.reward, "needs at least one reward function, e.g. "
                  "--reward math_answer (--list-rewards shows the built-ins)")
@@ -355,11 +366,5 @@ class OnlineConfig(TrainConfig):
                  f"must be < --max-completion-length ({self.max_completion_length}); DAPO's "
                  f"ratio is 0.2 x the length (here {int(0.2 * self.max_completion_length)}), "
                  "0 turns the shaping off")
-        if self.multi_objective_aggregation == "normalize_then_sum" \
-                and self.scale_rewards != "group":
-            _bad("scale_rewards", self.scale_rewards,
-                 "normalize_then_sum (GDPO) always divides by the group and batch std; use "
-                 "--scale-rewards group with it, or --multi-objective-aggregation "
-                 "sum_then_normalize")
 
 
