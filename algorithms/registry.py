@@ -62,6 +62,10 @@ def online_loop(algo: Algorithm, cfg: Any, backend: Any, data: Any, run_dir: Pat
 
 def algorithms() -> dict[str, Algorithm]:
     from . import sft
+    from .distill import data as distill_data
+    from .distill import loss as distill_loss
+    from .distill.config import GKDConfig
+    from .distill.pipeline import DistillPipeline
     from .offline import data_preparer, orpo_prepare, reference_prepare, with_chosen_items
     from .online_preference import config as op_config
     from .online_preference import losses as op_losses
@@ -124,6 +128,11 @@ def algorithms() -> dict[str, Algorithm]:
         online("xpo", op_config.XPOConfig, "XPO: online DPO against the reference's own "
                "completion, plus the exploration term alpha log pi(y_ref)",
                op_losses.make_pair_loss, pairs),
+        Algorithm(name="gkd", config_cls=GKDConfig, summary="generalised knowledge "
+                  "distillation from a --teacher: the generalised JSD on student (lmbda), "
+                  "teacher (seq_kd) or data completions", prepare_data=distill_data.prepare_data,
+                  make_loss=distill_loss.make_loss, loop=online_loop,
+                  make_pipeline=lambda cfg: DistillPipeline()),
         online("nash_md", op_config.NashMDConfig, "Nash-MD: the policy's completion against "
                "one from the policy/reference mixture, REINFORCE on the preference "
                "probability with a KL term", op_losses.make_nash_md_loss, policy_rows),

@@ -168,6 +168,10 @@ class TorchBackend(ForwardShortcuts):
                 targets, where = tensors["targets"].reshape(-1), None
             flat = head_outputs(hidden, head, targets, self.cfg.logprob_chunk_size,
                                 temperature, wanted)
+            if "teacher_divergence" in wanted:
+                flat["teacher_divergence"] = self._teacher_divergence(
+                    batch, tensors, hidden, head, where, temperature,
+                    wanted["teacher_divergence"])
         if "values" in wanted:
             values = self.value_head(hidden.float()).squeeze(-1)
             flat["values"] = values if wanted["values"] else values.detach()
@@ -175,6 +179,24 @@ class TorchBackend(ForwardShortcuts):
             return {k: v.reshape(shape) for k, v in flat.items()}
         return {k: torch.zeros(shape, dtype=v.dtype, device=self.device).index_put(where, v)
                 for k, v in flat.items()}
+
+    def _teacher_divergence(self, batch: dict[str, np.ndarray], tensors: dict,
+                            hidden: torch.Tensor, head: torch.nn.Module, where: Any,
+                            temperature: float, grad: bool) -> torch.Tensor:
+        """GKD's per-token divergence against the teacher (:mod:`cuda_ft.divergence`), in the
+        token order of the student's ``hidden``: the teacher's padded pass, flattened, or
+        gathered at the real tokens (``where``) of the padding-free path."""
+        from .divergence import teacher_divergence
+
+        with torch.no_grad():
+            t_hidden = self._hidden(batch, tensors, self.teacher)
+            t_hidden = t_hidden.reshape(-1, t_hidden.shape[-1]) if where is None \
+                else t_hidden[where]
+        grad = grad and torch.is_grad_enabled()
+        out = teacher_divergence(hidden, head, t_hidden, self.teacher.get_output_embeddings(),
+                                 self.cfg.logprob_chunk_size, temperature,
+                                 float(batch["jsd_beta"]), grad)
+        return out if grad else out.detach()
 
     def _loss(self, batch: dict[str, np.ndarray], loss: Loss) -> tuple[torch.Tensor, dict]:
         tensors = self._to_tensors(batch)
@@ -203,7 +225,8 @@ class TorchBackend(ForwardShortcuts):
     def forward(self, batch: dict[str, np.ndarray], outputs: Iterable[str],
                 reference: bool = False) -> dict[str, np.ndarray]:
         """The named outputs without gradients or dropout (see algorithms.backend)."""
-        names = check_outputs(outputs, self.value_head is not None and not reference)
+        names = check_outputs(outputs, self.value_head is not None and not reference,
+                              self.teacher is not None and not reference)
         set_adapter_training(self.model, False)
         with torch.no_grad(), contextlib.ExitStack() as stack:
             model = stack.enter_context(self.reference.model()) if reference else None

@@ -113,7 +113,7 @@ class MLXBackend(ForwardShortcuts):
         # ``train`` marks the pass whose gradient is taken.
         return model_outputs(self.model if model is None else model, arrays, host,
                              self.cfg.logprob_chunk_size, _temperature(host), wanted, train,
-                             self.value_head)
+                             self.value_head, self.teacher)
 
     def _loss(self, arrays: dict, host: dict, loss: Loss, train: bool = False):
         outputs = self._outputs(arrays, host, dict(loss.outputs), train=train)
@@ -147,7 +147,8 @@ class MLXBackend(ForwardShortcuts):
     def forward(self, batch: dict[str, np.ndarray], outputs: Iterable[str],
                 reference: bool = False) -> dict[str, np.ndarray]:
         """The named outputs without gradients or dropout (see algorithms.backend)."""
-        names = check_outputs(outputs, self.value_head is not None and not reference)
+        names = check_outputs(outputs, self.value_head is not None and not reference,
+                              self.teacher is not None and not reference)
         self.model.eval()
         wanted = dict.fromkeys(names, False)
         arrays = self._to_device(batch)

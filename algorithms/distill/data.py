@@ -1,0 +1,228 @@
+"""GKD data: prompts, each with the completion the steps that do not sample train on.
+
+Formats (one per file; every example may carry ``id`` / ``meta``, unused):
+
+- ``prompt_completion`` / ``chat_prompt_completion`` (SFT's): ``prompt`` + ``completion``;
+- ``messages``: the conversation before its LAST message is the prompt, that message (an
+  assistant turn) the completion;
+- prompts alone, ``{"prompt": str | [messages]}``: enough when no step uses the data's
+  completions (``--lmbda 1``, or ``--seq-kd``).
+
+Tokens exactly as SFT's (:mod:`algorithms.data.tokenize`): the prompt is what precedes the
+completion's trained span (for chat data, the template rendered with the generation prompt:
+what the sampler is given), the completion runs to its last trained token (the EOS or
+end-of-turn token included, whitespace the template writes after it not). A prompt must leave
+``--max-completion-length`` tokens inside ``--max-length`` (``prompt_too_long``); a longer data
+completion is cut to fit (counted in the report). Rules counted by ``--skip-invalid``: those of
+:mod:`algorithms.data.formats`, ``no_prompt`` (a ``text`` example), ``last_turn_not_assistant``,
+``completion_required`` (a prompt alone when the data's completions are needed),
+``prompt_too_long``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..data.dataset import unwrap_tokenizer
+from ..data.formats import (
+    CHAT_PROMPT_COMPLETION,
+    MESSAGES,
+    PASSTHROUGH_KEYS,
+    PROMPT_COMPLETION,
+    TEXT,
+    _check_messages,
+    check_record,
+)
+from ..data.records import (
+    DataError,
+    Record,
+    describe,
+    load_split,
+    nothing_usable,
+    split_path,
+    validate_records,
+)
+from ..data.tokenize import tokenize_record
+from ..rl.data import PromptExample, _tokenize
+
+PROMPT_ONLY = "prompt_only"
+CHAT_EXTRAS = ("tools", "chat_template_kwargs")
+
+
+@dataclasses.dataclass
+class DistillExample(PromptExample):
+    completion_ids: list[int] | None = None  # the data's completion (None: prompt alone)
+    completion_truncated: bool = False
+
+
+@dataclasses.dataclass
+class DistillReport:
+    path: str
+    format: str
+    n_examples: int
+    n_truncated: int
+    max_prompt_tokens: int
+    n_skipped_by_rule: dict[str, int]
+    skipped: list[str]
+
+    def __str__(self) -> str:
+        skipped = sum(self.n_skipped_by_rule.values())
+        by_rule = ", ".join(f"{k}: {v}" for k, v in self.n_skipped_by_rule.items())
+        extra = f"; skipped {skipped} ({by_rule})" if skipped else ""
+        cut = f"; {self.n_truncated} completions cut to fit" if self.n_truncated else ""
+        return (f"{self.path}: {self.n_examples} examples ({self.format}; longest prompt "
+                f"{self.max_prompt_tokens} tokens){cut}{extra}")
+
+
+@dataclasses.dataclass
+class DistillDataset:
+    examples: list[DistillExample]
+    report: DistillReport
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+
+def prepare_distill_dataset(path: str | Path, split: str, tokenizer: Any,
+                            cfg: Any) -> DistillDataset | None:
+    """The validated, tokenised examples of ``split``; None when an optional split is absent."""
+    records = load_split(path, split)
+    if records is None:
+        return None
+    file = str(split_path(path, split))
+    tokenizer = unwrap_tokenizer(tokenizer)
+    budget = int(cfg.max_length) - int(cfg.max_completion_length)
+    if budget < 1:
+        raise DataError(f"--max-length {cfg.max_length} leaves no room for a prompt with "
+                        f"--max-completion-length {cfg.max_completion_length}; raise --max-length")
+    examples: list[DistillExample] = []
+    first: list[Any] = [None, ""]  # the file's format and its first example's source
+
+    def handle(record: Record) -> None:
+        if record.error is not None:
+            raise record.error
+        fmt = _format(record, first)
+        if fmt == PROMPT_ONLY:
+            if cfg.needs_dataset_completions:
+                raise record.fail("completion_required", "a prompt alone, but steps without "
+                                  "sampling train on the data's completions (--lmbda "
+                                  f"{cfg.lmbda} < 1 without --seq-kd); add a \"completion\", "
+                                  "or use --lmbda 1 or --seq-kd")
+            base = _tokenize(record, tokenizer, budget)
+            examples.append(DistillExample(base.source, base.prompt, base.prompt_ids, {}))
+        else:
+            examples.append(_with_completion(record, fmt, tokenizer, budget, cfg))
+
+    skipped, messages = validate_records(records, handle, cfg.skip_invalid)
+    if not examples:
+        raise nothing_usable(file, skipped, messages)
+    report = DistillReport(file, first[0], len(examples),
+                           sum(e.completion_truncated for e in examples),
+                           max(len(e.prompt_ids) for e in examples),
+                           dict(sorted(skipped.items())), messages)
+    return DistillDataset(examples, report)
+
+
+def _format(record: Record, first: list) -> str:
+    data = record.data
+    if set(data) - set(PASSTHROUGH_KEYS) == {"prompt"}:
+        fmt = PROMPT_ONLY
+        prompt = data["prompt"]
+        if isinstance(prompt, list):
+            _check_messages(record, prompt, "prompt")
+        elif not isinstance(prompt, str) or not prompt.strip():
+            raise record.fail("empty_prompt" if isinstance(prompt, str) else "wrong_type",
+                              f'"prompt" must be a non-empty string or a message list; got '
+                              f"{describe(prompt)}")
+        if first[0] not in (None, PROMPT_ONLY):
+            raise record.fail("mixed_formats", f"a prompt alone, but the file's first example "
+                              f"({first[1]}) is {first[0]}; one file holds one format")
+    else:
+        expected = None if first[0] == PROMPT_ONLY else first[0]
+        if first[0] == PROMPT_ONLY:
+            raise record.fail("mixed_formats", f"this example has a completion but the file's "
+                              f"first example ({first[1]}) is a prompt alone; one file holds "
+                              "one format")
+        fmt = check_record(record, expected, first[1])
+        if fmt == TEXT:
+            raise record.fail("no_prompt", 'a "text" example has no prompt to sample from; use '
+                              '"prompt"/"completion" or "messages"')
+    if first[0] is None:
+        first[0], first[1] = fmt, record.source
+    return fmt
+
+
+def _with_completion(record: Record, fmt: str, tokenizer: Any, budget: int,
+                     cfg: Any) -> DistillExample:
+    data = record.data
+    prompt, completion = (data.get("prompt"), data.get("completion"))
+    if fmt == MESSAGES:
+        messages = data["messages"]
+        if messages[-1]["role"] != "assistant" or len(messages) < 2:
+            raise record.fail("last_turn_not_assistant", "the last message must be the "
+                              "assistant turn to distil, after at least one other message; got "
+                              f"roles {', '.join(m['role'] for m in messages)}")
+        prompt, completion = messages[:-1], messages[-1:]
+    sft_fmt = PROMPT_COMPLETION if fmt == PROMPT_COMPLETION else CHAT_PROMPT_COMPLETION
+    extras = {k: data[k] for k in CHAT_EXTRAS if k in data}
+    view = Record(record.file, record.line, {"prompt": prompt, "completion": completion,
+                                             **extras})
+    example = tokenize_record(view, sft_fmt, tokenizer, "completion", sys.maxsize,
+                              cfg.train_after_eot)
+    ids, mask = example.input_ids, example.loss_mask
+    start = len(tokenizer(prompt)["input_ids"]) if sft_fmt == PROMPT_COMPLETION \
+        else mask.index(1)
+    end = len(mask) - mask[::-1].index(1)  # after the last trained token
+    if start > budget:
+        raise record.fail("prompt_too_long", f"the prompt is {start} tokens; --max-length minus "
+                          f"--max-completion-length leaves {budget}")
+    room = int(cfg.max_length) - start
+    completion_ids = ids[start:end][:room]
+    return DistillExample(record.source, prompt, ids[:start], {}, completion_ids,
+                          end - start > room)
+
+
+def check_teacher(cfg: Any, tokenizer: Any) -> None:
+    """The teacher exists and shares the student's tokenizer and vocabulary size: GKD compares
+    the two next-token distributions token by token. A DataError names ``--teacher``."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from converters.models import resolve_model
+
+    try:
+        teacher = resolve_model(cfg.teacher)
+        student = resolve_model(cfg.model)
+        theirs = AutoTokenizer.from_pretrained(str(teacher))
+    except (FileNotFoundError, ValueError, OSError) as e:
+        raise DataError(f"--teacher {cfg.teacher}: {e}") from None
+    mine, other = unwrap_tokenizer(tokenizer).get_vocab(), theirs.get_vocab()
+    if mine != other:
+        differ = sorted(set(mine.items()) ^ set(other.items()), key=lambda kv: kv[1])
+        token, index = differ[0] if differ else ("?", -1)
+        raise DataError(f"--teacher {cfg.teacher}: its tokenizer is not the student's ({len(other)} "
+                        f"vs {len(mine)} tokens; they differ at {token!r} (id {index})); GKD "
+                        "compares the two models' distributions token by token, so both need "
+                        "the same tokenizer")
+    sizes = []
+    for directory in (student, teacher):
+        config = json.loads((Path(directory) / "config.json").read_text())
+        sizes.append(config.get("vocab_size", config.get("text_config", {}).get("vocab_size")))
+    if sizes[0] != sizes[1]:
+        raise DataError(f"--teacher {cfg.teacher}: its vocab_size is {sizes[1]}, the student's "
+                        f"{sizes[0]}; GKD needs both output layers over one vocabulary")
+
+
+def prepare_data(cfg: Any, tokenizer: Any) -> Any:
+    """The teacher checked, then the validated splits, before any model loads."""
+    from ..data import PreparedData
+
+    check_teacher(cfg, tokenizer)
+    sets = {split: prepare_distill_dataset(cfg.data, split, tokenizer, cfg)
+            for split in ("train", "valid")}
+    return PreparedData(sets["train"], sets["valid"],
+                        {s: ds.report for s, ds in sets.items() if ds is not None})
