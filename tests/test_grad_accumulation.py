@@ -148,3 +148,16 @@ def test_pair_accumulation(algo, data, tiny_llama_dir, tmp_path):
     whole = _run(prog, spec, [*argv, "--batch-size", "4"], tmp_path / "whole")
     split = _run(prog, spec, [*argv, "--batch-size", "1"], tmp_path / "split")
     _compare(whole, split)
+
+
+def test_gkd_accumulation(data, tiny_llama_dir, tiny_qwen2_dir, tmp_path):
+    """GKD's token mean over the step: 4 micro-batches of 1 completion equal one of 4, on data
+    and on student completions (lmbda 0.5 over the steps)."""
+    prog, spec = BACKENDS["torch"]
+    argv = ["gkd", "--model", str(tiny_llama_dir), "--teacher", str(tiny_qwen2_dir),
+            "--data", str(data / "sft.jsonl"), "--prompts-per-step", "4",
+            "--max-completion-length", "6", "--log-completions-every", "0", *COMMON,
+            "--steps", "4"]
+    whole = _run(prog, spec, [*argv, "--batch-size", "4"], tmp_path / "whole")
+    split = _run(prog, spec, [*argv, "--batch-size", "1"], tmp_path / "split")
+    _compare(whole, split)
