@@ -1,5 +1,11 @@
-"""TRL parity tier, online preference learning: our online DPO loss against TRL's
-``OnlineDPOTrainer.training_step`` on the same completions.
+"""TRL parity tier, online preference learning and distillation: our online DPO loss against
+TRL's ``OnlineDPOTrainer.training_step``, our GKD loss against ``GKDTrainer.compute_loss``, on
+the same completions.
+
+GKD: 4 prompt + completion rows (right-padded, labels -100 on prompt and padding), the tiny
+Llama as student and the tiny Qwen2 as teacher (full fine-tuning, float32): TRL's full-logits
+generalised JSD (beta 0.4) against our chunked ``teacher_divergence`` output, the loss and every
+gradient.
 
 TRL samples its two completions per prompt inside ``training_step``; the tier replaces its
 ``_generate`` with fixed completions (6 prompts x 2, different lengths, right-padded; prompts
@@ -165,6 +171,116 @@ def test_online_dpo_loss_and_gradient_match_trl(loss_type, backend, tiny_llama_d
     scale = max(abs(stats["logps/chosen"]), abs(stats["logps/rejected"]))
     for key, theirs in NAMES.items():
         assert ours[key] == pytest.approx(stats[theirs], rel=rtol, abs=rtol * scale), (label, key)
+    assert set(grads) == set(trl_grads), label
+    worst = 0.0
+    for name, want in trl_grads.items():
+        worst = max(worst, float(np.abs(grads[name] - want).max() / np.abs(want).max()))
+    print(f"{label}: loss {abs(ours['loss'] - trl_loss) / abs(trl_loss):.1e}, grad {worst:.1e}")
+    assert worst <= rtol, label
+
+
+# -- GKD ------------------------------------------------------------------------------------
+
+GKD_ROWS, GKD_BETA, GKD_PROMPT = 4, 0.4, 5
+GKD_LENGTHS = [7, 3, 9, 5]
+
+
+def _gkd_rows(vocab, pad):
+    """Prompt (5 tokens) + completion rows, right-padded, as TRL's collator gives them:
+    ``labels`` -100 on the prompt and the padding."""
+    rng = np.random.default_rng(5)
+    width = GKD_PROMPT + max(GKD_LENGTHS)
+    ids = np.full((GKD_ROWS, width), pad)
+    attention = np.zeros_like(ids)
+    labels = np.full_like(ids, -100)
+    for r, n in enumerate(GKD_LENGTHS):
+        ids[r, :GKD_PROMPT + n] = rng.integers(3, vocab, GKD_PROMPT + n)
+        attention[r, :GKD_PROMPT + n] = 1
+        labels[r, GKD_PROMPT:GKD_PROMPT + n] = ids[r, GKD_PROMPT:GKD_PROMPT + n]
+    return ids, attention, labels
+
+
+def gkd_trl_side(student_dir, teacher_dir, tmp_path):
+    """TRL's GKDTrainer.compute_loss (the full-logits generalised JSD over the labelled tokens)
+    and every gradient."""
+    import logging
+    import warnings
+
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+    logging.getLogger("trl").setLevel(logging.ERROR)
+    tok = AutoTokenizer.from_pretrained(str(student_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(student_dir), dtype=torch.float32)
+    teacher = AutoModelForCausalLM.from_pretrained(str(teacher_dir), dtype=torch.float32)
+    args = GKDConfig(output_dir=str(tmp_path / "gkd"), per_device_train_batch_size=GKD_ROWS,
+                     beta=GKD_BETA, use_cpu=True, bf16=False, fp16=False, report_to="none",
+                     save_strategy="no", seed=0, gradient_checkpointing=False)
+    rows = [{"messages": [{"role": "user", "content": "hi"},
+                          {"role": "assistant", "content": "hello"}]}] * GKD_ROWS
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = GKDTrainer(model=model, teacher_model=teacher, args=args,
+                             train_dataset=Dataset.from_list(rows), processing_class=tok)
+    ids, attention, labels = _gkd_rows(model.config.vocab_size, tok.pad_token_id)
+    inputs = {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(attention),
+              "labels": torch.tensor(labels)}
+    trainer.model.train()
+    trainer.model.zero_grad()
+    loss = trainer.compute_loss(trainer.model, inputs)
+    loss.backward()
+    grads = {k: p.grad.detach().numpy().copy() for k, p in trainer.model.named_parameters()
+             if p.grad is not None}
+    return float(loss.detach()), grads
+
+
+def gkd_our_side(backend_name, student_dir, teacher_dir):
+    from transformers import AutoConfig, AutoTokenizer
+
+    from algorithms.cli import load_tokenizer
+    from algorithms.distill.config import GKDConfig
+    from algorithms.distill.loss import make_loss
+
+    tok = AutoTokenizer.from_pretrained(str(student_dir))
+    vocab = AutoConfig.from_pretrained(str(student_dir)).vocab_size
+    ids, attention, labels = _gkd_rows(vocab, tok.pad_token_id)
+    targets = np.full_like(ids, tok.pad_token_id)
+    targets[:, :-1] = ids[:, 1:]
+    mask = np.zeros(ids.shape, np.float32)
+    mask[:, :-1] = labels[:, 1:] != -100
+    batch = {"input_ids": ids.astype(np.int32), "targets": targets.astype(np.int32),
+             "loss_mask": mask, "segment_ids": attention.astype(np.int32),
+             "jsd_beta": np.float32(GKD_BETA), "temperature": np.float32(1.0),
+             "num_items": np.float32(mask.sum())}
+    cfg = GKDConfig(data="unused", teacher=str(teacher_dir), fine_tune_type="full",
+                    dtype="float32", beta=GKD_BETA, max_length=64)
+    tokenizer = load_tokenizer(student_dir)
+    if backend_name == "mlx":
+        pytest.importorskip("mlx")
+        from mlx.utils import tree_flatten
+
+        from mlx_ft.backend import MLXBackend
+
+        backend = MLXBackend(cfg, student_dir, tokenizer)
+        metrics = backend.forward_backward(batch, make_loss(cfg))
+        return metrics, {k: np.array(v) for k, v in tree_flatten(backend._grads)}
+    from cuda_ft.backend import TorchBackend
+
+    backend = TorchBackend(cfg, student_dir, tokenizer)
+    metrics = backend.forward_backward(batch, make_loss(cfg))
+    return metrics, {k: p.grad.numpy() for k, p in backend.params.items() if p.grad is not None}
+
+
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+def test_gkd_loss_and_gradient_match_trl(backend, tiny_llama_dir, tiny_qwen2_dir, tmp_path):
+    if "gkd" not in _TRL:
+        _TRL["gkd"] = gkd_trl_side(tiny_llama_dir, tiny_qwen2_dir, tmp_path)
+    trl_loss, trl_grads = _TRL["gkd"]
+    ours, grads = gkd_our_side(backend, tiny_llama_dir, tiny_qwen2_dir)
+    rtol = RTOL[backend]
+    label = f"gkd beta {GKD_BETA} on {backend} vs TRL {tp.trl_version()}"
+    assert ours["loss"] == pytest.approx(trl_loss, rel=rtol), label
     assert set(grads) == set(trl_grads), label
     worst = 0.0
     for name, want in trl_grads.items():
