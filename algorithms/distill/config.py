@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 
 from ..config import TrainConfig, _bad, field
-from ..rl.config import OnlineConfig
+from ..rl.config import OnlineConfig, check_rollout_shape
 from ..rl.presets import default
 
 
@@ -67,19 +67,6 @@ class GKDConfig(TrainConfig):
                 _bad(name, getattr(self, name), "must be in [0, 1]")
         if not self.distill_temperature > 0:
             _bad("distill_temperature", self.distill_temperature, "must be > 0")
-        for name in ("prompts_per_step", "max_completion_length"):
-            if getattr(self, name) < 1:
-                _bad(name, getattr(self, name), "must be >= 1")
-        for name in ("rollout_batch_size", "log_completions_every", "top_k"):
-            if getattr(self, name) < 0:
-                _bad(name, getattr(self, name), "must be >= 0")
-        if self.grad_accumulation_steps != 1:
-            _bad("grad_accumulation_steps", self.grad_accumulation_steps,
-                 "must be 1 for GKD: one optimiser step is --prompts-per-step completions, in "
-                 "micro-batches of --batch-size; raise --prompts-per-step for bigger steps")
-        if self.packing:
-            _bad("packing", True, "is not supported for GKD (each completion is one row)")
-        if self.max_completion_length >= self.max_length:
-            _bad("max_completion_length", self.max_completion_length,
-                 f"must be < --max-length ({self.max_length}), which also holds the prompt")
+        check_rollout_shape(self, "--prompts-per-step completions, in micro-batches of "
+                            "--batch-size")
         OnlineConfig._validate_sampling(self)

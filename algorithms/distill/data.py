@@ -46,7 +46,7 @@ from ..data.records import (
     validate_records,
 )
 from ..data.tokenize import tokenize_record
-from ..rl.data import PromptExample, _tokenize
+from ..rl.data import PromptDataset, PromptExample, _tokenize
 
 PROMPT_ONLY = "prompt_only"
 CHAT_EXTRAS = ("tools", "chat_template_kwargs")
@@ -77,27 +77,17 @@ class DistillReport:
                 f"{self.max_prompt_tokens} tokens){cut}{extra}")
 
 
-@dataclasses.dataclass
-class DistillDataset:
-    examples: list[DistillExample]
-    report: DistillReport
-
-    def __len__(self) -> int:
-        return len(self.examples)
-
-
 def prepare_distill_dataset(path: str | Path, split: str, tokenizer: Any,
-                            cfg: Any) -> DistillDataset | None:
-    """The validated, tokenised examples of ``split``; None when an optional split is absent."""
+                            cfg: Any) -> PromptDataset | None:
+    """The validated, tokenised examples of ``split`` (a :class:`PromptDataset` of
+    :class:`DistillExample`); None when an optional split is absent. The config has checked
+    that ``--max-completion-length`` leaves a prompt room in ``--max-length``."""
     records = load_split(path, split)
     if records is None:
         return None
     file = str(split_path(path, split))
     tokenizer = unwrap_tokenizer(tokenizer)
     budget = int(cfg.max_length) - int(cfg.max_completion_length)
-    if budget < 1:
-        raise DataError(f"--max-length {cfg.max_length} leaves no room for a prompt with "
-                        f"--max-completion-length {cfg.max_completion_length}; raise --max-length")
     examples: list[DistillExample] = []
     first: list[Any] = [None, ""]  # the file's format and its first example's source
 
@@ -123,7 +113,7 @@ def prepare_distill_dataset(path: str | Path, split: str, tokenizer: Any,
                            sum(e.completion_truncated for e in examples),
                            max(len(e.prompt_ids) for e in examples),
                            dict(sorted(skipped.items())), messages)
-    return DistillDataset(examples, report)
+    return PromptDataset(examples, report)
 
 
 def _format(record: Record, first: list) -> str:

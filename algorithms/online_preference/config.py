@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 
 from ..config import TrainConfig, _bad, field
-from ..rl.config import OnlineConfig
+from ..rl.config import OnlineConfig, check_rollout_shape
 from ..rl.presets import default
 
 PAIR_LOSS_TYPES = ("sigmoid", "ipo")
@@ -80,27 +80,11 @@ class PairConfig(TrainConfig):
 
     def validate(self) -> None:
         super().validate()
-        for name in ("prompts_per_step", "num_iterations", "num_mini_batches",
-                     "max_completion_length"):
-            if getattr(self, name) < 1:
-                _bad(name, getattr(self, name), "must be >= 1")
-        for name in ("rollout_batch_size", "log_completions_every", "top_k"):
-            if getattr(self, name) < 0:
-                _bad(name, getattr(self, name), "must be >= 0")
-        if self.grad_accumulation_steps != 1:
-            _bad("grad_accumulation_steps", self.grad_accumulation_steps,
-                 "must be 1 for online preference learning: one optimiser step is one "
-                 "mini-batch of the generation batch's pairs, in micro-batches of --batch-size "
-                 "pairs; raise --prompts-per-step for bigger steps")
+        check_rollout_shape(self, "one mini-batch of the generation batch's pairs, in "
+                            "micro-batches of --batch-size pairs")
         if self.num_mini_batches > self.prompts_per_step:
             _bad("num_mini_batches", self.num_mini_batches,
                  f"must be <= the pairs of a generation batch ({self.prompts_per_step})")
-        if self.packing:
-            _bad("packing", True, "is not supported for online preference learning (each "
-                 "completion is one row)")
-        if self.max_completion_length >= self.max_length:
-            _bad("max_completion_length", self.max_completion_length,
-                 f"must be < --max-length ({self.max_length}), which also holds the prompt")
         if not self.beta > 0:
             _bad("beta", self.beta, "must be > 0")
         if self.missing_eos_penalty < 0:

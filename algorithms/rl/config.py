@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 from rewards.scorer import ON_ERROR_CHOICES
 
@@ -30,6 +31,29 @@ KL_ESTIMATORS = ("k1", "k2", "k3")
 KL_PENALTIES = ("loss", "reward")
 SCALE_REWARDS = ("group", "batch", "none")
 AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
+
+
+def check_rollout_shape(cfg: Any, step: str) -> None:
+    """The batch checks every online algorithm shares (the GRPO family, online preference
+    learning, GKD): counts, one optimiser step per mini-batch (``step`` says what a step is),
+    no packing, room for the prompt in ``--max-length``."""
+    for name in ("prompts_per_step", "num_iterations", "num_mini_batches",
+                 "max_completion_length"):
+        if getattr(cfg, name) < 1:
+            _bad(name, getattr(cfg, name), "must be >= 1")
+    for name in ("rollout_batch_size", "log_completions_every", "top_k"):
+        if getattr(cfg, name) < 0:
+            _bad(name, getattr(cfg, name), "must be >= 0")
+    if cfg.grad_accumulation_steps != 1:
+        _bad("grad_accumulation_steps", cfg.grad_accumulation_steps,
+             f"must be 1 for online training: one optimiser step is {step}; raise "
+             "--prompts-per-step for bigger steps")
+    if cfg.packing:
+        _bad("packing", True, "is not supported for online training (each completion is one "
+             "row)")
+    if cfg.max_completion_length >= cfg.max_length:
+        _bad("max_completion_length", cfg.max_completion_length,
+             f"must be < --max-length ({cfg.max_length}), which also holds the prompt")
 
 
 @dataclasses.dataclass
@@ -241,19 +265,11 @@ class OnlineConfig(TrainConfig):
             _bad("num_generations", self.num_generations,
                  "must be >= 2: advantages compare completions within a group of G"
                  if grouped else "must be >= 1")
-        for name in ("prompts_per_step", "num_iterations", "num_mini_batches",
-                     "max_completion_length", "max_sampling_rounds"):
-            if getattr(self, name) < 1:
-                _bad(name, getattr(self, name), "must be >= 1")
-        for name in ("rollout_batch_size", "log_completions_every", "top_k"):
-            if getattr(self, name) < 0:
-                _bad(name, getattr(self, name), "must be >= 0")
-        if self.grad_accumulation_steps != 1:
-            _bad("grad_accumulation_steps", self.grad_accumulation_steps,
-                 "must be 1 for online RL: one optimiser step is one mini-batch of the "
-                 "generation batch (--prompts-per-step x --num-generations completions / "
-                 "--num-mini-batches, in micro-batches of --batch-size); raise "
-                 "--prompts-per-step for bigger steps")
+        check_rollout_shape(self, "one mini-batch of the generation batch (--prompts-per-step "
+                            "x --num-generations completions / --num-mini-batches, in "
+                            "micro-batches of --batch-size)")
+        if self.max_sampling_rounds < 1:
+            _bad("max_sampling_rounds", self.max_sampling_rounds, "must be >= 1")
         if self.num_mini_batches > self.generation_batch_size:
             _bad("num_mini_batches", self.num_mini_batches,
                  f"must be <= the completions of a generation batch "
@@ -261,11 +277,6 @@ class OnlineConfig(TrainConfig):
         if self.dynamic_sampling and self.advantage_estimator != "group":
             _bad("dynamic_sampling", True, "drops groups whose rewards are all equal, which "
                  "only the group estimator defines; use --advantage-estimator group")
-        if self.packing:
-            _bad("packing", True, "is not supported for online RL (each completion is one row)")
-        if self.max_completion_length >= self.max_length:
-            _bad("max_completion_length", self.max_completion_length,
-                 f"must be < --max-length ({self.max_length}), which also holds the prompt")
 
     def _validate_sampling(self) -> None:
         if not self.temperature > 0:
