@@ -128,13 +128,13 @@ def algorithms() -> dict[str, Algorithm]:
         online("xpo", op_config.XPOConfig, "XPO: online DPO against the reference's own "
                "completion, plus the exploration term alpha log pi(y_ref)",
                op_losses.make_pair_loss, pairs),
+        online("nash_md", op_config.NashMDConfig, "Nash-MD: the policy's completion against "
+               "one from the policy/reference mixture, REINFORCE on the preference "
+               "probability with a KL term", op_losses.make_nash_md_loss, policy_rows),
         Algorithm(name="gkd", config_cls=GKDConfig, summary="generalised knowledge "
                   "distillation from a --teacher: the generalised JSD on student (lmbda), "
                   "teacher (seq_kd) or data completions", prepare_data=distill_data.prepare_data,
                   make_loss=distill_loss.make_loss, loop=online_loop,
                   make_pipeline=lambda cfg: DistillPipeline()),
-        online("nash_md", op_config.NashMDConfig, "Nash-MD: the policy's completion against "
-               "one from the policy/reference mixture, REINFORCE on the preference "
-               "probability with a KL term", op_losses.make_nash_md_loss, policy_rows),
     ]
     return {a.name: a for a in entries}

@@ -30,12 +30,16 @@ def teacher_hidden(teacher: nn.Module, host: dict, allowed: np.ndarray | None,
     from .logprobs import hidden_states
 
     if docs is not None and varlen.supported(teacher):
-        return mx.stop_gradient(varlen.hidden_states(teacher, host["input_ids"], docs))
-    h = hidden_states(teacher, mx.array(host["input_ids"]), allowed)
-    if docs is None:
-        return mx.stop_gradient(h.reshape(-1, h.shape[-1]))
-    return mx.stop_gradient(mx.concatenate([h[d.row, d.start:d.start + d.length]
-                                            for d in docs]))
+        out = varlen.hidden_states(teacher, host["input_ids"], docs)
+    else:
+        h = hidden_states(teacher, mx.array(host["input_ids"]), allowed)
+        out = h.reshape(-1, h.shape[-1]) if docs is None \
+            else mx.concatenate([h[d.row, d.start:d.start + d.length] for d in docs])
+    out = mx.stop_gradient(out)
+    # evaluated now, so the teacher's activations are freed before the student's graph runs
+    # (lazily, they would all be alive with the student's at the loss's evaluation)
+    mx.eval(out)
+    return out
 
 
 def teacher_divergence(model: nn.Module, teacher: nn.Module, hidden: mx.array,
