@@ -13,6 +13,11 @@ Model outputs (:data:`OUTPUTS`), each ``[B, T]`` float32, position ``t`` scoring
 - ``entropy``     ``H_t = -sum_v p_v log p_v`` of the same next-token distribution.
 - ``log_sum_sq``  ``log sum_v p_v^2`` (WPO's per-token normaliser).
 - ``values``      ``V_t = w . h_t + b``: the value head on the final hidden state ``h_t`` (PPO).
+- ``teacher_divergence``  GKD's generalised Jensen-Shannon divergence between the student's
+  and the ``--teacher``'s next-token distributions, both under ``softmax(z / temperature)``,
+  ``beta = batch["jsd_beta"]`` (:func:`algorithms.distill.jsd.generalized_jsd`); the teacher
+  runs without gradient, chunk by chunk beside the student's head, so neither model's
+  ``[B, T, V]`` logits exist.
 
 A :class:`Loss` names the outputs it reads and whether each needs a gradient; everything comes
 from one decoder pass and one chunked pass over the vocabulary (the ``[B, T, V]`` logits never
@@ -37,7 +42,10 @@ Per-token arrays from earlier no-grad passes, ``[B, T]``: ``old_per_token_logps`
 sampling policy), ``ref_per_token_logps`` (the reference policy), ``old_values`` (the value
 head at rollout time), and for KTO's mismatched rows ``kl_per_token_logps`` /
 ``ref_kl_per_token_logps``. Per-row or per-token targets of online RL: ``advantages``
-(``[B]`` or ``[B, T]``), ``returns`` and ``entropy_mask`` (``[B, T]``).
+(``[B]`` or ``[B, T]``), ``returns`` and ``entropy_mask`` (``[B, T]``). Unpaired preference
+rows carry ``label`` ``[B]`` (1 desirable) and BCO's running reward mean ``bco_reward_mean``;
+online pairs ``pair_weight`` ``[B]`` (0: no preference), ``from_second`` ``[2B]`` (the pair's
+second completion) and Nash-MD's ``preference`` ``[B]``; distillation the scalar ``jsd_beta``.
 
 Keys starting with ``_`` are a backend's own and never reach a loss.
 """
@@ -52,12 +60,13 @@ from typing import Any, Protocol
 
 import numpy as np
 
-OUTPUTS = ("logps", "entropy", "log_sum_sq", "values")
+OUTPUTS = ("logps", "entropy", "log_sum_sq", "values", "teacher_divergence")
 
 BATCH_KEYS = (
     "input_ids", "targets", "loss_mask", "segment_ids", "num_items", "micro_fraction",
     "temperature", "old_per_token_logps", "ref_per_token_logps", "old_values",
     "kl_per_token_logps", "ref_kl_per_token_logps", "advantages", "returns", "entropy_mask",
+    "label", "bco_reward_mean", "pair_weight", "from_second", "preference", "jsd_beta",
 )
 
 # The value head's file beside the adapters (both backends, and what the converters carry):
@@ -175,8 +184,15 @@ class Backend(Protocol):
         top-k, top-p, min-p (transformers' order). A completion ends at an EOS id
         (``stop_token_ids``), a stop string or ``max_tokens``, as ``sampling.finish`` rules.
         The same (prompts, params, seed) gives the same completions on the same backend; the
-        training RNG is not disturbed; the model samples in eval mode, adapters active, and its
-        train/eval mode is restored afterwards.
+        training RNG is not disturbed; the model samples in eval mode and its train/eval mode
+        is restored afterwards.
+
+        ``params.source`` picks the sampling distribution: ``policy`` (adapters active),
+        ``reference`` (what ``forward(reference=True)`` runs: XPO's second completion),
+        ``mixture`` (Nash-MD's geometric mixture: next-token log-probs
+        ``(1 - c) log pi + c log ref``, ``c = params.mixture_coef``, renormalised, then the
+        filters; each model keeps its own KV cache), ``teacher`` (the ``--teacher`` model of a
+        distillation run).
         """
 
     def trainable_parameters(self) -> dict[str, np.ndarray]:
@@ -196,8 +212,10 @@ class ForwardShortcuts:
         return self.forward(batch, ("logps",), reference=True)["logps"]
 
 
-def check_outputs(outputs: Iterable[str], has_value_head: bool) -> tuple[str, ...]:
-    """``outputs`` as a tuple, refusing unknown names and ``values`` without a value head."""
+def check_outputs(outputs: Iterable[str], has_value_head: bool,
+                  has_teacher: bool = False) -> tuple[str, ...]:
+    """``outputs`` as a tuple, refusing unknown names, ``values`` without a value head and
+    ``teacher_divergence`` without a teacher."""
     wanted = tuple(dict.fromkeys(outputs))
     unknown = [o for o in wanted if o not in OUTPUTS]
     if unknown:
@@ -205,6 +223,8 @@ def check_outputs(outputs: Iterable[str], has_value_head: bool) -> tuple[str, ..
     if "values" in wanted and not has_value_head:
         raise ValueError("'values' asked of a model without a value head (only runs whose "
                          "advantage estimator is gae have one)")
+    if "teacher_divergence" in wanted and not has_teacher:
+        raise ValueError("'teacher_divergence' asked of a run without a teacher (--teacher)")
     return wanted
 
 

@@ -7,7 +7,9 @@ the training loop logged for it:
   split, weighted as in training (token or sequence means); SFT's NLL also as ``perplexity``;
   preference losses with ``rewards/accuracy``, ``rewards/margin``... as their losses report;
 - online algorithms: the mean reward (total and per function) of one completion sampled per
-  prompt with a fixed seed (:func:`algorithms.rl.trainer.evaluate_rewards`).
+  prompt with a fixed seed (:func:`algorithms.rl.trainer.evaluate_rewards`; online DPO, XPO and
+  Nash-MD too); GKD: the divergence to the teacher on the split's completions (its pipeline's
+  ``evaluate``).
 
 ``python -m mlx_ft evaluate <algorithm> --data DIR [--adapter DIR] [--split test]`` (or
 ``evaluate --run runs/x``: the run's config.json and adapters) prints a JSON object. With
@@ -124,12 +126,12 @@ def evaluate_run(prog: str, backend_spec: str, algo: Any, cfg: Any, adapter_dir:
 
 def _metrics(algo: Any, cfg: Any, backend: Any, data: Any, split_data: Any, model_path: Path,
              online: bool) -> dict | None:
-    if online:
-        from .rl.scoring import build_scorer
-        from .rl.trainer import evaluate_rewards
+    if online:  # the algorithm's own evaluation: rewards, or GKD's divergence to the teacher
+        from .rl.trainer import PolicyGradient
 
-        scorer = build_scorer(cfg, data.extras["rewards"], backend)
-        return evaluate_rewards(cfg, backend, split_data, scorer, 0)
+        pipeline = algo.make_pipeline(cfg) or PolicyGradient()
+        scorer = pipeline.scorer(cfg, data, backend)
+        return pipeline.evaluate(cfg, backend, split_data, scorer, 0)
     prepare = algo.make_prepare(cfg, backend, data, model_path)
     return offline_metrics(cfg, backend, algo.make_loss(cfg), split_data, prepare,
                            algo.normaliser)

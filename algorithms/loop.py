@@ -87,13 +87,14 @@ def evaluate(backend: Any, loss: Loss, plan: BatchPlan | None, max_batches: int,
 
 def train(cfg: Any, backend: Any, loss: Loss, train_plan: BatchPlan,
           valid_plan: BatchPlan | None, run_dir: Path, prepare: Any = None,
-          normaliser: str = "tokens", test_plan: BatchPlan | None = None) -> TrainResult:
+          normaliser: str = "tokens", test_plan: BatchPlan | None = None,
+          state: Any = None) -> TrainResult:
     from .evaluation import offline_metrics
 
     def run_eval(plan: BatchPlan | None = valid_plan) -> dict | None:
         return offline_metrics(cfg, backend, loss, plan, prepare, normaliser)
 
-    with Run(cfg, backend, run_dir, total_steps(cfg, train_plan.num_batches)) as run:
+    with Run(cfg, backend, run_dir, total_steps(cfg, train_plan.num_batches), state) as run:
         stream = micro_batch_stream(train_plan, run.cursor)
         cursor = run.cursor
         valid = None

@@ -117,6 +117,8 @@ def with_chosen_items(make_prepare: Callable | None = None) -> Callable:
             for a in arrays:
                 a["num_chosen_items"] = np.float32(max(chosen, 1.0))
 
+        if getattr(inner, "state", None) is not None:
+            prepare.state = inner.state  # algorithm state the checkpoints must hold
         return prepare
 
     return make

@@ -9,6 +9,10 @@ differ in where a step's data comes from; everything around the step is here, on
   evaluation records, checkpoints, and at the end the final checkpoint and the adapters.
 - A checkpoint holds the backend's state plus the step, the data cursor and the resolved
   config (:mod:`algorithms.checkpoint`); a resumed run continues bit for bit.
+- Algorithm state that lives across steps outside the model (BCO's running reward mean) is an
+  object with ``state_dict() -> dict`` (JSON) and ``load_state_dict(dict)``, handed to
+  :class:`Run` as ``state``: it is saved in every checkpoint (``algorithm_state`` in
+  ``trainer_state.json``) and restored on resume.
 """
 
 from __future__ import annotations
@@ -47,12 +51,13 @@ class Run:
     """One training run's bookkeeping (see the module docstring). Use as a context manager:
     the metrics log is closed whatever happens."""
 
-    def __init__(self, cfg: Any, backend: Any, run_dir: Path, n_steps: int):
+    def __init__(self, cfg: Any, backend: Any, run_dir: Path, n_steps: int,
+                 state: Any = None):
         self.cfg, self.backend, self.run_dir = cfg, backend, Path(run_dir)
-        self.n_steps = n_steps
+        self.n_steps, self.state = n_steps, state
         self.step, self.cursor = 0, Cursor()
         if cfg.resume:
-            self.step, self.cursor = resume(cfg, backend, self.run_dir)
+            self.step, self.cursor = resume(cfg, backend, self.run_dir, state)
         from .tracking import make_trackers
 
         self.log = MetricsLog(self.run_dir, n_steps, self.step, cfg.progress,
@@ -107,6 +112,8 @@ class Run:
         self.cursor = cursor
         state = {"step": self.step, "cursor": dataclasses.asdict(cursor),
                  "config": self.cfg.to_dict(), "backend": self.backend.name}
+        if self.state is not None:
+            state["algorithm_state"] = self.state.state_dict()
         ckpt.save_checkpoint(self.run_dir, self.step, self.backend, state)
         self.window.restart()
 
@@ -180,9 +187,16 @@ def memory_stats(backend: Any) -> dict[str, float]:
     return {f"memory/{kind}_gb": value / 1e9 for kind, value in stats().items()}
 
 
-def resume(cfg: Any, backend: Any, run_dir: Path) -> tuple[int, Cursor]:
+def resume(cfg: Any, backend: Any, run_dir: Path, algorithm_state: Any = None
+           ) -> tuple[int, Cursor]:
     """Load the newest usable checkpoint into ``backend`` (falling back past a corrupt one, the
-    logs cut back to its step: :func:`checkpoint.resume_from_checkpoint`); its step and data
-    cursor."""
+    logs cut back to its step: :func:`checkpoint.resume_from_checkpoint`) and into
+    ``algorithm_state``; its step and data cursor."""
     state = ckpt.resume_from_checkpoint(cfg, backend, run_dir)
+    if algorithm_state is not None:
+        if "algorithm_state" not in state:
+            raise ValueError(f"--resume: the checkpoint at step {state['step']} under {run_dir} "
+                             "holds no algorithm state (the running values this algorithm keeps "
+                             "across steps); use a new --run-dir")
+        algorithm_state.load_state_dict(state["algorithm_state"])
     return state["step"], Cursor(**state["cursor"])

@@ -42,7 +42,7 @@ from .kernel_patch import head_impl
 from .logprobs import head_outputs
 from .model import canonical_parameters, load_model, set_adapter_training
 from .ops import TorchOps
-from .reference import Reference
+from .reference import Reference, load_frozen
 
 _WEIGHTS = "trainable.safetensors"
 _OPTIMIZER = "optimizer.pt"
@@ -70,6 +70,9 @@ class TorchBackend(ForwardShortcuts):
         self.params = canonical_parameters(self.model)
         self.value_head = self._make_value_head() if cfg.uses_value_head else None
         self.reference = Reference(self.model, self.hf_model, cfg, self.model_path, self.choice)
+        # distillation: the frozen teacher (the teacher_divergence output, teacher sampling)
+        self.teacher = load_frozen(cfg.teacher, self.choice) if getattr(cfg, "teacher", "") \
+            else None
         # Weight decay on all but biases and norm weights (algorithms.weight_decay): two groups.
         decayed = set(decayed_names(self.params, cfg.decay_norms_and_biases))
         groups = [{"params": [p for n, p in self.params.items() if n in decayed],
@@ -173,6 +176,10 @@ class TorchBackend(ForwardShortcuts):
                 targets, where = tensors["targets"].reshape(-1), None
             flat = head_outputs(hidden, head, targets, self.cfg.logprob_chunk_size,
                                 temperature, wanted, head_impl(self.model))
+            if "teacher_divergence" in wanted:
+                flat["teacher_divergence"] = self._teacher_divergence(
+                    batch, tensors, hidden, head, where, temperature,
+                    wanted["teacher_divergence"])
         if "values" in wanted:
             values = self.value_head(hidden.float()).squeeze(-1)
             flat["values"] = values if wanted["values"] else values.detach()
@@ -180,6 +187,24 @@ class TorchBackend(ForwardShortcuts):
             return {k: v.reshape(shape) for k, v in flat.items()}
         return {k: torch.zeros(shape, dtype=v.dtype, device=self.device).index_put(where, v)
                 for k, v in flat.items()}
+
+    def _teacher_divergence(self, batch: dict[str, np.ndarray], tensors: dict,
+                            hidden: torch.Tensor, head: torch.nn.Module, where: Any,
+                            temperature: float, grad: bool) -> torch.Tensor:
+        """GKD's per-token divergence against the teacher (:mod:`cuda_ft.divergence`), in the
+        token order of the student's ``hidden``: the teacher's padded pass, flattened, or
+        gathered at the real tokens (``where``) of the padding-free path."""
+        from .divergence import teacher_divergence
+
+        with torch.no_grad():
+            t_hidden = self._hidden(batch, tensors, self.teacher)
+            t_hidden = t_hidden.reshape(-1, t_hidden.shape[-1]) if where is None \
+                else t_hidden[where]
+        grad = grad and torch.is_grad_enabled()
+        out = teacher_divergence(hidden, head, t_hidden, self.teacher.get_output_embeddings(),
+                                 self.cfg.logprob_chunk_size, temperature,
+                                 float(batch["jsd_beta"]), grad)
+        return out if grad else out.detach()
 
     def _loss(self, batch: dict[str, np.ndarray], loss: Loss) -> tuple[torch.Tensor, dict]:
         tensors = self._to_tensors(batch)
@@ -208,7 +233,8 @@ class TorchBackend(ForwardShortcuts):
     def forward(self, batch: dict[str, np.ndarray], outputs: Iterable[str],
                 reference: bool = False) -> dict[str, np.ndarray]:
         """The named outputs without gradients or dropout (see algorithms.backend)."""
-        names = check_outputs(outputs, self.value_head is not None and not reference)
+        names = check_outputs(outputs, self.value_head is not None and not reference,
+                              self.teacher is not None and not reference)
         set_adapter_training(self.model, False)
         with torch.no_grad(), contextlib.ExitStack() as stack:
             model = stack.enter_context(self.reference.model()) if reference else None
@@ -356,8 +382,17 @@ class TorchBackend(ForwardShortcuts):
         from .rollout import sample
 
         eos_ids = stop_token_ids(self.tokenizer, self.model_path)
-        return sample(self.model, self.tokenizer, prompts, params, seed, eos_ids, self.device,
-                      self._autocast())
+        with contextlib.ExitStack() as stack:
+            if params.source == "reference":
+                model = stack.enter_context(self.reference.model())
+            elif params.source == "teacher":
+                if self.teacher is None:
+                    raise ValueError("sampling from the teacher needs a run with --teacher")
+                model = self.teacher
+            else:  # the policy; for "mixture", beside the reference (cuda_ft.rollout)
+                model = self.model
+            return sample(model, self.tokenizer, prompts, params, seed, eos_ids, self.device,
+                          self._autocast(), reference=self.reference.model)
 
     def peak_memory_bytes(self) -> int:
         """CUDA peak allocated bytes on a GPU, else the process's peak resident set size."""

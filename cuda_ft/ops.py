@@ -116,6 +116,9 @@ class TorchOps:
         x = self._t(x)
         return x.mean() if axis is None else x.mean(dim=axis)
 
+    def logsumexp(self, x: Any, axis: int = -1) -> torch.Tensor:
+        return torch.logsumexp(self._t(x), dim=axis)
+
     def cumsum(self, x: Any, axis: int) -> torch.Tensor:
         return torch.cumsum(self._t(x), dim=axis)
 

@@ -38,14 +38,21 @@ class Reference:
                 yield self.hf_model
             return
         if self._frozen is None:
-            from transformers import AutoModelForCausalLM
-
-            from converters.models import resolve_model
-
-            path = resolve_model(self.cfg.reference_model) if self.kind == "ref_model" else self.model_path
-            frozen = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
-            frozen.requires_grad_(False)
-            if self.choice.dtype != torch.float32:
-                frozen.to(self.choice.dtype)
-            self._frozen = frozen.to(self.choice.device).eval()
+            path = self.cfg.reference_model if self.kind == "ref_model" else self.model_path
+            self._frozen = load_frozen(path, self.choice)
         yield self._frozen
+
+
+def load_frozen(path: str | Path, choice: Any) -> torch.nn.Module:
+    """A model dir (or short name) loaded frozen, in eval mode, in the compute dtype on the
+    device of ``choice``: a reference or a teacher."""
+    from transformers import AutoModelForCausalLM
+
+    from converters.models import resolve_model
+
+    frozen = AutoModelForCausalLM.from_pretrained(str(resolve_model(str(path))),
+                                                  dtype=torch.float32)
+    frozen.requires_grad_(False)
+    if choice.dtype != torch.float32:
+        frozen.to(choice.dtype)
+    return frozen.to(choice.device).eval()

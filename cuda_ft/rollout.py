@@ -11,12 +11,14 @@ Seeding: the whole call runs inside ``torch.random.fork_rng`` after ``torch.manu
 so the same seed gives the same completions and the training RNG stream is left as it was.
 Stop strings end a row early through a stopping criterion built on the same
 :class:`StopStringWatch` as the MLX backend; :func:`algorithms.rl.sampling.finish` decides where
-each completion ends.
+each completion ends. Nash-MD's geometric mixture of policy and reference is a logits processor
+(:func:`mixture_processor`) that runs the reference beside ``generate``'s own pass.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Sequence
 from typing import Any
 
@@ -72,17 +74,58 @@ def _stop_string_criteria(watch: StopStringWatch, prompt_width: int) -> list:
     return StoppingCriteriaList([StopStrings()]) if watch else StoppingCriteriaList()
 
 
+def mixture_processor(reference: Any, coef: float, prompt_mask: torch.Tensor) -> Any:
+    """A transformers logits processor for Nash-MD's geometric mixture: the policy's next-token
+    logits (what ``generate`` passes) become ``(1 - c) log softmax(policy) + c log
+    softmax(reference)``, before the temperature and filters (custom processors run first).
+
+    ``reference`` is a context manager factory yielding the reference HF model (for LoRA the
+    policy's base with its adapters disabled for the call). The reference keeps its own KV
+    cache: the prompt on the first call, then the token ``generate`` appended since, with the
+    left-padding mask extended by ones and positions ``cumsum(mask) - 1`` (what ``generate``
+    gives the policy).
+    """
+    from transformers import LogitsProcessor
+
+    class GeometricMixture(LogitsProcessor):
+        def __init__(self) -> None:
+            self.cache, self.mask = None, prompt_mask
+
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+            if self.cache is None:
+                ids = input_ids
+            else:
+                ids = input_ids[:, -1:]
+                self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
+            positions = (self.mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]
+            with reference() as ref:
+                # transformers 5.x names the KV cache ``cache``; 4.x ``past_key_values``
+                name = "cache" if "cache" in inspect.signature(ref.forward).parameters \
+                    else "past_key_values"
+                out = ref(input_ids=ids, attention_mask=self.mask, position_ids=positions,
+                          use_cache=True, **{name: self.cache})
+            self.cache = getattr(out, name)
+            policy = torch.log_softmax(scores.float(), dim=-1)
+            ref_logp = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
+            return (1.0 - coef) * policy + coef * ref_logp
+
+    return GeometricMixture()
+
+
 def _training_modes(model: nn.Module) -> dict[nn.Module, bool]:
     return {m: m.training for m in model.modules()}
 
 
 def sample(model: nn.Module, tokenizer: Any, prompts: Sequence[Sequence[int]],
            params: SamplingParams, seed: int, eos_ids: Sequence[int], device: torch.device,
-           autocast: contextlib.AbstractContextManager | None = None) -> list[Completion]:
+           autocast: contextlib.AbstractContextManager | None = None,
+           reference: Any = None) -> list[Completion]:
     """One :class:`Completion` per prompt, in order (see ``Backend.sample``).
 
-    ``model`` is the model with its adapters (PEFT wrapper or plain HF model); every module is
-    put in eval mode for sampling and given back its previous mode afterwards.
+    ``model`` is the model that samples (PEFT wrapper or plain HF model); every module is put
+    in eval mode for sampling and given back its previous mode afterwards. With
+    ``params.source == "mixture"``, ``reference`` (a context manager factory yielding the
+    reference model) supplies the second half of :func:`mixture_processor`.
     """
     prompts = check_prompts(prompts)
     if not prompts:
@@ -102,8 +145,10 @@ def sample(model: nn.Module, tokenizer: Any, prompts: Sequence[Sequence[int]],
             torch.manual_seed(int(seed))
             for rows in chunks(len(prompts), params.batch_size):
                 ids, mask = left_pad([prompts[i] for i in rows], pad_id, device)
+                mixed = [mixture_processor(reference, params.mixture_coef, mask)] \
+                    if params.source == "mixture" else []
                 out = model.generate(input_ids=ids, attention_mask=mask,
-                                     generation_config=config,
+                                     generation_config=config, logits_processor=mixed,
                                      stopping_criteria=_stop_string_criteria(watch, ids.shape[1]))
                 sampled += out[:, ids.shape[1]:].tolist()
     finally:

@@ -8,10 +8,11 @@ correction (the same update as ``torch.optim.AdamW``). The system OpenBLAS was l
 
 from __future__ import annotations
 
+import contextlib
 import json
 import resource
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,7 @@ from . import blas, precise
 from . import model as mlx_model
 from .logprobs import model_outputs
 from .ops import MLXOps
-from .reference import Reference
+from .reference import Reference, load_frozen
 
 _DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 
@@ -92,6 +93,9 @@ class MLXBackend(ForwardShortcuts):
             eps=cfg.adam_epsilon, weight_decay=0.0, bias_correction=True,
         )  # weight decay is applied in optimizer_step, to the tensors algorithms.weight_decay names
         self.reference = Reference(self.model, cfg, self.model_path, self.dtype)
+        # distillation: the frozen teacher (the teacher_divergence output, teacher sampling)
+        self.teacher = load_frozen(cfg.teacher, self.dtype) if getattr(cfg, "teacher", "") \
+            else None
         self._grads = None
         self._micro_batches = 0  # dropout is re-seeded from (seed, this count): resumable RNG
         self._value_and_grad = nn.value_and_grad(self.model, self._loss)
@@ -117,7 +121,7 @@ class MLXBackend(ForwardShortcuts):
         # ``train`` marks the pass whose gradient is taken.
         return model_outputs(self.model if model is None else model, arrays, host,
                              self.cfg.logprob_chunk_size, _temperature(host), wanted, train,
-                             self.value_head)
+                             self.value_head, self.teacher)
 
     def _loss(self, arrays: dict, host: dict, loss: Loss, train: bool = False):
         outputs = self._outputs(arrays, host, dict(loss.outputs), train=train)
@@ -151,7 +155,8 @@ class MLXBackend(ForwardShortcuts):
     def forward(self, batch: dict[str, np.ndarray], outputs: Iterable[str],
                 reference: bool = False) -> dict[str, np.ndarray]:
         """The named outputs without gradients or dropout (see algorithms.backend)."""
-        names = check_outputs(outputs, self.value_head is not None and not reference)
+        names = check_outputs(outputs, self.value_head is not None and not reference,
+                              self.teacher is not None and not reference)
         self.model.eval()
         wanted = dict.fromkeys(names, False)
         arrays = self._to_device(batch)
@@ -297,7 +302,25 @@ class MLXBackend(ForwardShortcuts):
         from .rollout import sample
 
         eos_ids = stop_token_ids(self.tokenizer, self.model_path)
-        return sample(self.model, self.tokenizer, prompts, params, seed, eos_ids)
+        with self._sampler_model(params) as model:
+            return sample(model, self.tokenizer, prompts, params, seed, eos_ids)
+
+    @contextlib.contextmanager
+    def _sampler_model(self, params: Any) -> Iterator[Any]:
+        """The model ``params.source`` names (see Backend.sample)."""
+        from .rollout import GeometricMixture
+
+        if params.source == "reference":
+            with self.reference.model() as ref:
+                yield ref
+        elif params.source == "mixture":
+            yield GeometricMixture(self.model, self.reference.model, params.mixture_coef)
+        elif params.source == "teacher":
+            if self.teacher is None:
+                raise ValueError("sampling from the teacher needs a run with --teacher")
+            yield self.teacher
+        else:
+            yield self.model
 
     def peak_memory_bytes(self) -> int:
         """The larger of MLX's allocator peak and the process's peak resident set."""

@@ -243,17 +243,26 @@ def _set_blas_threads(n: int) -> None:
 
 def model_outputs(model: nn.Module, batch: dict, host: dict, chunk_size: int,
                   temperature: float, wanted: dict[str, bool], train: bool = False,
-                  value_head: nn.Module | None = None) -> dict[str, mx.array]:
+                  value_head: nn.Module | None = None,
+                  teacher: nn.Module | None = None) -> dict[str, mx.array]:
     """The ``wanted`` outputs (name -> with gradient) of a ``[B, T]`` batch: one decoder pass
     (padding-free where :mod:`mlx_ft.varlen` applies: padding positions get 0), then the head
-    statistics chunk by chunk and, for ``values``, ``value_head`` on the final hidden states.
+    statistics chunk by chunk, for ``values`` ``value_head`` on the final hidden states, and for
+    ``teacher_divergence`` the ``teacher``'s pass beside the head (:mod:`mlx_ft.divergence`).
     ``host`` holds the numpy batch."""
+    from .divergence import teacher_divergence, teacher_hidden
 
-    def finish(h: mx.array, tgt: mx.array) -> dict[str, mx.array]:
+    def finish(h: mx.array, tgt: mx.array, docs: list | None = None) -> dict[str, mx.array]:
         out = head_outputs(model, h, tgt, chunk_size, temperature, wanted, train)
         if "values" in wanted:
             values = value_head(h.astype(mx.float32))[:, 0]
             out["values"] = values if wanted["values"] else mx.stop_gradient(values)
+        if "teacher_divergence" in wanted:
+            grad = train and wanted["teacher_divergence"]
+            t_hidden = teacher_hidden(teacher, host, batch["_allowed"], docs)
+            jsd = teacher_divergence(model, teacher, h, t_hidden, chunk_size, temperature,
+                                     float(host["jsd_beta"]), grad)
+            out["teacher_divergence"] = jsd if grad else mx.stop_gradient(jsd)
         return out
 
     if not varlen.supported(model):
@@ -268,7 +277,7 @@ def model_outputs(model: nn.Module, batch: dict, host: dict, chunk_size: int,
     for stream, group in zip(cpu_streams(), groups):
         with mx.stream(stream):
             h = varlen.hidden_states(model, host["input_ids"], group)
-            flat = finish(h, varlen.gather_targets(host["targets"], group))
+            flat = finish(h, varlen.gather_targets(host["targets"], group), group)
         at = 0
         for doc in group:
             ordered.append(doc)

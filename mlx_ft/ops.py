@@ -5,6 +5,8 @@ from __future__ import annotations
 import mlx.core as mx
 from mlx import nn
 
+from . import precise
+
 _DTYPES = {"float32": mx.float32, "int32": mx.int32, "bool": mx.bool_}
 
 
@@ -33,6 +35,9 @@ class MLXOps:
 
     def mean(self, x, axis=None):
         return mx.mean(x, axis=axis)
+
+    def logsumexp(self, x, axis=-1):
+        return precise.logsumexp(x, axis=axis)
 
     def cumsum(self, x, axis):
         return mx.cumsum(x, axis=axis)

@@ -48,12 +48,18 @@ class Reference:
                 yield m
             return
         if self._frozen is None:
-            from converters.models import resolve_model
-
-            from .model import load_model
-
-            path = resolve_model(self.cfg.reference_model) if self.kind == "ref_model" else self.model_path
-            self._frozen, _ = load_model(Path(path), self.dtype)
-            self._frozen.freeze()
-            self._frozen.eval()
+            path = self.cfg.reference_model if self.kind == "ref_model" else self.model_path
+            self._frozen = load_frozen(path, self.dtype)
         yield self._frozen
+
+
+def load_frozen(path: str | Path, dtype: Any) -> nn.Module:
+    """A model dir (or short name) loaded frozen and in eval mode: a reference or a teacher."""
+    from converters.models import resolve_model
+
+    from .model import load_model
+
+    model, _ = load_model(Path(resolve_model(str(path))), dtype)
+    model.freeze()
+    model.eval()
+    return model

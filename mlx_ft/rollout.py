@@ -13,6 +13,10 @@ min-p, in transformers' order, using mlx-lm's filter functions) and draws with e
 split from ``mx.random.key(seed)``, so the same seed gives the same completions and the global
 RNG (dropout) is untouched. Stop strings end a row early when :class:`StopStringWatch` sees one;
 :func:`algorithms.rl.sampling.finish` decides where each completion ends.
+
+Nash-MD samples from :class:`GeometricMixture`, a model-like wrapper of the policy and the
+reference: the generator calls it like a model, and the mixture's log-probs go through the same
+sampler.
 """
 
 from __future__ import annotations
@@ -61,6 +65,49 @@ class FilteredSampler:
     def __call__(self, logprobs: mx.array) -> mx.array:
         self.key, sub = mx.random.split(self.key)
         return mx.random.categorical(self.filtered_logits(logprobs), key=sub)
+
+
+class GeometricMixture:
+    """Nash-MD's sampling model: ``(1 - c) log softmax(policy) + c log softmax(reference)``
+    per position, each model with its own KV caches (the policy's first in the cache list).
+
+    ``reference`` is a context manager factory yielding the reference module (for LoRA the
+    policy itself with its adapters swapped out for the call), so one module can serve as both.
+    ``mlx_lm``'s ``BatchGenerator`` calls the model and builds its caches (``make_cache``),
+    nothing else; it renormalises what the model returns.
+    """
+
+    def __init__(self, policy: nn.Module, reference: Any, coef: float) -> None:
+        from mlx_lm.models.cache import make_prompt_cache
+
+        self.policy, self.reference, self.coef = policy, reference, float(coef)
+        self._make = make_prompt_cache
+        self.n_policy = len(make_prompt_cache(policy))
+
+    @property
+    def training(self) -> bool:
+        return self.policy.training
+
+    def train(self, mode: bool = True) -> None:
+        self.policy.train(mode)
+
+    def eval(self) -> None:
+        self.policy.eval()
+        with self.reference() as ref:
+            ref.eval()
+
+    def make_cache(self) -> list:
+        with self.reference() as ref:
+            return self._make(self.policy) + self._make(ref)
+
+    def __call__(self, inputs: mx.array, cache: list | None = None) -> mx.array:
+        n = self.n_policy
+        policy = self.policy(inputs, cache=cache[:n]).astype(mx.float32)
+        with self.reference() as ref:
+            reference = ref(inputs, cache=cache[n:]).astype(mx.float32)
+        policy = policy - mx.logsumexp(policy, axis=-1, keepdims=True)
+        reference = reference - mx.logsumexp(reference, axis=-1, keepdims=True)
+        return (1.0 - self.coef) * policy + self.coef * reference
 
 
 def sample(model: nn.Module, tokenizer: Any, prompts: Sequence[Sequence[int]],

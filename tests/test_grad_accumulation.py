@@ -85,6 +85,10 @@ OFFLINE = {
     "orpo": ("torch", "pairs.jsonl", ["--nll-include-prompt"], (1, 4)),
     "kto": ("mlx", "kto.jsonl", [], (2, 2)),
     "kto_apo": ("torch", "kto.jsonl", ["--loss-type", "apo_zero_unpaired"], (1, 4)),
+    # BCO's running delta is folded over the whole step before its first micro-batch
+    "bco": ("torch", "kto.jsonl", [], (1, 4)),
+    "dpo_bco": ("mlx", "pairs.jsonl", ["--loss-type", "bco_pair", "--bco-running-delta"],
+                (1, 4)),
 }
 
 
@@ -111,6 +115,9 @@ ONLINE = {
     "reinforce_pp_baseline": ("mlx", ["--num-iterations", "2"]),
     "ppo": ("torch", ["--num-iterations", "2", "--num-generations", "1",
                       "--prompts-per-step", "4", "--entropy-coef", "0.01"]),
+    "grpo-vespo": ("mlx", ["--num-iterations", "2", "--loss-type", "vespo"]),
+    "grpo-sapo": ("torch", ["--num-iterations", "2", "--loss-type", "sapo"]),
+    "gspo-luspo": ("mlx", ["--num-iterations", "2", "--loss-type", "luspo"]),
 }
 
 
@@ -118,10 +125,39 @@ ONLINE = {
 def test_online_accumulation(algo, data, tiny_llama_dir, tmp_path):
     backend, extra = ONLINE[algo]
     prog, spec = BACKENDS[backend]
-    argv = [algo, "--model", str(tiny_llama_dir), "--data", str(data / "prompts.jsonl"),
+    argv = [algo.split("-")[0], "--model", str(tiny_llama_dir), "--data", str(data / "prompts.jsonl"),
             "--reward", f"{data / 'reward.py'}:odd", "--prompts-per-step", "2",
             "--num-generations", "2", "--max-completion-length", "6", "--temperature", "1.3",
             "--log-completions-every", "0", *COMMON, *extra]
+    whole = _run(prog, spec, [*argv, "--batch-size", "4"], tmp_path / "whole")
+    split = _run(prog, spec, [*argv, "--batch-size", "1"], tmp_path / "split")
+    _compare(whole, split)
+
+
+PAIRS = {"online_dpo": "mlx", "xpo": "torch", "nash_md": "mlx"}
+
+
+@pytest.mark.parametrize("algo", list(PAIRS))
+def test_pair_accumulation(algo, data, tiny_llama_dir, tmp_path):
+    """Online preference learning: micro-batches of 1 pair equal one of 4 (the step's pairs)."""
+    prog, spec = BACKENDS[PAIRS[algo]]
+    argv = [algo, "--model", str(tiny_llama_dir), "--data", str(data / "prompts.jsonl"),
+            "--reward", f"{data / 'reward.py'}:odd", "--prompts-per-step", "4",
+            "--max-completion-length", "6", "--temperature", "1.3", "--num-iterations", "2",
+            "--log-completions-every", "0", *COMMON]
+    whole = _run(prog, spec, [*argv, "--batch-size", "4"], tmp_path / "whole")
+    split = _run(prog, spec, [*argv, "--batch-size", "1"], tmp_path / "split")
+    _compare(whole, split)
+
+
+def test_gkd_accumulation(data, tiny_llama_dir, tiny_qwen2_dir, tmp_path):
+    """GKD's token mean over the step: 4 micro-batches of 1 completion equal one of 4, on data
+    and on student completions (lmbda 0.5 over the steps)."""
+    prog, spec = BACKENDS["torch"]
+    argv = ["gkd", "--model", str(tiny_llama_dir), "--teacher", str(tiny_qwen2_dir),
+            "--data", str(data / "sft.jsonl"), "--prompts-per-step", "4",
+            "--max-completion-length", "6", "--log-completions-every", "0", *COMMON,
+            "--steps", "4"]
     whole = _run(prog, spec, [*argv, "--batch-size", "4"], tmp_path / "whole")
     split = _run(prog, spec, [*argv, "--batch-size", "1"], tmp_path / "split")
     _compare(whole, split)

@@ -292,7 +292,7 @@ def test_preset_defaults():
     ({"overlong_buffer": L_MAX}, "--overlong-buffer"),
     ({"grad_accumulation_steps": 2}, "generation batch"), ({"packing": True}, "--packing"),
     ({"multi_objective_aggregation": "normalize_then_sum", "scale_rewards": "none"},
-     "--scale-rewards"), ({"loss_type": "cispo"}, "--loss-type"),
+     "--scale-rewards"), ({"loss_type": "ppo_clip"}, "--loss-type"),
     ({"max_completion_length": 2048}, "--max-length"),
 ])
 def test_validation_names_the_flag(kw, flag):

@@ -128,7 +128,14 @@ def _encode(example: Any, tokens: list, masks: list) -> dict:
     if isinstance(example, UnpairedExample):
         return {"t": "kto", "s": example.source, "l": example.label,
                 "q": _encode_side(example.sequence, tokens, masks)}
-    # algorithms.rl.data.PromptExample (imported lazily: rl imports the data layer)
+    # algorithms.rl.data.PromptExample and algorithms.distill.data.DistillExample (imported
+    # lazily: both import the data layer)
+    if hasattr(example, "completion_ids"):
+        completion = example.completion_ids
+        return {"t": "distill", "s": example.source, "p": example.prompt, "c": example.columns,
+                "q": _add(tokens, masks, example.prompt_ids, None),
+                "d": None if completion is None else _add(tokens, masks, completion, None),
+                "x": example.completion_truncated}
     return {"t": "prompt", "s": example.source, "p": example.prompt, "c": example.columns,
             "q": _add(tokens, masks, example.prompt_ids, None)}
 
@@ -149,4 +156,10 @@ def _decode(meta: dict, seqs: _Sequences) -> Any:
         from ..rl.data import PromptExample
 
         return PromptExample(meta["s"], meta["p"], seqs.ids(meta["q"]), meta["c"])
+    if kind == "distill":
+        from ..distill.data import DistillExample
+
+        completion = None if meta["d"] is None else seqs.ids(meta["d"])
+        return DistillExample(meta["s"], meta["p"], seqs.ids(meta["q"]), meta["c"], completion,
+                              meta["x"])
     raise ValueError(kind)

@@ -35,7 +35,9 @@ class Family:
     """One kind of data: ``make_processor(tokenizer, cfg, label)`` validates and tokenises a row
     (see :mod:`.parallel`); ``settings(cfg)`` is what shapes its tokens (a cache key part);
     ``format_of(context)`` names a source's format; ``finish(processed)`` post-processes a source
-    (KTO unpairs pairs); ``build(examples, parts, tokenizer, cfg)`` makes the dataset."""
+    (KTO unpairs pairs); ``build(examples, parts, tokenizer, cfg)`` makes the dataset;
+    ``layout`` names the family whose row layouts and formats it reads when not its own (GKD's
+    data is SFT's)."""
 
     name: str
     make_processor: Callable[[Any, Any, str], Any]
@@ -44,6 +46,11 @@ class Family:
     build: Callable[[list, list, Any, Any], Any]
     finish: Callable[[Processed], Processed] | None = None
     what: str = "examples"
+    layout: str = ""
+
+    @property
+    def layout_family(self) -> str:
+        return self.layout or self.name
 
 
 @dataclass
@@ -125,7 +132,7 @@ def prepare_splits(cfg: Any, tokenizer: Any, family: Family) -> dict[str, Any]:
                           getattr(cfg, "data_config", ""), getattr(cfg, "data_format", "auto"),
                           getattr(cfg, "columns", ()))
     for spec in specs:
-        check_family_format(family.name, spec.format,
+        check_family_format(family.layout_family, spec.format,
                             "--data-format" if len(specs) == 1 else f"--data {spec.path}: format")
     started = time.perf_counter()
     from .dataset import unwrap_tokenizer
@@ -213,7 +220,7 @@ def load_split(source: SplitSource, spec: SourceSpec, family: Family, tokenizer:
         if hit is not None:
             return Part(**hit, cached=True)
     rows = source.read()
-    layout, ignored = resolve_layout(family.name, spec.format, spec.columns, rows.records,
+    layout, ignored = resolve_layout(family.layout_family, spec.format, spec.columns, rows.records,
                                      rows.columns, source.label)
     processor = family.make_processor(tokenizer, cfg, source.label)
     workers = worker_count(int(getattr(cfg, "data_workers", 0) or 0), len(rows.records))

@@ -18,9 +18,10 @@ Per pair:
 - robust: ``[-(1 - eps) log sigma(z) + eps log sigma(-z)] / (1 - 2 eps)``
 - exo_pair: ``sigma(z)(log sigma(z) - log(1 - eps)) + sigma(-z)(log sigma(-z) - log eps)``
 - nca_pair: ``-log sigma(beta s_c) - 1/2 log sigma(-beta s_c) - 1/2 log sigma(-beta s_r)``
-- bco_pair: ``-log sigma(beta s_c - d) - log sigma(-(beta s_r - d))`` with ``d = 0``, or the
-  running reward mean ``batch["bco_reward_mean"]`` when the loop passes one (explicit state:
-  the metric ``bco/batch_reward_mean`` is this batch's mean of ``beta s`` to fold into it)
+- bco_pair: ``-log sigma(beta s_c - d) - log sigma(-(beta s_r - d))`` with ``d = 0`` (TRL 1.x),
+  or with ``--bco-running-delta`` BCO's running mean of every reward so far,
+  ``batch["bco_reward_mean"]`` (kept by the loop, :func:`algorithms.preference.bco.running_delta`,
+  from the metric ``bco/batch_reward_mean``, this batch's mean of ``beta s``)
 - sppo_hard: ``(s_c - 1 / (2 beta))^2 + (s_r + 1 / (2 beta))^2``
 - aot: ``d = sort(logp_c - logp_r) - sort(ref_c - ref_r)`` over the batch, then
   ``-(1 - eps) log sigma(beta d) - eps log sigma(-beta d)``; aot_unpaired: ``d = sort(rho_c) -
@@ -232,6 +233,10 @@ class DPOConfig(ReferenceConfig):
     use_weighting: bool = field(False, "WPO: weight each pair by its policy probability")
     reference_free: bool = field(False, "use reference log-probs of 0 (no reference model)")
     discopop_tau: float = field(0.05, "temperature tau of the discopop loss")
+    bco_running_delta: bool = field(
+        False, "bco_pair: subtract BCO's delta, the running mean of every reward so far (this "
+        "step's included; kept across steps and in checkpoints), as the BCO paper and TRL "
+        "before 0.29; off = delta 0, TRL 1.x's bco_pair")
 
     def weights(self) -> list[float]:
         return [float(w) for w in self.loss_weights] or [1.0] * len(self.loss_type)
@@ -275,6 +280,9 @@ class DPOConfig(ReferenceConfig):
                  f"{', '.join(raw)} use the log-ratios themselves (drop --f-divergence-type)")
         if self.use_weighting and {"aot", "aot_unpaired"} & set(self.loss_type):
             _bad("use_weighting", True, "is not supported with aot / aot_unpaired")
+        if self.bco_running_delta and "bco_pair" not in self.loss_type:
+            _bad("bco_running_delta", True, "is the delta of the bco_pair loss; add bco_pair to "
+                 "--loss-type or drop the flag")
         anchored = NEEDS_REFERENCE.intersection(self.loss_type)
         if self.reference_free and anchored:
             _bad("reference_free", True,

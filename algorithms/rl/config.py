@@ -18,18 +18,42 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 from rewards.scorer import ON_ERROR_CHOICES
 
 from ..config import TrainConfig, _bad, field
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence", "sequence_sum")
 ESTIMATORS = ("group", "leave_one_out", "global_batch", "gae")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 KL_PENALTIES = ("loss", "reward")
 SCALE_REWARDS = ("group", "batch", "none")
 AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
+
+
+def check_rollout_shape(cfg: Any, step: str) -> None:
+    """The batch checks every online algorithm shares (the GRPO family, online preference
+    learning, GKD): counts, one optimiser step per mini-batch (``step`` says what a step is),
+    no packing, room for the prompt in ``--max-length``."""
+    for name in ("prompts_per_step", "num_iterations", "num_mini_batches",
+                 "max_completion_length"):
+        if getattr(cfg, name) < 1:
+            _bad(name, getattr(cfg, name), "must be >= 1")
+    for name in ("rollout_batch_size", "log_completions_every", "top_k"):
+        if getattr(cfg, name) < 0:
+            _bad(name, getattr(cfg, name), "must be >= 0")
+    if cfg.grad_accumulation_steps != 1:
+        _bad("grad_accumulation_steps", cfg.grad_accumulation_steps,
+             f"must be 1 for online training: one optimiser step is {step}; raise "
+             "--prompts-per-step for bigger steps")
+    if cfg.packing:
+        _bad("packing", True, "is not supported for online training (each completion is one "
+             "row)")
+    if cfg.max_completion_length >= cfg.max_length:
+        _bad("max_completion_length", cfg.max_completion_length,
+             f"must be < --max-length ({cfg.max_length}), which also holds the prompt")
 
 
 @dataclasses.dataclass
@@ -104,10 +128,27 @@ class OnlineConfig(TrainConfig):
         "rollout policy is at least the (1 - rho) quantile over the generation batch (Wang et "
         "al. 2025 keep 0.2); 1 = every token")
     loss_type: str = field(
-        "grpo", "how token losses are averaged: grpo = mean over completions of each "
-        "completion's token mean; bnpo = token mean per micro-batch; dr_grpo = token sum / "
-        "(completions x max_completion_length); dapo = token mean over the generation batch",
-        LOSS_TYPES)
+        "grpo", "the policy loss and how its token losses are averaged: grpo = mean over "
+        "completions of each completion's token mean; bnpo = token mean per micro-batch; "
+        "dr_grpo = token sum / (completions x max_completion_length); dapo = token mean over "
+        "the generation batch; cispo (MiniMax-M1) = -sg(min(w, 1 + epsilon_high)) A log p, "
+        "token mean; sapo = the soft gate -(4 / tau) sigmoid(tau (w - 1)) A, completion mean; "
+        "luspo = the clipped loss summed over each completion, mean over completions (use with "
+        "--importance-sampling-level sequence); vespo = -phi(W) A log p with W the "
+        "completion's probability ratio, token mean", LOSS_TYPES)
+    sapo_temperature_pos: float = field(
+        1.0, "sapo: gate temperature tau for tokens with advantage > 0")
+    sapo_temperature_neg: float = field(
+        1.05, "sapo: gate temperature tau for tokens with advantage <= 0 (the paper makes it "
+        "larger, so negative updates fade faster off-policy)")
+    vespo_k_pos: float = field(
+        2.0, "vespo: exponent k of phi(W) = exp(lambda + k log W - lambda W) for advantage >= 0 "
+        "(how fast W < 1 is down-weighted)")
+    vespo_lambda_pos: float = field(
+        3.0, "vespo: decay lambda of phi(W) for advantage >= 0 (how fast W > 1 is "
+        "down-weighted)")
+    vespo_k_neg: float = field(3.0, "vespo: exponent k of phi(W) for advantage < 0")
+    vespo_lambda_neg: float = field(2.0, "vespo: decay lambda of phi(W) for advantage < 0")
     # rewards and advantages
     advantage_estimator: str = field(
         "group", "rewards -> advantages: group (GRPO: group mean, std scaling), leave_one_out "
@@ -233,19 +274,13 @@ class OnlineConfig(TrainConfig):
             _bad("num_generations", self.num_generations,
                  "must be >= 2: advantages compare completions within a group of G"
                  if grouped else "must be >= 1")
-        for name in ("prompts_per_step", "num_iterations", "num_mini_batches",
-                     "max_completion_length", "max_sampling_rounds"):
-            if getattr(self, name) < 1:
-                _bad(name, getattr(self, name), "must be >= 1")
-        for name in ("rollout_batch_size", "log_completions_every", "top_k", "unscored_patience"):
-            if getattr(self, name) < 0:
-                _bad(name, getattr(self, name), "must be >= 0")
-        if self.grad_accumulation_steps != 1:
-            _bad("grad_accumulation_steps", self.grad_accumulation_steps,
-                 "must be 1 for online RL: one optimiser step is one mini-batch of the "
-                 "generation batch (--prompts-per-step x --num-generations completions / "
-                 "--num-mini-batches, in micro-batches of --batch-size); raise "
-                 "--prompts-per-step for bigger steps")
+        check_rollout_shape(self, "one mini-batch of the generation batch (--prompts-per-step "
+                            "x --num-generations completions / --num-mini-batches, in "
+                            "micro-batches of --batch-size)")
+        if self.max_sampling_rounds < 1:
+            _bad("max_sampling_rounds", self.max_sampling_rounds, "must be >= 1")
+        if self.unscored_patience < 0:
+            _bad("unscored_patience", self.unscored_patience, "must be >= 0")
         if self.num_mini_batches > self.generation_batch_size:
             _bad("num_mini_batches", self.num_mini_batches,
                  f"must be <= the completions of a generation batch "
@@ -253,11 +288,6 @@ class OnlineConfig(TrainConfig):
         if self.dynamic_sampling and self.advantage_estimator != "group":
             _bad("dynamic_sampling", True, "drops groups whose rewards are all equal, which "
                  "only the group estimator defines; use --advantage-estimator group")
-        if self.packing:
-            _bad("packing", True, "is not supported for online RL (each completion is one row)")
-        if self.max_completion_length >= self.max_length:
-            _bad("max_completion_length", self.max_completion_length,
-                 f"must be < --max-length ({self.max_length}), which also holds the prompt")
 
     def _validate_sampling(self) -> None:
         if not self.temperature > 0:
@@ -283,6 +313,7 @@ class OnlineConfig(TrainConfig):
                  f"({1 + self.effective_epsilon_high:g}); INTELLECT-2 uses 4")
         if self.entropy_coef < 0:
             _bad("entropy_coef", self.entropy_coef, "must be >= 0 (a bonus on the entropy)")
+        self._validate_loss_type()
         if not 0 < self.top_entropy_quantile <= 1:
             _bad("top_entropy_quantile", self.top_entropy_quantile,
                  "must be in (0, 1]: the share of highest-entropy tokens trained on")
@@ -303,7 +334,37 @@ class OnlineConfig(TrainConfig):
             _bad("missing_eos_penalty", self.missing_eos_penalty,
                  "must be >= 0 (it is subtracted from the reward)")
 
+    def _validate_loss_type(self) -> None:
+        for name in ("sapo_temperature_pos", "sapo_temperature_neg", "vespo_lambda_pos",
+                     "vespo_lambda_neg"):
+            if not getattr(self, name) > 0:
+                _bad(name, getattr(self, name), "must be > 0")
+        for name in ("vespo_k_pos", "vespo_k_neg"):
+            if getattr(self, name) < 0:
+                _bad(name, getattr(self, name), "must be >= 0")
+        if self.loss_type == "vespo" and self.importance_sampling_level != "token":
+            _bad("importance_sampling_level", self.importance_sampling_level,
+                 "vespo forms its own completion-level weight from the summed token log-ratios; "
+                 "use --importance-sampling-level token with --loss-type vespo")
+        if self.loss_type in ("cispo", "sapo", "vespo") and self.delta > 0:
+            _bad("delta", self.delta, f"caps the clipped objective's ratio; --loss-type "
+                 f"{self.loss_type} has no clipped objective (drop --delta)")
+        if self.loss_type in ("cispo", "sapo", "vespo") and not self.clip_policy_ratio:
+            _bad("clip_policy_ratio", False, f"--loss-type {self.loss_type} shapes the ratio "
+                 "itself; --no-clip-policy-ratio applies to the clipped loss types only")
+
     def _validate_rewards(self) -> None:
+        self._validate_reward_functions()
+        if self.multi_objective_aggregation == "normalize_then_sum" \
+                and self.scale_rewards != "group":
+            _bad("scale_rewards", self.scale_rewards,
+                 "normalize_then_sum (GDPO) always divides by the group and batch std; use "
+                 "--scale-rewards group with it, or --multi-objective-aggregation "
+                 "sum_then_normalize")
+
+    def _validate_reward_functions(self) -> None:
+        """The checks of the reward options every rewarded online algorithm shares (the pair
+        configs of :mod:`algorithms.online_preference` run them too)."""
         if not self.reward:
             _bad("reward", self.reward, "needs at least one reward function, e.g. "
                  "--reward math_answer (--list-rewards shows the built-ins)")
@@ -327,11 +388,5 @@ class OnlineConfig(TrainConfig):
                  f"must be < --max-completion-length ({self.max_completion_length}); DAPO's "
                  f"ratio is 0.2 x the length (here {int(0.2 * self.max_completion_length)}), "
                  "0 turns the shaping off")
-        if self.multi_objective_aggregation == "normalize_then_sum" \
-                and self.scale_rewards != "group":
-            _bad("scale_rewards", self.scale_rewards,
-                 "normalize_then_sum (GDPO) always divides by the group and batch std; use "
-                 "--scale-rewards group with it, or --multi-objective-aggregation "
-                 "sum_then_normalize")
 
 

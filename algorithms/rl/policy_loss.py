@@ -27,6 +27,19 @@ eps_hi = ``effective_epsilon_high``::
                                                          probabilities; exponent capped at 20)
     l_t = -min(min(w, delta) A, clip(w, 1 - eps_lo, 1 + eps_hi) A)   (clipped; delta if > 0)
         = -min(w, delta) A                                           (--no-clip-policy-ratio)
+
+The other loss types replace that clipped objective (``sg`` = stop-gradient):
+
+    cispo (MiniMax-M1)  l_t = -sg(min(w, 1 + eps_hi)) A log p_t   (the IS weight is capped,
+                                                                    every token keeps a gradient)
+    sapo  (Qwen, SAPO)  l_t = -(4 / tau) sigmoid(tau (w - 1)) A,  tau = tau_pos if A > 0
+                                                                        else tau_neg
+    luspo               the clipped l_t above (aggregated differently, see below)
+    vespo               l_t = -sg(phi) A log p_t,  phi = exp(lam + k log W - lam W),
+                        log W = clip(sum_t m clip(lr_t, -20, 20), log 1e-8, 20) per completion,
+                        (k, lam) = (k_pos, lam_pos) if A >= 0 else (k_neg, lam_neg)
+
+each with gradient ``A grad log p`` at w = 1 (phi(1) = 1; the gate's slope is 1 at w = 1).
     l_t *= entropy_mask_t                                   (top_entropy_quantile < 1)
     l_t += beta kl_t(logp, ref)                             (KL in the loss: k1, k2 or k3;
                                                              times w with
@@ -38,10 +51,13 @@ with ``d = logp - ref``: k1 ``d``, k2 ``d^2 / 2``, k3 ``exp(-d) + d - 1`` (its g
 of a step SUM to the step's loss (``f`` = ``micro_fraction``, ``L_max`` =
 ``max_completion_length``)::
 
-    grpo     mean_i[ sum_t l m / max(sum_t m, 1) ] * f   (DeepSeekMath 1/|o_i|; empty rows add 0)
-    bnpo     sum l m / max(sum m, 1) * f                 (token mean per micro-batch, as TRL)
-    dr_grpo  sum l m / (B * L_max) * f                   (Dr. GRPO's constant normaliser)
-    dapo     sum l m / num_items                          (token mean over the step)
+    grpo, sapo     mean_i[ sum_t l m / max(sum_t m, 1) ] * f   (DeepSeekMath 1/|o_i|; empty
+                                                                rows add 0)
+    bnpo           sum l m / max(sum m, 1) * f                 (token mean per micro-batch)
+    dr_grpo        sum l m / (B * L_max) * f                   (Dr. GRPO's constant normaliser)
+    dapo, cispo,   sum l m / num_items                          (token mean over the step)
+    vespo
+    luspo          mean_i[ sum_t l m ] * f                      (GSPO times the length |o_i|)
 
 With a value head (gae) the loss adds ``vf_coef`` times the clipped value loss, aggregated the
 same way: ``v_t = 1/2 max((V - R)^2, (clip(V, V_old - c, V_old + c) - R)^2)``, ``c`` =
@@ -52,19 +68,27 @@ is cut into micro-batches; the other three do not.
 
 Metrics (detached, token means over the micro-batch's loss tokens): ``clip_ratio/low_mean``
 (A < 0 and w < 1 - eps_lo: clipped to no gradient), ``clip_ratio/high_mean`` (A > 0 and
-w > 1 + eps_hi), ``clip_ratio/region_mean`` (either), ``ratio/mean`` (w), ``approx_kl``
+w > 1 + eps_hi), ``clip_ratio/region_mean`` (either; cispo: w above its cap, whatever the
+sign of A; none for the soft sapo and vespo, which log ``vespo/phi_mean``), ``ratio/mean`` (w),
+``approx_kl``
 (``(logp - old)^2 / 2``), ``entropy``, ``kl`` (with a KL loss term); with a value head
 ``loss/policy``, ``loss/value``, ``values/mean``, ``values/clip_ratio``.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from ..backend import Loss
 from .config import OnlineConfig
 
 _MAX_SEQUENCE_LOG_RATIO = 20.0
+_VESPO_MIN_LOG_W = math.log(1e-8)
+# where each loss type's token losses are averaged (see the module docstring's table)
+AGGREGATION = {"grpo": "grpo", "bnpo": "bnpo", "dr_grpo": "dr_grpo", "dapo": "dapo",
+               "cispo": "dapo", "sapo": "grpo", "luspo": "luspo", "vespo": "dapo"}
+CLIPPED = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
 
 
 def _as_float(ops: Any, cond: Any) -> Any:
@@ -118,11 +142,49 @@ def clipped_token_loss(ops: Any, w: Any, advantages: Any, eps_low: float, eps_hi
     return -ops.minimum(unclipped * advantages, clipped * advantages)
 
 
+def vespo_weights(ops: Any, per_token_logps: Any, old_logps: Any, mask: Any, advantages: Any,
+                  cfg: OnlineConfig) -> Any:
+    """VESPO's detached ``phi(W) = exp(lam + k log W - lam W)`` per completion (``[B, 1]``, or
+    ``[B, T]`` with token-level advantages), ``W`` the completion's probability ratio."""
+    log_ratio = ops.clip(ops.where(mask > 0, per_token_logps - old_logps, 0.0), -20.0, 20.0)
+    log_w = ops.clip(ops.sum(log_ratio, axis=1), _VESPO_MIN_LOG_W, _MAX_SEQUENCE_LOG_RATIO)
+    log_w = log_w[:, None]
+    positive = advantages >= 0
+    k = ops.where(positive, cfg.vespo_k_pos, cfg.vespo_k_neg)
+    lam = ops.where(positive, cfg.vespo_lambda_pos, cfg.vespo_lambda_neg)
+    return ops.stop_gradient(ops.exp(lam + k * log_w - lam * ops.exp(log_w)))
+
+
+def token_objective(ops: Any, w: Any, per_token_logps: Any, old_logps: Any, mask: Any,
+                    advantages: Any, cfg: OnlineConfig) -> tuple[Any, dict[str, Any]]:
+    """Per-token policy loss ``l_t`` of ``cfg.loss_type`` (module docstring) and its extra
+    per-token metrics."""
+    kind = cfg.loss_type
+    eps_low, eps_high = cfg.epsilon, cfg.effective_epsilon_high
+    if kind in CLIPPED:
+        return clipped_token_loss(ops, w, advantages, eps_low, eps_high, cfg.delta,
+                                  cfg.clip_policy_ratio), {}
+    if kind == "cispo":
+        cap = 1.0 + eps_high
+        weight = ops.stop_gradient(ops.minimum(w, cap))
+        return -weight * advantages * per_token_logps, {"capped": _as_float(ops, w > cap)}
+    if kind == "sapo":
+        tau = ops.where(advantages > 0, cfg.sapo_temperature_pos, cfg.sapo_temperature_neg)
+        return -(4.0 / tau) * ops.sigmoid(tau * (w - 1.0)) * advantages, {}
+    if kind == "vespo":
+        phi = vespo_weights(ops, per_token_logps, old_logps, mask, advantages, cfg)
+        return -phi * advantages * per_token_logps, {"vespo/phi_mean": phi}
+    raise ValueError(f"unknown loss_type {kind!r}")
+
+
 def aggregate(ops: Any, per_token_loss: Any, mask: Any, batch: dict, loss_type: str,
               max_completion_length: int) -> Any:
     """This micro-batch's share of the step loss (see the module docstring's table)."""
     fraction = batch.get("micro_fraction", 1.0)
     masked = per_token_loss * mask
+    loss_type = AGGREGATION.get(loss_type, loss_type)
+    if loss_type == "luspo":
+        return ops.mean(ops.sum(masked, axis=1)) * fraction
     if loss_type == "grpo":
         per_seq = ops.sum(masked, axis=1) / ops.maximum(ops.sum(mask, axis=1), 1.0)
         return ops.mean(per_seq) * fraction
@@ -135,7 +197,7 @@ def aggregate(ops: Any, per_token_loss: Any, mask: Any, batch: dict, loss_type: 
         if num_items is None:
             num_items = ops.maximum(ops.sum(mask), 1.0)
         return ops.sum(masked) / num_items
-    raise ValueError(f"loss_type must be one of grpo, bnpo, dr_grpo, dapo, got {loss_type!r}")
+    raise ValueError(f"loss_type must be one of {', '.join(AGGREGATION)}, got {loss_type!r}")
 
 
 def value_loss(ops: Any, values: Any, batch: dict, cliprange_value: float) -> tuple[Any, Any]:
@@ -158,8 +220,7 @@ def policy_loss(ops: Any, per_token_logps: Any, batch: dict, cfg: OnlineConfig,
     old = ops.stop_gradient(per_token_logps if old is None else old)
     eps_low, eps_high = cfg.epsilon, cfg.effective_epsilon_high
     w = importance_weights(ops, per_token_logps, old, mask, cfg.importance_sampling_level)
-    per_token_loss = clipped_token_loss(ops, w, advantages, eps_low, eps_high, cfg.delta,
-                                        cfg.clip_policy_ratio)
+    per_token_loss, extra = token_objective(ops, w, per_token_logps, old, mask, advantages, cfg)
     if "entropy_mask" in batch:
         per_token_loss = per_token_loss * batch["entropy_mask"]
     kl = None
@@ -183,17 +244,21 @@ def policy_loss(ops: Any, per_token_logps: Any, batch: dict, cfg: OnlineConfig,
     def token_mean(x: Any) -> Any:
         return ops.stop_gradient(ops.sum(x * mask) / tokens)
 
-    low = _as_float(ops, w < 1.0 - eps_low) * _as_float(ops, advantages < 0)
-    high = _as_float(ops, w > 1.0 + eps_high) * _as_float(ops, advantages > 0)
-    if not cfg.clip_policy_ratio:
-        low, high = 0.0 * low, 0.0 * high
-    metrics = {
-        "clip_ratio/low_mean": token_mean(low),
-        "clip_ratio/high_mean": token_mean(high),
-        "clip_ratio/region_mean": token_mean(low + high),
-        "ratio/mean": token_mean(w),
-        "approx_kl": token_mean(0.5 * ops.square(per_token_logps - old)),
-    }
+    metrics = {"ratio/mean": token_mean(w),
+               "approx_kl": token_mean(0.5 * ops.square(per_token_logps - old))}
+    if cfg.loss_type in CLIPPED:
+        low = _as_float(ops, w < 1.0 - eps_low) * _as_float(ops, advantages < 0)
+        high = _as_float(ops, w > 1.0 + eps_high) * _as_float(ops, advantages > 0)
+        if not cfg.clip_policy_ratio:
+            low, high = 0.0 * low, 0.0 * high
+        metrics.update({"clip_ratio/low_mean": token_mean(low),
+                        "clip_ratio/high_mean": token_mean(high),
+                        "clip_ratio/region_mean": token_mean(low + high)})
+    elif "capped" in extra:
+        capped = token_mean(extra.pop("capped"))
+        metrics.update({"clip_ratio/low_mean": 0.0 * capped, "clip_ratio/high_mean": capped,
+                        "clip_ratio/region_mean": capped})
+    metrics.update({k: token_mean(v) for k, v in extra.items()})
     if entropy is not None:
         metrics["entropy"] = token_mean(entropy)
     if kl is not None:

@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 FINISH_REASONS = ("eos", "stop", "length")
+# which model samples (``SamplingParams.source``; see ``Backend.sample``)
+SOURCES = ("policy", "reference", "mixture", "teacher")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +42,8 @@ class SamplingParams:
     min_p: float = 0.0      # 0 = off
     stop: tuple[str, ...] = ()   # stop strings
     batch_size: int = 0     # sequences sampled at once (0 = all); the rollout-memory knob
+    source: str = "policy"  # policy | reference | mixture | teacher (Backend.sample)
+    mixture_coef: float = 0.5  # source "mixture": weight c of the reference's log-probs
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -59,6 +63,10 @@ class SamplingParams:
         if not isinstance(self.batch_size, int) or self.batch_size < 0:
             raise ValueError(f"batch_size={self.batch_size!r}: must be an integer >= 0 "
                              "(0 = every sequence at once)")
+        if self.source not in SOURCES:
+            raise ValueError(f"source={self.source!r}: must be one of {', '.join(SOURCES)}")
+        if not 0 <= self.mixture_coef <= 1:
+            raise ValueError(f"mixture_coef={self.mixture_coef!r}: must be in [0, 1]")
         bad = [s for s in self.stop if not isinstance(s, str) or not s]
         if bad:
             raise ValueError(f"stop={self.stop!r}: stop strings must be non-empty strings")

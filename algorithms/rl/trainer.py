@@ -13,6 +13,14 @@ half-used batch), so ``--save-every`` rounds up to whole generation batches. Sam
 a function of (seed, step, round) and the prompt order of (seed, epoch): a resumed run samples
 the same prompts with the same seeds as an uninterrupted one. Metrics, timing, checkpoints and
 resume are the spine's (:mod:`algorithms.spine`), as for the offline loop.
+
+What a generation batch is comes from a pipeline (:class:`PolicyGradient` here; online DPO,
+XPO and Nash-MD bring :class:`algorithms.online_preference.pipeline.PairPipeline`, GKD its own):
+``scorer(cfg, data, backend)``, ``rollout(cfg, backend, stream, scorer, step, pad_id) ->
+(batch, stats)`` with ``len(batch)`` units (rows, or pairs) that ``batch.micro_batches(units,
+batch_size)`` cuts, ``write_samples(cfg, run_dir, step, batch)``, ``evaluate(cfg, backend,
+dataset, scorer, step)`` and optionally ``no_gradient_expected(cfg, batch)`` (a zero gradient
+is then no collapse for the divergence guard). The loop around it is the same for all.
 """
 
 from __future__ import annotations
@@ -45,24 +53,54 @@ def total_steps(cfg: Any, n_prompts: int) -> int:
     return generations * cfg.steps_per_generation
 
 
-def train(cfg: Any, backend: Any, loss: Loss, data: Any, run_dir: Path) -> TrainResult:
-    scorer = build_scorer(cfg, data.extras["rewards"], backend)
+class PolicyGradient:
+    """The pipeline of the GRPO family, RLOO, REINFORCE++ and PPO: groups of completions,
+    rewards, the no-grad passes and the advantage estimator (module docstring)."""
+
+    def scorer(self, cfg: Any, data: Any, backend: Any) -> Any:
+        return build_scorer(cfg, data.extras["rewards"], backend)
+
+    def rollout(self, cfg: Any, backend: Any, stream: PromptStream, scorer: Any, step: int,
+                pad_id: int) -> tuple[RolloutBatch, dict[str, float]]:
+        return prepare_batch(cfg, backend, generate(cfg, backend, stream, scorer, step), pad_id)
+
+    def write_samples(self, cfg: Any, run_dir: Path, step: int, batch: RolloutBatch) -> None:
+        write_completions(run_dir, step, batch, cfg.num_generations)
+
+    def evaluate(self, cfg: Any, backend: Any, dataset: Any, scorer: Any, step: int) -> dict:
+        return evaluate_rewards(cfg, backend, dataset, scorer, step)
+
+    def no_gradient_expected(self, cfg: Any, batch: RolloutBatch) -> bool:
+        """Every advantage is 0 and no other term (KL loss, value loss, entropy bonus) remains,
+        so a zero gradient norm is expected, not a collapse."""
+        advantages = batch.row_values.get("advantages", batch.token_values.get("advantages"))
+        other_terms = (cfg.beta > 0 and cfg.kl_penalty == "loss") or cfg.uses_value_head \
+            or cfg.entropy_coef > 0
+        return not np.any(advantages) and not other_terms
+
+
+def train(cfg: Any, backend: Any, loss: Loss, data: Any, run_dir: Path,
+          pipeline: Any = None) -> TrainResult:
+    pipeline = PolicyGradient() if pipeline is None else pipeline
+    scorer = pipeline.scorer(cfg, data, backend)
     pad_id = pad_token_id(backend.tokenizer)
     per_generation = cfg.steps_per_generation
     with Run(cfg, backend, run_dir, total_steps(cfg, len(data.train))) as run:
         stream = PromptStream(data.train, cfg.seed, run.cursor.epoch, run.cursor.index)
         batch, schedule, stats = None, [], {}
-        unscored = UnscoredGuard(cfg.unscored_patience, scorer.names)
+        # a pipeline without rewards (GKD) has no scorer and nothing to go unscored
+        unscored = None if scorer is None else UnscoredGuard(cfg.unscored_patience, scorer.names)
         while not run.done:
             k = run.step % per_generation
             if k == 0 or batch is None:
-                rollouts = generate(cfg, backend, stream, scorer, run.step)
-                unscored.check(run.step + 1, rollouts.total)
-                batch, stats = prepare_batch(cfg, backend, rollouts, pad_id)
-                no_signal = _no_gradient_by_construction(cfg, batch)
+                batch, stats = pipeline.rollout(cfg, backend, stream, scorer, run.step, pad_id)
+                if unscored is not None:
+                    unscored.check(run.step + 1, batch.rollouts.total)
+                no_signal = pipeline.no_gradient_expected(cfg, batch) \
+                    if hasattr(pipeline, "no_gradient_expected") else False
                 schedule = mini_batches(len(batch), cfg, run.step)
                 if cfg.log_completions_every and run.step % cfg.log_completions_every == 0:
-                    write_completions(run.run_dir, run.step, batch, cfg.num_generations)
+                    pipeline.write_samples(cfg, run.run_dir, run.step, batch)
             lr = learning_rate(run.step, run.n_steps, cfg.learning_rate, cfg.lr_schedule,
                                cfg.warmup_steps, cfg.min_lr_ratio)
             start = time.perf_counter()
@@ -76,23 +114,14 @@ def train(cfg: Any, backend: Any, loss: Loss, data: Any, run_dir: Path) -> Train
                        epoch=stream.fractional_epoch, zero_grad_expected=no_signal)
             stats = {}  # logged once per generation batch
             if data.valid is not None and run.due(cfg.eval_every):
-                run.write_eval(evaluate_rewards(cfg, backend, data.valid, scorer, run.step))
+                run.write_eval(pipeline.evaluate(cfg, backend, data.valid, scorer, run.step))
             if run.step % per_generation == 0 and _save_due(cfg, run):
                 run.save(Cursor(stream.epoch, stream.index))
         if data.valid is not None:
-            run.write_eval(evaluate_rewards(cfg, backend, data.valid, scorer, run.step))
+            run.write_eval(pipeline.evaluate(cfg, backend, data.valid, scorer, run.step))
         if getattr(data, "test", None) is not None:
-            run.write_eval(evaluate_rewards(cfg, backend, data.test, scorer, run.step), "test")
+            run.write_eval(pipeline.evaluate(cfg, backend, data.test, scorer, run.step), "test")
         return run.finish(Cursor(stream.epoch, stream.index))
-
-
-def _no_gradient_by_construction(cfg: Any, batch: RolloutBatch) -> bool:
-    """Every advantage is 0 and no other term (KL loss, value loss, entropy bonus) remains, so a
-    zero gradient norm is expected, not a collapse."""
-    advantages = batch.row_values.get("advantages", batch.token_values.get("advantages"))
-    other_terms = (cfg.beta > 0 and cfg.kl_penalty == "loss") or cfg.uses_value_head \
-        or cfg.entropy_coef > 0
-    return not np.any(advantages) and not other_terms
 
 
 def _save_due(cfg: Any, run: Run) -> bool:

@@ -1,0 +1,132 @@
+"""One generation batch of pairs: sample, score, rank, and lay the pairs out as training rows.
+
+Rollout rows come in pairs ``(2k, 2k + 1)`` for prompt ``k``: the policy's completion first,
+then the second one (the policy again for online DPO, the reference for XPO, the geometric
+mixture for Nash-MD; ``cfg.second_source``). The reward functions score both (the missing-EOS
+penalty included); the first wins ties (TRL's ``>=``); a pair with an unscorable completion
+carries no preference (weight 0 in the pair losses, P = 1/2 for Nash-MD).
+
+Micro-batches are cut over PAIRS, never rows (:meth:`PairBatch.micro_batches`): pair ``k`` of a
+micro-batch of ``B`` pairs occupies rows ``(j, B + j)``, chosen then rejected, the layout of
+offline preference batches (:mod:`algorithms.preference.common`), so sorting by length (to pad
+little) can never separate a chosen row from its rejected one. Nash-MD trains on the policy's
+completions only (``layout="policy"``): one row per pair, its preference probability beside it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import numpy as np
+
+from ..rl.batches import RolloutBatch
+from ..rl.rollouts import Rollouts, reward_weights, round_seed, sampling_params, score
+
+LAYOUTS = ("pairs", "policy")
+
+
+def pair_rollouts(cfg: Any, backend: Any, stream: Any, scorer: Any, step: int) -> Rollouts:
+    """``prompts_per_step`` prompts, two completions each (module docstring), scored."""
+    prompts = stream.take(cfg.prompts_per_step)
+    examples = [e for e in prompts for _ in range(2)]
+    params = sampling_params(cfg)
+    start = time.perf_counter()
+    if cfg.second_source == "policy":
+        completions = backend.sample([e.prompt_ids for e in examples], params,
+                                     round_seed(cfg.seed, step, 0))
+    else:
+        ids = [e.prompt_ids for e in prompts]
+        first = backend.sample(ids, params, round_seed(cfg.seed, step, 0))
+        other = dataclasses.replace(params, source=cfg.second_source,
+                                    mixture_coef=cfg.mixture_weight)
+        second = backend.sample(ids, other, round_seed(cfg.seed, step, 1))
+        completions = [c for pair in zip(first, second) for c in pair]
+    generation = time.perf_counter() - start
+    start = time.perf_counter()
+    per_function, total = score(scorer, examples, completions, step, cfg.missing_eos_penalty)
+    lengths = np.array([len(c.ids) for c in completions], dtype=np.float64)
+    stats = {"completions/mean_length": float(lengths.mean()),
+             "completions/max_length": float(lengths.max()),
+             "completions/min_length": float(lengths.min()),
+             "completions/clipped_ratio": float(np.mean([c.truncated for c in completions])),
+             "time/generation": generation, "time/scoring": time.perf_counter() - start}
+    if cfg.second_source != "policy":
+        stats[f"completions/{cfg.second_source}_mean_length"] = float(lengths[1::2].mean())
+        stats["completions/policy_mean_length"] = float(lengths[0::2].mean())
+    return Rollouts(examples, completions, per_function, reward_weights(cfg, scorer), total,
+                    stats)
+
+
+def rank(total: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(first_wins [P] bool, scored [P] bool)`` from the pair rewards ``total [2P]`` (rows
+    ``2k``, ``2k + 1``): the first wins ties; a pair with a NaN reward is not scored."""
+    first, second = np.asarray(total[0::2]), np.asarray(total[1::2])
+    scored = ~(np.isnan(first) | np.isnan(second))
+    return np.where(scored, first >= second, True), scored
+
+
+def preference(total: np.ndarray) -> np.ndarray:
+    """Nash-MD's ``P(first > second) = sigma(r_first - r_second)`` per pair; 1/2 unscored."""
+    diff = np.asarray(total[0::2], np.float64) - np.asarray(total[1::2], np.float64)
+    return np.where(np.isnan(diff), 0.5, 1.0 / (1.0 + np.exp(-np.nan_to_num(diff))))
+
+
+class PairBatch:
+    """The pairs of one generation batch as training rows (module docstring); ``len`` counts
+    pairs, the unit of mini- and micro-batches."""
+
+    def __init__(self, rollouts: Rollouts, pad_id: int, layout: str = "pairs",
+                 second_source: str = "policy"):
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        self.rollouts, self.layout, self.second_source = rollouts, layout, second_source
+        # the loss reads log-probs at temperature 1 (the policy itself), whatever sampled
+        self.rows = RolloutBatch(rollouts, mask_truncated=False, temperature=1.0, pad_id=pad_id)
+        self.first_wins, self.scored = rank(rollouts.total)
+        self.preference = preference(rollouts.total)
+
+    def __len__(self) -> int:
+        return len(self.rollouts) // 2
+
+    def chosen_rejected(self, k: int) -> tuple[int, int]:
+        """The rows of pair ``k``'s chosen and rejected completions."""
+        return (2 * k, 2 * k + 1) if self.first_wins[k] else (2 * k + 1, 2 * k)
+
+    def pair_rows(self, pairs: list[int]) -> list[int]:
+        """The rows of ``pairs`` in training order: every chosen row, then the rejected rows in
+        the same order (``layout="pairs"``); the policy's rows (``"policy"``)."""
+        if self.layout == "policy":
+            return [2 * k for k in pairs]
+        chosen, rejected = zip(*(self.chosen_rejected(k) for k in pairs))
+        return list(chosen) + list(rejected)
+
+    def micro_batches(self, pairs: list[int],
+                      batch_size: int) -> list[tuple[list[int], dict[str, np.ndarray]]]:
+        """The micro-batches of one optimiser step over ``pairs``: pairs sorted by their longer
+        row, cut into ``batch_size`` pairs, each collated with its pair values and its share
+        of the step (``micro_fraction``); ``(rows, arrays)`` pairs."""
+        seqs = self.rows.sequences
+        order = sorted(pairs, key=lambda k: (max(len(seqs[2 * k]), len(seqs[2 * k + 1])), k))
+        out = []
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            rows = self.pair_rows(chunk)
+            arrays = self.rows.collate(rows)
+            self._check_paired(rows, len(chunk))
+            arrays["pair_weight"] = self.scored[chunk].astype(np.float32)
+            arrays["from_second"] = np.array([r % 2 for r in rows], np.float32)
+            if self.layout == "policy":
+                arrays["preference"] = self.preference[chunk].astype(np.float32)
+            arrays["micro_fraction"] = np.float32(len(chunk) / len(order))
+            out.append((rows, arrays))
+        return out
+
+    def _check_paired(self, rows: list[int], n_pairs: int) -> None:
+        if self.layout != "pairs":
+            return
+        for j in range(n_pairs):
+            a, b = rows[j], rows[n_pairs + j]
+            if a // 2 != b // 2:
+                raise AssertionError(f"rows {a} and {b} of a micro-batch are not one pair")
