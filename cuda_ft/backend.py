@@ -367,7 +367,7 @@ class TorchBackend(ForwardShortcuts):
         with torch.no_grad(), self._autocast(), self.parallel.gathered():
             out = self.model.generate(
                 input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
-                do_sample=False, eos_token_id=eos, pad_token_id=pad,
+                do_sample=False, eos_token_id=eos, pad_token_id=pad, synced_gpus=False,
             )
         return tok.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=True)
 

@@ -157,7 +157,7 @@ def sample(model: nn.Module, tokenizer: Any, prompts: Sequence[Sequence[int]],
                 out = model.generate(input_ids=ids, attention_mask=mask,
                                      generation_config=config,
                                      stopping_criteria=_stop_string_criteria(watch, ids.shape[1]),
-                                     **extra)
+                                     synced_gpus=False, **extra)  # FSDP2: gathered, no lockstep
                 sampled += out[:, ids.shape[1]:].tolist()
     finally:
         for module, mode in modes.items():
