@@ -64,6 +64,12 @@ def run_cli(prog: str, backend_spec: str, argv: Sequence[str] | None = None) -> 
     registry = algorithms()
     name = argv[0]
     if name in VERBS:
+        from .distributed import launcher
+
+        if launcher():
+            print(f"error: {name} runs in one process; start it without {launcher()} (only "
+                  "training runs across processes)", file=sys.stderr)
+            return 2
         module, _, function = VERBS[name][0].partition(":")
         return getattr(importlib.import_module(module), function)(prog, backend_spec, argv[1:])
     if name not in registry:

@@ -92,9 +92,12 @@ class World:
         for rank, host in enumerate(self.hosts or ("localhost",) * self.size):
             layout.setdefault(host, []).append(rank)
         hosts = "; ".join(f"{host}: ranks {_ranges(ranks)}" for host, ranks in layout.items())
+        how = {"ddp": "DDP (every rank holds the model)",
+               "fsdp": "FSDP2 (parameters, gradients and optimiser state sharded)",
+               "data": "every rank holds the model, gradients summed with all_sum"}
         return (f"{prog}: distributed: world size {self.size} ({len(layout)} host"
-                f"{'s' if len(layout) > 1 else ''}: {hosts}), engine {self.engine}, "
-                f"{self.parallel} data parallel")
+                f"{'s' if len(layout) > 1 else ''}: {hosts}), engine {self.engine}, data "
+                f"parallel: {how.get(self.parallel, self.parallel)}; this is rank {self.rank}")
 
     def tag(self) -> str:
         """``[rank r/N host]`` for messages, or "" in a one-process run."""
@@ -153,12 +156,16 @@ def init(backend_spec: str, cfg: Any) -> World:
     return install(module.init_world(cfg))
 
 
-def peer_failure_message(exc: BaseException, world: World | None = None) -> str:
-    """The one line a rank prints when a collective failed because another rank is gone."""
+def peer_failure_message(exc: BaseException, world: World | None = None,
+                         rank: int | None = None) -> str:
+    """The one line a rank prints when a collective failed because another rank is gone
+    (``rank`` when known; with two ranks it is the other one)."""
     world = world or current()
     others = [r for r in range(world.size) if r != world.rank]
-    who = f"rank {others[0]}" if len(others) == 1 else "another rank"
-    where = f" on {world.hosts[others[0]]}" if len(others) == 1 and world.hosts else ""
+    if rank is None and len(others) == 1:
+        rank = others[0]
+    who = "another rank" if rank is None else f"rank {rank}"
+    where = f" on {world.hosts[rank]}" if rank is not None and world.hosts else ""
     return (f"lost {who}{where} of the {world.size}-process job (it died, was killed, or its "
             f"machine or network went away): {' '.join(str(exc).split())[:240]}; every rank "
             "stops; the last checkpoint resumes with --resume")

@@ -9,6 +9,12 @@ already shares of the GLOBAL step, see :mod:`algorithms.distributed`).
 
 Host-side sums run in float32 on the CPU stream (token counts stay exact below 2**24 per
 sum); objects travel as pickled bytes through ``all_gather`` of uint8 arrays.
+
+When a peer dies the ring backend does not always raise: a collective in flight can complete
+with stale buffers, and one started afterwards can wait forever. So every collective here
+carries a check value (the collective's sequence number, which every rank knows) that must come
+back summed exactly, and a watchdog thread stops this rank with a message naming the peer when
+a rank on the same host has exited, or when a collective has waited ``--dist-timeout`` seconds.
 """
 
 from __future__ import annotations
@@ -16,13 +22,17 @@ from __future__ import annotations
 import os
 import pickle
 import socket
+import sys
+import threading
+import time
+from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from algorithms.distributed import DistributedError, World
+from algorithms.distributed import DistributedError, World, peer_failure_message
 
 BUCKET = 1 << 25  # floats per all_sum of gradients (128 MiB of float32)
 
@@ -55,22 +65,56 @@ class MLXWorld(World):
                                    "and MLX_HOSTFILE for the ring backend") from None
         self.rank, self.size = self.group.rank(), self.group.size()
         self.local_rank = self.rank
-        self.hosts = tuple(self.gather(socket.gethostname()))
+        self._sequence, self.busy = 0, None  # busy: (what, since) while in a collective
+        me = (socket.gethostname(), os.getpid())
+        table = self.gather(me)
+        self.hosts = tuple(host for host, _ in table)
+        peers = [(r, pid) for r, (host, pid) in enumerate(table) if host == me[0] and r != self.rank]
+        Watchdog(self, peers, float(cfg.dist_timeout)).start()
+
+    def check_value(self) -> float:
+        """The next collective's check value, the same on every rank."""
+        self._sequence = self._sequence % 65536 + 1
+        return float(self._sequence)
+
+    def summed(self, flat: mx.array, what: str) -> mx.array:
+        """``all_sum`` of a flat float32 array, its check value verified."""
+        check = self.check_value()
+        self.busy = (what, time.monotonic())
+        try:
+            out = mx.distributed.all_sum(mx.concatenate([flat, mx.array([check])]),
+                                         group=self.group, stream=mx.cpu)
+            mx.eval(out)
+        finally:
+            self.busy = None
+        if out[-1].item() != check * self.size:
+            raise RuntimeError(f"[ring] connection to a peer was lost ({what} came back with "
+                               "stale data)")
+        return out[:-1]
 
     def all_sum(self, values: Any) -> np.ndarray:
-        array = mx.array(np.asarray(values, dtype=np.float32))
-        out = mx.distributed.all_sum(array, group=self.group, stream=mx.cpu)
-        return np.array(out, dtype=np.float64)
+        values = np.asarray(values, dtype=np.float32)
+        out = self.summed(mx.array(values.reshape(-1)), "a sum")
+        return np.array(out, dtype=np.float64).reshape(values.shape)
 
     def gather(self, obj: Any) -> list:
         data = np.frombuffer(pickle.dumps(obj), dtype=np.uint8)
         lengths = np.zeros(self.size)
         lengths[self.rank] = len(data)
         lengths = self.all_sum(lengths).astype(np.int64)
-        padded = np.zeros((1, int(lengths.max())), np.uint8)
+        check = int(self.check_value())
+        padded = np.zeros((1, int(lengths.max()) + 2), np.uint8)
         padded[0, :len(data)] = data
-        rows = np.array(mx.distributed.all_gather(mx.array(padded), group=self.group,
-                                                  stream=mx.cpu))
+        padded[0, -2:] = (check % 256, check // 256)
+        self.busy = ("a gather", time.monotonic())
+        try:
+            rows = np.array(mx.distributed.all_gather(mx.array(padded), group=self.group,
+                                                      stream=mx.cpu))
+        finally:
+            self.busy = None
+        if any(tuple(row[-2:]) != (check % 256, check // 256) for row in rows):
+            raise RuntimeError("[ring] connection to a peer was lost (a gather came back with "
+                               "stale data)")
         return [pickle.loads(rows[r, :lengths[r]].tobytes()) for r in range(self.size)]
 
     def barrier(self) -> None:
@@ -82,8 +126,52 @@ class MLXWorld(World):
                                                   or "peer" in text or "[jaccl]" in text)
 
 
-def init_world(cfg: Any) -> MLXWorld:
+def init_world(cfg: Any) -> World:
+    """The job's group; one process when the launcher started just one (``mlx.launch -n 1``
+    writes an empty host file)."""
+    hostfile = os.environ.get("MLX_HOSTFILE")
+    if hostfile and Path(hostfile).is_file() and not Path(hostfile).read_text().strip():
+        return World()
     return MLXWorld(cfg)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    stat = Path(f"/proc/{pid}/stat")  # Linux: an exited child not yet reaped is a zombie
+    try:
+        return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+class Watchdog(threading.Thread):
+    """Stops this rank (exit 1, one line naming the peer) when a rank on this host has exited,
+    or when a collective has waited longer than the timeout (a peer on another host is gone)."""
+
+    def __init__(self, world: MLXWorld, peers: list[tuple[int, int]], timeout: float) -> None:
+        super().__init__(name="posttrain-watchdog", daemon=True)
+        self.world, self.peers, self.timeout = world, peers, timeout
+
+    def run(self) -> None:
+        while True:
+            time.sleep(0.5)
+            for rank, pid in self.peers:
+                if not _alive(pid):
+                    self.stop(rank, f"rank {rank} (pid {pid} on this host) exited")
+            busy = self.world.busy
+            if busy is not None and time.monotonic() - busy[1] > self.timeout:
+                self.stop(None, f"no answer from the other ranks for {self.timeout:.0f}s "
+                          f"(--dist-timeout) in {busy[0]}")
+
+    def stop(self, rank: int | None, why: str) -> None:
+        print(f"error: {self.world.tag()}{peer_failure_message(RuntimeError(why), self.world, rank)}",
+              file=sys.stderr, flush=True)
+        os._exit(1)
 
 
 def sum_gradients(grads: Any, world: World) -> Any:
@@ -96,7 +184,7 @@ def sum_gradients(grads: Any, world: World) -> Any:
         if not bucket:
             return
         joined = mx.concatenate([g.astype(mx.float32).reshape(-1) for _, g in bucket])
-        summed = mx.distributed.all_sum(joined, group=world.group, stream=mx.cpu)
+        summed = world.summed(joined, "the gradient sum")
         offset = 0
         for name, g in bucket:
             out.append((name, summed[offset:offset + g.size].reshape(g.shape).astype(g.dtype)))

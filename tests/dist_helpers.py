@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -63,9 +64,44 @@ def wait(procs: list[subprocess.Popen], timeout: float) -> list[int]:
     return codes
 
 
-def launch(prog: str, n: int, argv: list[str], workdir: Path, timeout: float = 300) -> list[int]:
+def launcher_command(prog: str, n: int) -> list[str]:
+    """The real launcher: ``torchrun`` for cuda_ft, ``mlx.launch`` (ring on 127.0.0.1) for
+    mlx_ft, each on free ports."""
+    if prog == "cuda_ft":
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n),
+                "--master-addr", "127.0.0.1", "--master-port", str(free_ports(1)[0]),
+                "-m", prog]
+    while True:  # mlx.launch takes n consecutive ports from --starting-port
+        first = free_ports(1)[0]
+        if first + n < 65536 and all(_free(first + i) for i in range(n)):
+            break
+    script = Path(sys.executable).with_name("mlx.launch")
+    return [str(script) if script.is_file() else shutil.which("mlx.launch") or "mlx.launch",
+            "-n", str(n), "--starting-port", str(first), "--python", sys.executable, "--",
+            "-m", prog]
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def launch(prog: str, n: int, argv: list[str], workdir: Path, timeout: float = 300,
+           via_launcher: bool = False) -> list[int]:
+    """Run the ranks to the end; their exit codes (one code, the launcher's, with
+    ``via_launcher``: its output goes to ``rank0.log``)."""
     workdir.mkdir(parents=True, exist_ok=True)
-    return wait(start(prog, n, argv, workdir), timeout)
+    if not via_launcher:
+        return wait(start(prog, n, argv, workdir), timeout)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    with (workdir / "rank0.log").open("w") as log:
+        job = subprocess.Popen([*launcher_command(prog, n), *argv], env=env, cwd=ROOT,
+                               stdout=log, stderr=subprocess.STDOUT)
+        return wait([job], timeout)
 
 
 def logs(workdir: Path) -> str:
