@@ -191,7 +191,9 @@ def run_training(prog: str, backend_spec: str, algo, cfg):
 
             if world.main:
                 finish_run(run.path, cfg.plots)  # plots and the run's README
-        except (RewardError, TrainingStopped, DiskFullError) as e:
+        except TrainingStopped as e:  # decided on global numbers: every rank stops
+            raise UserError(str(e), quiet=not world.main) from None
+        except (RewardError, DiskFullError) as e:
             raise UserError(str(e)) from None
         except (FileNotFoundError, ValueError) as e:
             if "--resume" in str(e):

@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import os
+import sys
 from collections.abc import Iterable
 from typing import Any
 
@@ -144,7 +145,7 @@ def init(backend_spec: str, cfg: Any) -> World:
     if found is None:
         if getattr(cfg, "parallel", "ddp") == "fsdp" and package == "cuda_ft":
             print(f"{package}: --parallel fsdp: one process, nothing to shard (start with "
-                  "torchrun to shard over several)", flush=True)
+                  "torchrun to shard over several)", file=sys.stderr, flush=True)
         return install(World())
     wanted = LAUNCHERS.get(package)
     if found != wanted:

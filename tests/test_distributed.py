@@ -61,13 +61,15 @@ def data(tmp_path_factory):
 
 
 def _argv(algo, model, data, extra=()):
-    files = {"sft": "sft.jsonl", "dpo": "pairs.jsonl", "kto": "kto.jsonl",
-             "grpo": "prompts.jsonl"}
-    argv = [algo, "--model", str(model), "--data", str(data / files[algo]), *COMMON]
+    files = {"sft": "sft.jsonl", "dpo": "pairs.jsonl", "kto": "kto.jsonl"}
+    argv = [algo, "--model", str(model), "--data", str(data / files.get(algo, "prompts.jsonl")),
+            *COMMON]
+    online = ["--reward", f"{data / 'reward.py'}:odd", "--max-completion-length", "6",
+              "--temperature", "1.3", "--log-completions-every", "0", "--num-iterations", "2"]
     if algo == "grpo":
-        argv += ["--reward", f"{data / 'reward.py'}:odd", "--prompts-per-step", "3",
-                 "--num-generations", "3", "--max-completion-length", "6", "--temperature",
-                 "1.3", "--log-completions-every", "0", "--num-iterations", "2", "--beta", "0.05"]
+        argv += [*online, "--prompts-per-step", "3", "--num-generations", "3", "--beta", "0.05"]
+    if algo == "ppo":  # value head, GAE, whitened advantages over the whole batch
+        argv += [*online, "--prompts-per-step", "4", "--num-generations", "1"]
     return [*argv, *extra]
 
 
@@ -104,6 +106,7 @@ CASES = {
     "torch-dpo": ("cuda_ft", "dpo", ["--steps", "2"], 2),
     "torch-kto": ("cuda_ft", "kto", ["--steps", "2"], 2),
     "torch-grpo": ("cuda_ft", "grpo", ["--steps", "2"], 1),
+    "torch-ppo": ("cuda_ft", "ppo", ["--steps", "2"], 1),
     "mlx-sft": ("mlx_ft", "sft", ["--steps", "3"], 2),
     "mlx-dpo": ("mlx_ft", "dpo", ["--steps", "2", "--loss-type", "sigmoid", "sft"], 2),
     "mlx-kto": ("mlx_ft", "kto", ["--steps", "2", "--grad-accumulation-steps", "2"], 1),
@@ -264,3 +267,39 @@ def test_wrong_launcher_is_refused(data, tiny_llama_dir, tmp_path):
                           capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 2, done.stderr
     assert "mlx.launch" in done.stderr and "Traceback" not in done.stderr
+
+
+def _cuda_devices() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(_cuda_devices() < 1, reason="needs a CUDA GPU")
+def test_fsdp2_world_size_one_on_a_gpu(data, tiny_llama_dir, tmp_path):
+    """torchrun with one GPU and --parallel fsdp: the wrapping, NCCL, the sharded optimiser and
+    the checkpoint format (whole tensors) on real hardware; a one-process run resumes it and
+    equals the uninterrupted one-process run."""
+    argv = _argv("sft", tiny_llama_dir, data, ["--batch-size", "4", "--save-every", "1"])
+    codes = launch("cuda_ft", 1, [*argv, "--steps", "2", "--parallel", "fsdp",
+                                  "--run-dir", str(tmp_path / "run")], tmp_path / "logs",
+                   via_launcher=True)
+    assert codes == [0], logs(tmp_path / "logs")
+    assert "data parallel: FSDP2" in logs(tmp_path / "logs")
+    assert run_cli("cuda_ft", SPECS["cuda_ft"], [*argv, "--steps", "3", "--resume",
+                                                 "--run-dir", str(tmp_path / "run")]) == 0
+    _same(_one("cuda_ft", [*argv, "--steps", "3"], tmp_path / "one"), read_run(tmp_path / "run"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(_cuda_devices() < 2, reason="needs two CUDA GPUs")
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_gpus_equal_one(parallel, data, tiny_llama_dir, tmp_path):
+    """NCCL: two GPUs of micro-batch 1 equal one GPU of micro-batch 2 (GRPO: sampling,
+    gathering, the reference pass and the update)."""
+    argv = _argv("grpo", tiny_llama_dir, data, ["--steps", "2"])
+    one = _one("cuda_ft", [*argv, "--batch-size", "2"], tmp_path / "one")
+    two = _two("cuda_ft", [*argv, "--batch-size", "1", "--parallel", parallel],
+               tmp_path / "two", via_launcher=True)
+    _same(one, two)
