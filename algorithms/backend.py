@@ -48,6 +48,13 @@ online pairs ``pair_weight`` ``[B]`` (0: no preference), ``from_second`` ``[2B]`
 second completion) and Nash-MD's ``preference`` ``[B]``; distillation the scalar ``jsd_beta``.
 
 Keys starting with ``_`` are a backend's own and never reach a loss.
+
+Several processes (:mod:`algorithms.distributed`): every rank makes the same calls in the same
+order; a batch with 0 rows is a rank's empty share (``forward_backward`` / ``evaluate`` return
+``{}``, ``forward`` 0-row arrays) and still takes part in the backend's collectives; gradients
+are summed over ranks before ``optimizer_step`` clips them; ``save_state`` and
+``save_adapters`` are called on every rank, with None on ranks other than 0 (which write
+nothing).
 """
 
 from __future__ import annotations
@@ -157,15 +164,16 @@ class Backend(Protocol):
     def optimizer_step(self, learning_rate: float, max_grad_norm: float) -> float:
         """Clip the summed gradients by global norm, apply AdamW, zero them; returns the norm."""
 
-    def save_state(self, directory: str) -> None:
+    def save_state(self, directory: str | None) -> None:
         """Trainable weights (value head included), optimiser state and RNG: enough for
-        ``load_state`` to resume bit for bit."""
+        ``load_state`` to resume bit for bit (whole tensors, whatever the sharding; None: a
+        rank other than 0, which only takes part)."""
 
     def load_state(self, directory: str) -> None: ...
 
-    def save_adapters(self, directory: str) -> None:
+    def save_adapters(self, directory: str | None) -> None:
         """The artefact a user takes away (MLX adapter dir, PEFT dir, or a full model dir),
-        plus :data:`VALUE_HEAD_FILE` when the run has a value head."""
+        plus :data:`VALUE_HEAD_FILE` when the run has a value head (None: as ``save_state``)."""
 
     def load_adapter_weights(self, weights: dict[str, np.ndarray]) -> None:
         """Adapter weights under canonical names (``algorithms.adapter_io``, read from an
@@ -174,7 +182,7 @@ class Backend(Protocol):
     def generate(self, prompt: str, max_tokens: int) -> str:
         """Greedy reply to one user message, through the tokenizer's chat template."""
 
-    def sample(self, prompts: list[list[int]], params: Any, seed: int) -> list[Any]:
+    def sample(self, prompts: list[list[int]], params: Any, seed: int | list[int]) -> list[Any]:
         """Rollouts: one ``algorithms.rl.sampling.Completion`` per prompt, in order.
 
         ``prompts`` are token ids (chat template already applied, each repeated as often as
@@ -183,9 +191,11 @@ class Backend(Protocol):
         samples from the same distribution whatever it is batched with. Filters: temperature,
         top-k, top-p, min-p (transformers' order). A completion ends at an EOS id
         (``stop_token_ids``), a stop string or ``max_tokens``, as ``sampling.finish`` rules.
-        The same (prompts, params, seed) gives the same completions on the same backend; the
-        training RNG is not disturbed; the model samples in eval mode and its train/eval mode
-        is restored afterwards.
+        The same (prompts, params, seed) gives the same completions on the same backend; with
+        one seed per prompt, each completion depends on its prompt and seed alone (not on the
+        other prompts, the batching, or the rank that samples it); the training RNG is not
+        disturbed; the model samples in eval mode and its train/eval mode is restored
+        afterwards.
 
         ``params.source`` picks the sampling distribution: ``policy`` (adapters active),
         ``reference`` (what ``forward(reference=True)`` runs: XPO's second completion),

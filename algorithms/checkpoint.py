@@ -34,7 +34,7 @@ RESUMABLE_CHANGES = {"steps", "epochs", "resume", "progress", "log_every", "eval
                      "eval_batches", "save_every", "sample_prompt", "sample_max_tokens", "run_dir",
                      "zero_grad_patience", "unscored_patience", "allow_weak_sandbox",
                      "reward_timeout", "log_completions_every", "report_to", "wandb_project",
-                     "wandb_mode", "plots"}
+                     "wandb_mode", "plots", "parallel", "dist_timeout"}
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
@@ -48,7 +48,20 @@ def write_atomically(target: Path, fill: Callable[[Path], None]) -> Path:
     return Path(target)
 
 
-def save_checkpoint(run_dir: Path, step: int, backend: Any, trainer_state: dict) -> Path:
+def save_checkpoint(run_dir: Path, step: int, backend: Any, trainer_state: dict,
+                    world: Any = None) -> Path:
+    """Write the checkpoint of ``step``. In a distributed run every rank calls it (FSDP2
+    gathers the shards, per-rank RNG states are collected) and rank 0 alone writes, between
+    two barriers: no rank runs ahead of a checkpoint, and none is written by half the job."""
+    from .distributed import current
+
+    world = world or current()
+    world.barrier()
+    if not world.main:
+        backend.save_state(None)
+        world.barrier()
+        return checkpoint_dir(run_dir, step)
+
     def fill(tmp: Path) -> None:
         backend.save_state(str(tmp))
         (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2, sort_keys=True))
@@ -59,7 +72,9 @@ def save_checkpoint(run_dir: Path, step: int, backend: Any, trainer_state: dict)
                     for p in sorted(tmp.iterdir()) if p.is_file()}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
 
-    return write_atomically(checkpoint_dir(run_dir, step), fill)
+    path = write_atomically(checkpoint_dir(run_dir, step), fill)
+    world.barrier()
+    return path
 
 
 def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
@@ -132,31 +147,71 @@ def check_resume_config(saved: dict, current: dict, checkpoint: Path) -> None:
 
 def resume_from_checkpoint(cfg: Any, backend: Any, run_dir: Path) -> dict:
     """Load the newest usable checkpoint into ``backend`` (falling back past any that will not
-    load, with a message), cut the run's logs back to its step, and return its trainer state."""
-    candidates = usable_checkpoints(run_dir)
-    path = next(candidates, None)
+    load, with a message), cut the run's logs back to its step, and return its trainer state.
+
+    In a distributed run rank 0 chooses the checkpoint and every rank loads it from the run
+    dir (which every rank must see at the same path; a rank that cannot is named)."""
+    from .distributed import check_resume, current
+
+    world = current()
+    candidates = usable_checkpoints(run_dir) if world.main else iter(())
+
+    def choose() -> Path | None:
+        found = next(candidates, None)
+        found = world.broadcast(None if found is None else str(found))
+        return None if found is None else Path(found)
+
+    path = choose()
     if path is None:
         raise FileNotFoundError(
             f"--resume: no complete checkpoint under {Path(run_dir) / 'checkpoints'}")
     while True:
+        _check_every_rank_sees(path, world)
         state = read_trainer_state(path)
         if state.get("backend") != backend.name:
             raise ValueError(f"--resume: {path} was written by the {state.get('backend')} "
                              f"backend; this is the {backend.name} backend")
-        check_resume_config(state["config"], cfg.to_dict(), path)
+        saved = check_resume(state, state["config"], cfg, world, path)
+        check_resume_config(saved, cfg.to_dict(), path)
         try:
             backend.load_state(str(path))
+            problem = None
         except Exception as e:  # noqa: BLE001 - any failure to load is a corrupt checkpoint
-            earlier = next(candidates, None)
-            if earlier is None:
-                raise ValueError(f"--resume: {path} does not load ({e}); no earlier complete "
-                                 "checkpoint is left") from None
-            print(f"--resume: {path} does not load ({e}); falling back to {earlier}",
+            problem = f"{world.tag()}{e}"
+        problems = [p for p in world.gather(problem) if p]
+        if not problems:
+            break
+        earlier = choose()
+        if earlier is None:
+            raise ValueError(f"--resume: {path} does not load ({problems[0]}); no earlier "
+                             "complete checkpoint is left") from None
+        if world.main:
+            print(f"--resume: {path} does not load ({problems[0]}); falling back to {earlier}",
                   file=sys.stderr)
-            path = earlier
-            continue
+        path = earlier
+    if world.main:
         trim_run_logs(run_dir, int(state["step"]))
-        return state
+    return state
+
+
+def _check_every_rank_sees(path: Path, world: Any) -> None:
+    """Every rank must read the checkpoint rank 0 chose, byte for byte (its manifest)."""
+    if world.size == 1:
+        return
+    try:
+        seen = file_digest(path / MANIFEST) if (path / MANIFEST).is_file() else \
+            file_digest(path / STATE_FILE)
+    except OSError:
+        seen = None
+    views = world.gather(seen)
+    for rank, view in enumerate(views):
+        if view != views[0]:
+            host = world.hosts[rank] if world.hosts else "?"
+            what = "cannot read" if view is None else "sees another copy of"
+            raise ValueError(f"--resume: rank {rank} (on {host}) {what} {path}: every rank "
+                             "reads the checkpoint from --run-dir, which must be the same "
+                             "directory on every host (a shared filesystem, or a copy at the "
+                             "same path)")
 
 
 def trim_run_logs(run_dir: Path, step: int, drop_valid_at_step: bool = False) -> None:

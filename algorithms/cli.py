@@ -21,7 +21,12 @@ from .registry import algorithms
 
 
 class UserError(Exception):
-    """An error the user can fix; printed without a traceback."""
+    """An error the user can fix; printed without a traceback (``quiet``: another rank of the
+    job prints it)."""
+
+    def __init__(self, message: str, quiet: bool = False) -> None:
+        super().__init__(message)
+        self.quiet = quiet
 
 
 # Verbs beside the algorithms: module:function(prog, backend_spec, argv) -> exit code.
@@ -60,6 +65,12 @@ def run_cli(prog: str, backend_spec: str, argv: Sequence[str] | None = None) -> 
     registry = algorithms()
     name = argv[0]
     if name in VERBS:
+        from .distributed import launcher
+
+        if launcher():
+            print(f"error: {name} runs in one process; start it without {launcher()} (only "
+                  "training runs across processes)", file=sys.stderr)
+            return 2
         module, _, function = VERBS[name][0].partition(":")
         return getattr(importlib.import_module(module), function)(prog, backend_spec, argv[1:])
     if name not in registry:
@@ -72,13 +83,25 @@ def run_cli(prog: str, backend_spec: str, argv: Sequence[str] | None = None) -> 
     algo = registry[name]
     if "--list-rewards" in argv[1:]:
         return list_rewards(algo)
+    from . import distributed
+
     try:
         cfg = build_config(algo.config_cls, argv[1:], prog=f"python -m {prog} {name}",
                            algorithm=name)
         result = run_training(prog, backend_spec, algo, cfg)
     except (ConfigError, UserError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        if not getattr(e, "quiet", False):
+            print(f"error: {distributed.current().tag()}{e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        world = distributed.current()
+        if not world.peer_failure(e):
+            raise
+        print(f"error: {world.tag()}{distributed.peer_failure_message(e)}", file=sys.stderr,
+              flush=True)
+        return 1
+    if not distributed.current().main:
+        return 0  # rank 0 prints the summary
     summary = {"steps": result.steps, "train_loss": result.final_train_loss,
                "valid_loss": result.final_valid_loss, "run_dir": str(result.run_dir)}
     if result.test is not None:
@@ -112,17 +135,23 @@ def run_training(prog: str, backend_spec: str, algo, cfg):
     from converters.atomic import DiskFullError
     from rewards import RewardError
 
-    from . import rundir
+    from . import distributed, rundir
     from .data import DataError
     from .guards import TrainingStopped, extreme_settings
     from .model_check import ModelError
 
+    try:  # several processes: join the launcher's group first (every rank runs this command)
+        world = distributed.init(backend_spec, cfg)
+    except distributed.DistributedError as e:
+        raise UserError(str(e)) from None
+    if world.size > 1 and world.main:
+        print(world.describe(prog), file=sys.stderr, flush=True)
     model_path, model_config, tokenizer = open_model(cfg.model, cfg.chat_template, prog)
-    try:
-        data = algo.prepare_data(cfg, tokenizer)
+    try:  # the plans of every rank: one seeded order over the GLOBAL micro-batch
+        data = algo.prepare_data(distributed.data_config(cfg, world), tokenizer)
     except (DataError, FileNotFoundError, ValueError) as e:
         raise UserError(str(e)) from None
-    for split, report in data.reports.items():
+    for split, report in data.reports.items() if world.main else ():
         print(f"{prog}: {split}: {report}", file=sys.stderr)
 
     backend_cls = load_backend_class(backend_spec)
@@ -132,11 +161,20 @@ def run_training(prog: str, backend_spec: str, algo, cfg):
         if check is not None:
             check(model_path, model_config)
         check_run_options(cfg, backend_model, model_path)
-        fingerprints = rundir.run_fingerprints(cfg, model_path, data)
-        run = rundir.open_run(cfg, backend_cls.name, algo.total_steps(cfg, data), fingerprints)
-    except (ModelError, rundir.RunDirError, FileNotFoundError) as e:
+    except (ModelError, FileNotFoundError) as e:
         raise UserError(str(e)) from None
-    for warning in extreme_settings(cfg):
+    run, fingerprints, refused = rundir.Run.elsewhere(cfg.run_dir), {}, None
+    if world.main:  # rank 0 alone owns the run dir (lock, resume checks, writes)
+        try:
+            fingerprints = rundir.run_fingerprints(cfg, model_path, data)
+            run = rundir.open_run(cfg, backend_cls.name, algo.total_steps(cfg, data),
+                                  fingerprints)
+        except (ModelError, rundir.RunDirError, FileNotFoundError) as e:
+            refused = str(e)
+    refused = world.broadcast(refused)
+    if refused:
+        raise UserError(refused, quiet=not world.main)
+    for warning in extreme_settings(cfg) if world.main else ():
         print(f"{prog}: warning: {warning}", file=sys.stderr)
     failed = True
     try:
@@ -152,8 +190,11 @@ def run_training(prog: str, backend_spec: str, algo, cfg):
             result = algo.train(cfg, backend, data, run.path, model_path)
             from .report import finish_run
 
-            finish_run(run.path, cfg.plots)  # plots and the run's README
-        except (RewardError, TrainingStopped, DiskFullError) as e:
+            if world.main:
+                finish_run(run.path, cfg.plots)  # plots and the run's README
+        except TrainingStopped as e:  # decided on global numbers: every rank stops
+            raise UserError(str(e), quiet=not world.main) from None
+        except (RewardError, DiskFullError) as e:
             raise UserError(str(e)) from None
         except (FileNotFoundError, ValueError) as e:
             if "--resume" in str(e):
@@ -162,8 +203,9 @@ def run_training(prog: str, backend_spec: str, algo, cfg):
         failed = False
     finally:
         run.close(failed)
-    print(f"{prog}: {result.steps} steps in {time.perf_counter() - started:.1f}s; "
-          f"adapters in {run.path / 'adapters'}", file=sys.stderr)
+    if world.main:
+        print(f"{prog}: {result.steps} steps in {time.perf_counter() - started:.1f}s; "
+              f"adapters in {run.path / 'adapters'}", file=sys.stderr)
     return result
 
 

@@ -141,6 +141,13 @@ class TrainConfig:
         False, "activation checkpointing per transformer block: keep only each block's input, "
         "recompute the rest in backward (less memory, one more forward pass)"
     )
+    # several processes (torchrun / mlx.launch; README "Several processes and machines")
+    parallel: str = field(
+        "ddp", "across processes: ddp = every rank holds the model, gradients summed over ranks; "
+        "fsdp = FSDP2 shards parameters, gradients and optimiser state over the ranks (torch; "
+        "MLX is data parallel)", ["ddp", "fsdp"])
+    dist_timeout: int = field(
+        1800, "seconds a rank waits for the others in a collective before the job stops")
     # output and cadence
     run_dir: str = field("runs/latest", "where metrics, checkpoints and adapters are written")
     log_every: int = field(1, "write metrics every N optimiser steps")
@@ -169,7 +176,7 @@ class TrainConfig:
             if isinstance(value, float) and not math.isfinite(value):
                 _bad(f.name, value, "must be a finite number")
         positive = ["lora_rank", "batch_size", "grad_accumulation_steps", "max_length",
-                    "logprob_chunk_size", "log_every"]
+                    "logprob_chunk_size", "log_every", "dist_timeout"]
         for name in positive:
             if getattr(self, name) <= 0:
                 _bad(name, getattr(self, name), "must be > 0")

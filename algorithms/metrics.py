@@ -71,3 +71,15 @@ def _short(r: dict[str, Any]) -> str:
     grad = f"grad {r['grad_norm']:.3g} " if "grad_norm" in r else ""
     return (f"{reward}loss {r['loss']:.4f} lr {r['learning_rate']:.2e} {grad}"
             f"{r['tokens_per_second']:.0f} tok/s mem {r['peak_memory_gb']:.2f}GB")
+
+
+class NullLog:
+    """The metrics log of a rank other than 0 in a distributed run: rank 0 writes."""
+
+    def write(self, record: dict[str, Any]) -> None: ...
+
+    def advance(self, n: int = 1) -> None: ...
+
+    def echo(self, message: str) -> None: ...
+
+    def close(self) -> None: ...

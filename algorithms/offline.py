@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from . import distributed
 from .data import PreparedData
 
 KL_KEYS = ("input_ids", "targets", "loss_mask", "segment_ids")  # of the mismatched rows
@@ -64,8 +65,9 @@ def reference_prepare(cfg: Any, backend: Any, data: PreparedData,
     def prepare(backend: Any, arrays: list[dict], batches: list, plan: Any) -> None:
         for a, batch in zip(arrays, batches):
             cache = caches.get(id(plan))
-            if cache is not None:
-                keys = cache.row_keys(list(batch.indices), plan.dataset.kind == "paired")
+            if cache is not None:  # this rank's rows of the batch (all of them in one process)
+                share = distributed.shard_batch(batch)
+                keys = cache.row_keys(list(share.indices), plan.dataset.kind == "paired")
                 a["ref_per_token_logps"] = cache.rows(keys, a["input_ids"].shape[1])
             else:
                 a["ref_per_token_logps"] = backend.reference_per_token_logps(a)
@@ -81,23 +83,30 @@ def reference_prepare(cfg: Any, backend: Any, data: PreparedData,
 
 def step_kl_estimate(backend: Any, plan: Any, batches: list) -> np.float32:
     """KTO's ``z = max(0, mean_i [log pi(y'_i|x_i) - log ref(y'_i|x_i)])`` over the mismatched
-    rows of the whole step (policy detached), computed ``plan.batch_size`` rows at a time."""
+    rows of the whole step (policy detached), computed a micro-batch of rows at a time.
+
+    Distributed, ``batches`` are the step's global micro-batches: every rank builds the same
+    mismatched rows, scores its share, and the sum and count are added over ranks."""
+    world = distributed.current()
     rows = plan.kl_rows(batches)
+    size = max(1, plan.batch_size // world.size)  # the plan's micro-batch is the global one
+    mine = distributed.shard(len(rows["input_ids"]), world)
     total, count = 0.0, 0
-    for start in range(0, len(rows["input_ids"]), plan.batch_size):
-        chunk = {k: rows[k][start:start + plan.batch_size] for k in KL_KEYS}
-        chunk = _trim(chunk)
+    for start in distributed.lockstep(list(range(mine.start, mine.stop, size)), world):
+        span = slice(0, 0) if start is None else slice(start, min(start + size, mine.stop))
+        chunk = _trim({k: rows[k][span] for k in KL_KEYS})
         mask = chunk["loss_mask"]
         policy = backend.per_token_logps(chunk)
         reference = backend.reference_per_token_logps(chunk)
         total += float(((policy - reference) * mask).sum(dtype=np.float64))
         count += len(mask)
+    total, count = world.all_sum([total, count])
     return np.float32(max(total / max(count, 1), 0.0))
 
 
 def _trim(chunk: dict) -> dict:
     """Drop the all-padding columns a chunk of a wider array carries."""
-    width = int((chunk["segment_ids"] > 0).sum(axis=1).max(initial=1))
+    width = int((chunk["segment_ids"] > 0).sum(axis=1).max(initial=1))  # 1 for 0 rows
     return {k: v[:, :width] for k, v in chunk.items()}
 
 
@@ -114,6 +123,7 @@ def with_chosen_items(make_prepare: Callable | None = None) -> Callable:
                 inner(backend, arrays, batches, plan)
             chosen = sum(float(a.get("nll_loss_mask", a["loss_mask"])[:len(a["loss_mask"]) // 2]
                                .sum()) for a in arrays)
+            chosen = float(distributed.current().all_sum([chosen])[0])  # over every rank
             for a in arrays:
                 a["num_chosen_items"] = np.float32(max(chosen, 1.0))
 

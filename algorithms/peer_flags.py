@@ -64,6 +64,13 @@ PEER_FLAGS: dict[str, tuple[str | None, str]] = {
     "use_vllm": ("rollout_batch_size", ("rollouts use the backend's own batched sampler "
                                        "(--rollout-batch-size sets how many at once)")),
     "report_to_wandb": ("report_to", "--report-to wandb"),
+    # several processes (transformers / accelerate / mlx-lm)
+    "fsdp": ("parallel", "--parallel fsdp, started with torchrun --nproc-per-node N -m cuda_ft"),
+    "fsdp_config": ("parallel", "--parallel fsdp (FSDP2, every decoder block a unit)"),
+    "ddp_timeout": ("dist_timeout", "--dist-timeout SECONDS"),
+    "ddp_backend": ("parallel", ("the engine follows the devices (NCCL on GPUs, gloo on CPUs); "
+                                "--parallel ddp|fsdp")),
+    "deepspeed": ("parallel", "--parallel fsdp shards parameters, gradients and optimiser state"),
 }
 
 

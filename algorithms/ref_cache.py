@@ -104,23 +104,42 @@ class ReferenceCache:
 
 
 def precompute(backend: Any, plan: Any, paired: bool) -> ReferenceCache:
-    """Run the reference over every example once (epoch-0 batches cover each exactly once)."""
+    """Run the reference over every example once (epoch-0 batches cover each exactly once).
+    Distributed, each rank scores its share of every batch and the entries are gathered."""
+    from .distributed import current, empty_like, gather_concat, shard_batch
+
+    world = current()
     entries: dict[tuple[int, int], np.ndarray] = {}
+    options = {"kl": False} if getattr(plan, "kl", False) else {}
     for batch in plan.batches(0):
-        arrays = plan.collate(batch)
+        share = shard_batch(batch, world)
+        if not share.rows:  # every rank runs as many passes (FSDP2 gathers in each)
+            backend.reference_per_token_logps(empty_like(None))
+            continue
+        arrays = plan.collate(share, **options)
         logps = backend.reference_per_token_logps(arrays)
         lengths = (arrays["segment_ids"] > 0).sum(axis=1)
-        for r, key in enumerate(ReferenceCache.row_keys(list(batch.indices), paired)):
+        for r, key in enumerate(ReferenceCache.row_keys(list(share.indices), paired)):
             entries[key] = logps[r, :lengths[r]].astype(np.float32)
-    return ReferenceCache(entries)
+    return ReferenceCache(dict(gather_concat(entries.items(), world)))
 
 
 def load_or_precompute(backend: Any, plan: Any, paired: bool, path: Path) -> ReferenceCache:
-    if path.is_file():
-        print(f"reference log-probs: reusing {path}", file=sys.stderr)
-        return ReferenceCache.load(path)
-    print(f"reference log-probs: computing once for {len(plan.dataset)} examples -> {path}",
-          file=sys.stderr)
+    """The cache at ``path``, or computed and saved there. Distributed, rank 0 decides, reads
+    and writes; the entries reach every rank through the engine's collectives."""
+    from .distributed import current
+
+    world = current()
+    if world.broadcast(path.is_file()):
+        if world.main:
+            print(f"reference log-probs: reusing {path}", file=sys.stderr)
+        cache = ReferenceCache.load(path) if world.main else None
+        return ReferenceCache(world.broadcast(cache.entries if cache else None))
+    if world.main:
+        print(f"reference log-probs: computing once for {len(plan.dataset)} examples -> {path}",
+              file=sys.stderr)
     cache = precompute(backend, plan, paired)
-    cache.save(path)
+    if world.main:
+        cache.save(path)
+    world.barrier()
     return cache

@@ -94,8 +94,19 @@ class Run:
     def __init__(self, path: Path, created: bool, fd: int | None) -> None:
         self.path, self.created, self._fd = path, created, fd
         self.committed = False
+        self.writes = True
+
+    @classmethod
+    def elsewhere(cls, path: str | Path) -> Run:
+        """The run dir as a rank other than 0 of a distributed run sees it: rank 0 holds the
+        lock and writes everything; this rank only reads checkpoints from it."""
+        run = cls(Path(path), created=False, fd=None)
+        run.writes = False
+        return run
 
     def commit(self, config_json: str, fingerprints: dict[str, Any]) -> None:
+        if not self.writes:
+            return
         write_text_atomically(self.path / ckpt.FINGERPRINTS,
                               json.dumps(fingerprints, indent=2, sort_keys=True) + "\n")
         write_text_atomically(self.path / "config.json", config_json)
@@ -171,7 +182,10 @@ def _check_resume(cfg: Any, path: Path, backend_name: str, planned_steps: int,
         raise RunDirError(f"--resume: {latest} was written by the {state.get('backend')} "
                           f"backend; this is the {backend_name} backend")
     try:
-        ckpt.check_resume_config(state["config"], cfg.to_dict(), latest)
+        from .distributed import check_resume
+
+        saved = check_resume(state, state["config"], cfg, checkpoint=latest)
+        ckpt.check_resume_config(saved, cfg.to_dict(), latest)
     except ValueError as e:
         raise RunDirError(str(e)) from None
     step = int(state["step"])

@@ -25,8 +25,9 @@ from typing import Any
 import numpy as np
 
 from . import checkpoint as ckpt
+from .distributed import current
 from .guards import DivergenceGuard
-from .metrics import MetricsLog
+from .metrics import MetricsLog, NullLog
 
 
 @dataclasses.dataclass
@@ -54,6 +55,7 @@ class Run:
     def __init__(self, cfg: Any, backend: Any, run_dir: Path, n_steps: int,
                  state: Any = None):
         self.cfg, self.backend, self.run_dir = cfg, backend, Path(run_dir)
+        self.world = current()  # several processes: rank 0 alone writes (algorithms.distributed)
         self.n_steps, self.state = n_steps, state
         self.step, self.cursor = 0, Cursor()
         if cfg.resume:
@@ -61,7 +63,7 @@ class Run:
         from .tracking import make_trackers
 
         self.log = MetricsLog(self.run_dir, n_steps, self.step, cfg.progress,
-                              make_trackers(cfg, self.run_dir))
+                              make_trackers(cfg, self.run_dir)) if self.world.main else NullLog()
         self.window = Window()
         self.guard = DivergenceGuard(cfg)  # stops on a NaN/inf loss or a collapsed gradient
         self.last_loss: float | None = None
@@ -111,17 +113,22 @@ class Run:
         """A checkpoint of the run at this step with its data ``cursor``."""
         self.cursor = cursor
         state = {"step": self.step, "cursor": dataclasses.asdict(cursor),
-                 "config": self.cfg.to_dict(), "backend": self.backend.name}
+                 "config": self.cfg.to_dict(), "backend": self.backend.name,
+                 "world_size": self.world.size}
         if self.state is not None:
             state["algorithm_state"] = self.state.state_dict()
-        ckpt.save_checkpoint(self.run_dir, self.step, self.backend, state)
+        ckpt.save_checkpoint(self.run_dir, self.step, self.backend, state, self.world)
         self.window.restart()
 
     def finish(self, cursor: Cursor, valid_loss: float | None = None) -> TrainResult:
         """The final checkpoint and the adapters (then the ``--sample-prompt`` reply)."""
         self.save(cursor)
-        ckpt.write_atomically(self.run_dir / "adapters",
-                              lambda d: self.backend.save_adapters(str(d)))
+        if self.world.main:
+            ckpt.write_atomically(self.run_dir / "adapters",
+                                  lambda d: self.backend.save_adapters(str(d)))
+        else:  # takes part in the collectives (FSDP2 gathers the shards); writes nothing
+            self.backend.save_adapters(None)
+        self.world.barrier()
         sample = None
         if self.cfg.sample_prompt:
             sample = self.backend.generate(self.cfg.sample_prompt, self.cfg.sample_max_tokens)

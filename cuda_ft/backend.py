@@ -33,11 +33,13 @@ from algorithms.backend import (
     save_value_head,
     value_head_init,
 )
+from algorithms.distributed import current, is_empty
 from algorithms.weight_decay import decayed_names
 from converters.fingerprint import write_base_record
 
 from . import varlen
 from .device import choose_device
+from .distributed import Parallel, full, shard_like
 from .kernel_patch import head_impl
 from .logprobs import head_outputs
 from .model import canonical_parameters, load_model, set_adapter_training
@@ -73,6 +75,7 @@ class TorchBackend(ForwardShortcuts):
         # distillation: the frozen teacher (the teacher_divergence output, teacher sampling)
         self.teacher = load_frozen(cfg.teacher, self.choice) if getattr(cfg, "teacher", "") \
             else None
+        self.parallel = Parallel(self, current())  # DDP / FSDP2 under torchrun (may reshard params)
         # Weight decay on all but biases and norm weights (algorithms.weight_decay): two groups.
         decayed = set(decayed_names(self.params, cfg.decay_norms_and_biases))
         groups = [{"params": [p for n, p in self.params.items() if n in decayed],
@@ -206,11 +209,14 @@ class TorchBackend(ForwardShortcuts):
                                  float(batch["jsd_beta"]), grad)
         return out if grad else out.detach()
 
-    def _loss(self, batch: dict[str, np.ndarray], loss: Loss) -> tuple[torch.Tensor, dict]:
+    def _loss(self, batch: dict[str, np.ndarray], loss: Loss,
+              train: bool = False) -> tuple[torch.Tensor, dict]:
         tensors = self._to_tensors(batch)
         if "num_items" in tensors:
             tensors["num_items"] = tensors["num_items"].reshape(())
-        outputs = self._outputs(batch, tensors, dict(loss.outputs))
+        wanted = dict(loss.outputs)
+        outputs = self.parallel.train_outputs(batch, tensors, wanted) if train else \
+            self.parallel.outputs(batch, tensors, wanted, False)
         return loss(self.ops, outputs, loss_view(tensors))
 
     def _metrics(self, loss: torch.Tensor, metrics: dict) -> dict[str, float]:
@@ -218,15 +224,23 @@ class TorchBackend(ForwardShortcuts):
                 **{k: self.ops.to_float(v) for k, v in metrics.items()}}
 
     def forward_backward(self, batch: dict[str, np.ndarray], loss: Loss) -> dict[str, float]:
-        """Loss of one micro-batch; its gradients are added to those already accumulated."""
+        """Loss of one micro-batch; its gradients are added to those already accumulated
+        (under DDP / FSDP2 averaged over ranks: the loss, a share of the global step, is scaled
+        by the world size first). An empty batch (a rank's empty share) returns {}."""
         set_adapter_training(self.model, True)
-        value, metrics = self._loss(batch, as_loss(loss))
-        value.backward()
+        if is_empty(batch):
+            self.parallel.empty_pass(dict(as_loss(loss).outputs), batch)
+            return {}
+        value, metrics = self._loss(batch, as_loss(loss), train=True)
+        (value * self.parallel.loss_scale()).backward()
         return self._metrics(value, metrics)
 
     def evaluate(self, batch: dict[str, np.ndarray], loss: Loss) -> dict[str, float]:
         set_adapter_training(self.model, False)
         with torch.no_grad():
+            if is_empty(batch):
+                self.parallel.empty_pass(dict(as_loss(loss).outputs), batch)
+                return {}
             value, metrics = self._loss(batch, as_loss(loss))
         return self._metrics(value, metrics)
 
@@ -236,10 +250,12 @@ class TorchBackend(ForwardShortcuts):
         names = check_outputs(outputs, self.value_head is not None and not reference,
                               self.teacher is not None and not reference)
         set_adapter_training(self.model, False)
-        with torch.no_grad(), contextlib.ExitStack() as stack:
-            model = stack.enter_context(self.reference.model()) if reference else None
-            out = self._outputs(batch, self._to_tensors(batch), dict.fromkeys(names, False),
-                                model)
+        with torch.no_grad():
+            if is_empty(batch):
+                self.parallel.empty_pass(dict.fromkeys(names, False), batch)
+                return {k: np.zeros(np.shape(batch["input_ids"]), np.float32) for k in names}
+            out = self.parallel.outputs(batch, self._to_tensors(batch),
+                                        dict.fromkeys(names, False), reference)
         return {k: v.float().cpu().numpy() for k, v in out.items()}
 
     # optimiser ------------------------------------------------------------------------------
@@ -253,8 +269,7 @@ class TorchBackend(ForwardShortcuts):
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        norm = torch.sqrt(sum(p.grad.float().pow(2).sum() for p in params))
-        norm_value = float(norm)
+        norm_value = self.parallel.grad_norm(params)
         if max_grad_norm > 0:
             scale = min(1.0, max_grad_norm / (norm_value + 1e-6))
             if scale < 1.0:
@@ -269,18 +284,24 @@ class TorchBackend(ForwardShortcuts):
     # parameters and checkpoints ---------------------------------------------------------------
     def trainable_parameters(self) -> dict[str, np.ndarray]:
         # A copy: on CPU, .numpy() of an fp32 tensor would alias the live parameter.
-        return {k: p.detach().float().cpu().numpy().copy() for k, p in self.params.items()}
+        # (FSDP2: gathered whole, a collective)
+        return {k: full(p.detach()).float().cpu().numpy().copy() for k, p in self.params.items()}
 
-    def save_state(self, directory: str) -> None:
-        """Trainable weights (canonical names), AdamW state, and the CPU/CUDA RNG states."""
+    def save_state(self, directory: str | None) -> None:
+        """Trainable weights (canonical names), AdamW state, and the CPU/CUDA RNG states, whole
+        tensors whatever the sharding. Every rank of a distributed run calls it; ranks other
+        than 0 pass None (they take part in the gathers and write nothing)."""
         from safetensors.torch import save_file
 
+        weights, optimizer = self.parallel.full_state(self.params, self.optimizer)
+        ranks = self.parallel.rng_states()
+        if directory is None:
+            return
         path = Path(directory)
         path.mkdir(parents=True, exist_ok=True)
-        save_file({k: p.detach().cpu().contiguous() for k, p in self.params.items()},
-                  str(path / _WEIGHTS))
-        torch.save(self.optimizer.state_dict(), path / _OPTIMIZER)
-        rng = {"cpu": torch.get_rng_state()}
+        save_file(weights, str(path / _WEIGHTS))
+        torch.save(optimizer, path / _OPTIMIZER)
+        rng = {"cpu": torch.get_rng_state(), **({"ranks": ranks} if len(ranks) > 1 else {})}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
         torch.save(rng, path / _RNG)
@@ -297,42 +318,44 @@ class TorchBackend(ForwardShortcuts):
                              f"parameters (missing {missing[:3]}, unexpected {extra[:3]})")
         with torch.no_grad():
             for name, param in self.params.items():
-                param.copy_(weights[name].to(param.device, param.dtype))
-        self.optimizer.load_state_dict(torch.load(path / _OPTIMIZER, map_location=self.device))
-        rng = torch.load(path / _RNG, weights_only=True)
-        torch.set_rng_state(rng["cpu"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+                param.copy_(shard_like(weights[name], param))
+        self.parallel.load_optimizer(self.optimizer, torch.load(path / _OPTIMIZER,
+                                                                map_location=self.device),
+                                     list(self.params.values()))
+        self.parallel.set_rng(torch.load(path / _RNG, weights_only=True))
 
-    def save_adapters(self, directory: str) -> None:
+    def save_adapters(self, directory: str | None) -> None:
         """PEFT adapter dir for lora/dora; a full HF model dir (with tokenizer) for full; both
         with the run's ``chat_template.jinja``, and the value head beside them when the run has
-        one."""
+        one. Distributed: every rank calls it, ranks other than 0 with None."""
         from algorithms.data.templates import save_chat_template
 
+        params = self.trainable_parameters() if self.value_head is not None or \
+            self.init_adapter is not None else {}
+        state = self.parallel.adapter_state()  # FSDP2: whole tensors (a gather)
+        if directory is None:
+            return
         path = Path(directory)
         path.mkdir(parents=True, exist_ok=True)
         save_chat_template(path, self.tokenizer)
-        self.model.save_pretrained(str(path))
+        self.model.save_pretrained(str(path), **({} if state is None else {"state_dict": state}))
         if self.cfg.fine_tune_type == "full":
             self.tokenizer.save_pretrained(str(path))
         else:
             if self.init_adapter is not None:
-                self._stack_init_adapter(path)
+                self._stack_init_adapter(path, params)
             write_base_record(path, self.model_path)  # fuse refuses it on another base
         if self.value_head is not None:
-            params = self.trainable_parameters()
             save_value_head(path, {k: params[k] for k in VALUE_HEAD_KEYS})
 
-    def _stack_init_adapter(self, path: Path) -> None:
+    def _stack_init_adapter(self, path: Path, params: dict[str, np.ndarray]) -> None:
         """Rewrite the saved PEFT adapter as the initial adapter and the trained one in one LoRA
         of rank r1 + r2 (algorithms.adapter_io.stack), which PEFT loads on the base."""
         import json
 
         from safetensors.numpy import save_file
 
-        trained = {k: v for k, v in self.trainable_parameters().items()
-                   if not k.startswith("v_head.")}
+        trained = {k: v for k, v in params.items() if not k.startswith("v_head.")}
         scale = self.cfg.lora_alpha / self.cfg.lora_rank
         stacked = stack(self.init_adapter, trained, self.cfg.lora_rank, scale)
         save_file({f"base_model.model.{k}.weight": v for k, v in stacked.items()},
@@ -354,7 +377,7 @@ class TorchBackend(ForwardShortcuts):
                     shape = None if param is None else tuple(param.shape)
                     raise ValueError(f"--adapter: {name} {value.shape} does not fit this "
                                      f"model's adapter layers ({shape})")
-                param.copy_(torch.from_numpy(value).to(param.device, param.dtype))
+                param.copy_(shard_like(torch.from_numpy(value), param))
 
     # generation and memory ---------------------------------------------------------------------
     def generate(self, prompt: str, max_tokens: int) -> str:
@@ -367,16 +390,17 @@ class TorchBackend(ForwardShortcuts):
         eos = tok.eos_token_id if eos is None else eos
         pad = tok.pad_token_id if tok.pad_token_id is not None else eos
         set_adapter_training(self.model, False)
-        with torch.no_grad(), self._autocast():
+        with torch.no_grad(), self._autocast(), self.parallel.gathered():
             out = self.model.generate(
                 input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
-                do_sample=False, eos_token_id=eos, pad_token_id=pad,
+                do_sample=False, eos_token_id=eos, pad_token_id=pad, synced_gpus=False,
             )
         return tok.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=True)
 
-    def sample(self, prompts: list[list[int]], params: Any, seed: int) -> list:
+    def sample(self, prompts: list[list[int]], params: Any, seed: int | list[int]) -> list:
         """Sampled completions (``algorithms.rl.sampling.Completion``), one per prompt, in
-        order; transformers ``generate`` on the adapted model (see cuda_ft.rollout)."""
+        order; transformers ``generate`` on the adapted model (see cuda_ft.rollout); one seed
+        per prompt makes each completion independent of the others in the call."""
         from algorithms.rl.sampling import stop_token_ids
 
         from .rollout import sample
@@ -390,6 +414,7 @@ class TorchBackend(ForwardShortcuts):
                     raise ValueError("sampling from the teacher needs a run with --teacher")
                 model = self.teacher
             else:  # the policy; for "mixture", beside the reference (cuda_ft.rollout)
+                stack.enter_context(self.parallel.gathered())
                 model = self.model
             return sample(model, self.tokenizer, prompts, params, seed, eos_ids, self.device,
                           self._autocast(), reference=self.reference.model)

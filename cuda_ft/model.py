@@ -87,6 +87,10 @@ def check_options(cfg: Any) -> None:
     from .quantized import check_options as check_quantized
 
     check_quantized(cfg)
+    if getattr(cfg, "parallel", "ddp") == "fsdp" and getattr(cfg, "quantize_base", 0):
+        raise ModelError(f"--parallel fsdp with --quantize-base {cfg.quantize_base}: FSDP2 does "
+                         "not shard bitsandbytes weights; use --parallel ddp (each rank holds "
+                         "the quantised base) or a float base")
 
 
 def _from_pretrained(model_path: str | Path) -> nn.Module:

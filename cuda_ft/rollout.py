@@ -8,7 +8,11 @@ would see alone. Sampling is transformers' own chain (temperature, top-k, top-p,
 model's ``generation_config.json`` (a repetition penalty, a top-k of 50...) slips in.
 
 Seeding: the whole call runs inside ``torch.random.fork_rng`` after ``torch.manual_seed(seed)``,
-so the same seed gives the same completions and the training RNG stream is left as it was.
+so the same seed gives the same completions and the training RNG stream is left as it was. With
+one seed per prompt (what the online loop passes), each row draws from its own generator
+(:class:`RowSeededSampler`: transformers' warpers in its sampling order, then a draw per row),
+so a completion does not depend on the other prompts of the call, the chunking, or which rank of
+a distributed run samples it.
 Stop strings end a row early through a stopping criterion built on the same
 :class:`StopStringWatch` as the MLX backend; :func:`algorithms.rl.sampling.finish` decides where
 each completion ends. Nash-MD's geometric mixture of policy and reference is a logits processor
@@ -47,14 +51,53 @@ def left_pad(prompts: list[list[int]], pad_id: int,
     return ids.to(device), mask.to(device)
 
 
-def generation_config(params: SamplingParams, eos_ids: Sequence[int], pad_id: int) -> Any:
-    """A ``GenerationConfig`` that samples exactly ``params`` (every filter set explicitly)."""
+class RowSeededSampler:
+    """A logits processor that samples: transformers' temperature, top-k, top-p and min-p
+    warpers (its sampling order), then each row's token drawn with that row's own generator;
+    the drawn token scores 0 and every other -inf, so ``generate``'s greedy choice takes it."""
+
+    def __init__(self, params: SamplingParams, seeds: Sequence[int], device: torch.device):
+        from transformers.generation.logits_process import (
+            MinPLogitsWarper,
+            TemperatureLogitsWarper,
+            TopKLogitsWarper,
+            TopPLogitsWarper,
+        )
+
+        self.warpers = [TemperatureLogitsWarper(float(params.temperature))]
+        if params.top_k:
+            self.warpers.append(TopKLogitsWarper(int(params.top_k)))
+        if params.top_p < 1.0:
+            self.warpers.append(TopPLogitsWarper(float(params.top_p)))
+        if params.min_p > 0.0:
+            self.warpers.append(MinPLogitsWarper(float(params.min_p)))
+        self.generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        for warper in self.warpers:
+            scores = warper(input_ids, scores)
+        probs = torch.softmax(scores.float(), dim=-1)
+        picks = torch.cat([torch.multinomial(probs[row], 1, generator=gen)
+                           for row, gen in enumerate(self.generators)])
+        out = torch.full_like(scores, float("-inf"))
+        return out.scatter_(1, picks[:, None], 0.0)
+
+
+def generation_config(params: SamplingParams, eos_ids: Sequence[int], pad_id: int,
+                      per_row: bool = False) -> Any:
+    """A ``GenerationConfig`` that samples exactly ``params`` (every filter set explicitly);
+    ``per_row``: greedy over the scores of a :class:`RowSeededSampler`, which samples."""
     from transformers import GenerationConfig
 
+    if per_row:
+        filters = {"do_sample": False, "temperature": 1.0, "top_k": None, "top_p": 1.0,
+                   "min_p": None}
+    else:
+        filters = {"do_sample": True, "temperature": float(params.temperature),
+                   "top_k": int(params.top_k), "top_p": float(params.top_p),
+                   "min_p": float(params.min_p)}
     return GenerationConfig(
-        do_sample=True, num_beams=1, num_return_sequences=1,
-        temperature=float(params.temperature), top_k=int(params.top_k),
-        top_p=float(params.top_p), min_p=float(params.min_p), typical_p=1.0,
+        num_beams=1, num_return_sequences=1, **filters, typical_p=1.0,
         epsilon_cutoff=0.0, eta_cutoff=0.0, repetition_penalty=1.0, no_repeat_ngram_size=0,
         min_new_tokens=0, max_new_tokens=int(params.max_tokens),
         eos_token_id=[int(e) for e in eos_ids], pad_token_id=int(pad_id), use_cache=True,
@@ -117,23 +160,30 @@ def _training_modes(model: nn.Module) -> dict[nn.Module, bool]:
 
 
 def sample(model: nn.Module, tokenizer: Any, prompts: Sequence[Sequence[int]],
-           params: SamplingParams, seed: int, eos_ids: Sequence[int], device: torch.device,
+           params: SamplingParams, seed: int | Sequence[int], eos_ids: Sequence[int],
+           device: torch.device,
            autocast: contextlib.AbstractContextManager | None = None,
            reference: Any = None) -> list[Completion]:
-    """One :class:`Completion` per prompt, in order (see ``Backend.sample``).
+    """One :class:`Completion` per prompt, in order (see ``Backend.sample``); ``seed`` is one
+    seed for the call or one per prompt.
 
     ``model`` is the model that samples (PEFT wrapper or plain HF model); every module is put
     in eval mode for sampling and given back its previous mode afterwards. With
     ``params.source == "mixture"``, ``reference`` (a context manager factory yielding the
     reference model) supplies the second half of :func:`mixture_processor`.
     """
+    from transformers import LogitsProcessorList
+
     prompts = check_prompts(prompts)
     if not prompts:
         return []
     if not eos_ids:
         raise ValueError("eos_ids is empty: a completion could only end at max_tokens")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else int(eos_ids[0])
-    config = generation_config(params, eos_ids, pad_id)
+    seeds = None if isinstance(seed, int) else [int(s) for s in seed]
+    if seeds is not None and len(seeds) != len(prompts):
+        raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts: give one per prompt")
+    config = generation_config(params, eos_ids, pad_id, per_row=seeds is not None)
     watch = StopStringWatch(tokenizer, params.stop)
     modes = _training_modes(model)
     model.eval()
@@ -142,14 +192,18 @@ def sample(model: nn.Module, tokenizer: Any, prompts: Sequence[Sequence[int]],
     try:
         with torch.random.fork_rng(devices=cuda), torch.no_grad(), \
                 (autocast or contextlib.nullcontext()):
-            torch.manual_seed(int(seed))
+            torch.manual_seed(int(seed) if seeds is None else 0)
             for rows in chunks(len(prompts), params.batch_size):
                 ids, mask = left_pad([prompts[i] for i in rows], pad_id, device)
-                mixed = [mixture_processor(reference, params.mixture_coef, mask)] \
+                processors = [mixture_processor(reference, params.mixture_coef, mask)] \
                     if params.source == "mixture" else []
+                if seeds is not None:  # after the mixture: the filters act on the mixed scores
+                    processors.append(RowSeededSampler(params, [seeds[i] for i in rows], device))
                 out = model.generate(input_ids=ids, attention_mask=mask,
-                                     generation_config=config, logits_processor=mixed,
-                                     stopping_criteria=_stop_string_criteria(watch, ids.shape[1]))
+                                     generation_config=config,
+                                     logits_processor=LogitsProcessorList(processors),
+                                     stopping_criteria=_stop_string_criteria(watch, ids.shape[1]),
+                                     synced_gpus=False)  # FSDP2: gathered, no lockstep
                 sampled += out[:, ids.shape[1]:].tolist()
     finally:
         for module, mode in modes.items():

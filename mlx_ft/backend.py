@@ -34,6 +34,7 @@ from algorithms.backend import (
     save_value_head,
     value_head_init,
 )
+from algorithms.distributed import current, is_empty
 from algorithms.weight_decay import decayed_names
 from converters.fingerprint import write_base_record
 
@@ -98,6 +99,7 @@ class MLXBackend(ForwardShortcuts):
             else None
         self._grads = None
         self._micro_batches = 0  # dropout is re-seeded from (seed, this count): resumable RNG
+        self.world = current()  # several processes: gradients summed in optimizer_step
         self._value_and_grad = nn.value_and_grad(self.model, self._loss)
 
     def _make_value_head(self) -> nn.Linear:
@@ -138,8 +140,11 @@ class MLXBackend(ForwardShortcuts):
         self.model.train()
         # MLX's global RNG state cannot be restored, so make it a function of the position in
         # the run instead: a resumed run draws the same dropout masks as an uninterrupted one.
-        mx.random.seed(self.cfg.seed * 1_000_003 + self._micro_batches)
+        draw = self.cfg.seed * 1_000_003 + self._micro_batches
+        mx.random.seed(draw if self.world.size == 1 else (draw * 7919 + self.world.rank) % 2**32)
         self._micro_batches += 1
+        if is_empty(batch):  # this rank's empty share of a micro-batch
+            return {}
         (value, metrics), grads = self._value_and_grad(self._to_device(batch), batch,
                                                        as_loss(loss), True)
         self._grads = grads if self._grads is None else tree_map(mx.add, self._grads, grads)
@@ -148,6 +153,8 @@ class MLXBackend(ForwardShortcuts):
 
     def evaluate(self, batch: dict[str, np.ndarray], loss: Loss) -> dict[str, float]:
         self.model.eval()
+        if is_empty(batch):
+            return {}
         value, metrics = self._loss(self._to_device(batch), batch, as_loss(loss))
         mx.eval(value, metrics)
         return {"loss": value.item(), **{k: v.item() for k, v in metrics.items()}}
@@ -158,6 +165,8 @@ class MLXBackend(ForwardShortcuts):
         names = check_outputs(outputs, self.value_head is not None and not reference,
                               self.teacher is not None and not reference)
         self.model.eval()
+        if is_empty(batch):
+            return {k: np.zeros(np.shape(batch["input_ids"]), np.float32) for k in names}
         wanted = dict.fromkeys(names, False)
         arrays = self._to_device(batch)
         if reference:
@@ -171,9 +180,15 @@ class MLXBackend(ForwardShortcuts):
 
     # --- update ---------------------------------------------------------------------------
     def optimizer_step(self, learning_rate: float, max_grad_norm: float) -> float:
+        if self._grads is None and self.world.size > 1:  # every share of this rank was empty
+            self._grads = tree_map(mx.zeros_like, self.model.trainable_parameters())
         if self._grads is None:
             raise RuntimeError("optimizer_step called before forward_backward")
         grads = self._grads
+        if self.world.size > 1:  # data parallel: every rank's gradients, summed
+            from .distributed import sum_gradients
+
+            grads = sum_gradients(grads, self.world)
         norm = precise.global_norm(g for _, g in tree_flatten(grads))
         if max_grad_norm > 0:
             scale = mx.minimum(1.0, max_grad_norm / (norm + 1e-6))
@@ -200,7 +215,10 @@ class MLXBackend(ForwardShortcuts):
     def trainable_parameters(self) -> dict[str, np.ndarray]:
         return mlx_model.to_canonical(mlx_model.trainable(self.model), self.cfg.fine_tune_type)
 
-    def save_state(self, directory: str) -> None:
+    def save_state(self, directory: str | None) -> None:
+        """Distributed: every rank calls it; rank 0 (the others pass None) writes."""
+        if directory is None:
+            return
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         mx.save_safetensors(str(d / "trainable.safetensors"), mlx_model.trainable(self.model))
@@ -225,6 +243,8 @@ class MLXBackend(ForwardShortcuts):
         run's ``chat_template.jinja``); the value head beside them when the run has one."""
         from algorithms.data.templates import save_chat_template
 
+        if directory is None:  # a rank other than 0: rank 0 writes
+            return
         d = Path(directory)
         save_chat_template(d, self.tokenizer)
         weights = mlx_model.trainable(self.model)
@@ -294,9 +314,10 @@ class MLXBackend(ForwardShortcuts):
         wrapper = TokenizerWrapper(self.tokenizer)
         return mlx_generate(self.model, wrapper, prompt=ids, max_tokens=max_tokens, verbose=False)
 
-    def sample(self, prompts: list[list[int]], params: Any, seed: int) -> list:
+    def sample(self, prompts: list[list[int]], params: Any, seed: int | list[int]) -> list:
         """Sampled completions (``algorithms.rl.sampling.Completion``), one per prompt, in
-        order; batched with a KV cache (see mlx_ft.rollout)."""
+        order; batched with a KV cache (see mlx_ft.rollout); one seed per prompt makes each
+        completion independent of the others in the call."""
         from algorithms.rl.sampling import stop_token_ids
 
         from .rollout import sample

@@ -35,6 +35,13 @@ def check_model(path: Path, config: dict) -> None:
                          f"is not an architecture mlx-lm can build ({e})") from None
 
 
+def check_options(cfg: Any) -> None:
+    """Options this backend cannot honour, refused before the model loads."""
+    if getattr(cfg, "parallel", "ddp") == "fsdp":
+        raise ModelError("--parallel fsdp: FSDP2 is the torch backend's (torchrun -m cuda_ft); "
+                         "mlx_ft trains data parallel across processes (--parallel ddp)")
+
+
 def load_model(path: Path, dtype: Any) -> tuple[nn.Module, dict]:
     from mlx_lm.utils import load_model as mlx_lm_load_model
 

@@ -11,7 +11,10 @@ What we supply: the sampler. mlx-lm's ``make_sampler`` applies top-p / min-p to 
 log-probs; ours applies the chain of :mod:`algorithms.rl.sampling` (temperature, top-k, top-p,
 min-p, in transformers' order, using mlx-lm's filter functions) and draws with explicit keys
 split from ``mx.random.key(seed)``, so the same seed gives the same completions and the global
-RNG (dropout) is untouched. Stop strings end a row early when :class:`StopStringWatch` sees one;
+RNG (dropout) is untouched. With one seed per prompt (what the online loop passes) every row
+has its own sampler and key chain (mlx-lm's per-sequence samplers), so a completion does not
+depend on the other prompts of the call, ``batch_size``, or which rank of a distributed run
+samples it. Stop strings end a row early when :class:`StopStringWatch` sees one;
 :func:`algorithms.rl.sampling.finish` decides where each completion ends.
 
 Nash-MD samples from :class:`GeometricMixture`, a model-like wrapper of the policy and the
@@ -111,8 +114,10 @@ class GeometricMixture:
 
 
 def sample(model: nn.Module, tokenizer: Any, prompts: Sequence[Sequence[int]],
-           params: SamplingParams, seed: int, eos_ids: Sequence[int]) -> list[Completion]:
-    """One :class:`Completion` per prompt, in order (see ``Backend.sample``).
+           params: SamplingParams, seed: int | Sequence[int],
+           eos_ids: Sequence[int]) -> list[Completion]:
+    """One :class:`Completion` per prompt, in order (see ``Backend.sample``); ``seed`` is one
+    seed for the call or one per prompt.
 
     At most ``params.batch_size`` sequences (all when 0) hold a KV cache at any time. The model
     is put in eval mode (no adapter dropout) and its previous mode is restored afterwards.
@@ -125,6 +130,13 @@ def sample(model: nn.Module, tokenizer: Any, prompts: Sequence[Sequence[int]],
     if not eos_ids:
         raise ValueError("eos_ids is empty: a completion could only end at max_tokens")
     rows = params.batch_size or len(prompts)
+    samplers = None
+    if not isinstance(seed, int):
+        seeds = [int(s) for s in seed]
+        if len(seeds) != len(prompts):
+            raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts: give one per prompt")
+        samplers = [FilteredSampler(params, s) for s in seeds]
+        seed = 0
     was_training = model.training
     model.eval()
     watch = StopStringWatch(tokenizer, params.stop)
@@ -134,7 +146,7 @@ def sample(model: nn.Module, tokenizer: Any, prompts: Sequence[Sequence[int]],
         prefill_batch_size=rows,
     )
     try:
-        uids = generator.insert(prompts)
+        uids = generator.insert(prompts, samplers=samplers)
         sampled: dict[int, list[int]] = {uid: [] for uid in uids}
         while responses := generator.next_generated():
             stopped = []

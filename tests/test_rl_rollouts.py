@@ -92,9 +92,11 @@ def test_dynamic_sampling_fills_the_batch_with_informative_groups():
     assert stats["dynamic_sampling/topped_up_groups"] == 0
     assert stats["dynamic_sampling/sampled_groups"] == sum(n for n, _ in backend.calls) / 4
     assert stats["dynamic_sampling/dropped_groups"] == stats["dynamic_sampling/sampled_groups"] - 2
-    # each round asks only for the groups still missing, with its own seed
+    # each round asks only for the groups still missing, every completion with its own seed
     assert backend.calls[0][0] == 2 * 4
-    assert len({seed for _, seed in backend.calls}) == len(backend.calls)
+    seeds = [s for n, row_seeds in backend.calls for s in row_seeds]
+    assert all(len(row_seeds) == n for n, row_seeds in backend.calls)
+    assert len(set(seeds)) == len(seeds)
 
 
 def test_dynamic_sampling_stops_at_its_cap_and_tops_up():

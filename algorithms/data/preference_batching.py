@@ -99,11 +99,13 @@ class PreferenceBatchPlan:
             groups[-2].extend(groups.pop())
         return [Batch(tuple((i,) for i in g)) for g in groups]
 
-    def collate(self, batch: Batch) -> dict[str, np.ndarray]:
+    def collate(self, batch: Batch, kl: bool | None = None) -> dict[str, np.ndarray]:
+        """The batch's arrays; ``kl=False`` leaves out the micro-batch's own mismatched rows
+        (the training loop uses the step-wide estimate of :meth:`kl_rows` instead)."""
         if self.dataset.kind == "paired":
             return collate_paired(self.dataset, batch)
-        return collate_unpaired(self.dataset, batch, kl=self.kl, max_length=self.max_length,
-                                offset=self.kl_offset)
+        return collate_unpaired(self.dataset, batch, kl=self.kl if kl is None else kl and self.kl,
+                                max_length=self.max_length, offset=self.kl_offset)
 
     def kl_rows(self, batches: list[Batch]) -> dict[str, np.ndarray]:
         """The mismatched rows of a whole optimiser step: every example of ``batches`` in

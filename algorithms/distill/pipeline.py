@@ -43,8 +43,8 @@ class DistillBatch(RolloutBatch):
         super().__init__(rollouts, False, cfg.distill_temperature, pad_id)
         self.beta, self.source = cfg.beta, source
 
-    def micro_batches(self, rows: list[int], batch_size: int) -> list:
-        out = super().micro_batches(rows, batch_size)
+    def micro_batches(self, rows: list[int], batch_size: int, world: Any = None) -> list:
+        out = super().micro_batches(rows, batch_size, world)
         tokens = max(1.0, float(sum(sum(self.sequences[i].loss_mask) for i in rows)))
         for _, arrays in out:
             arrays["jsd_beta"] = np.float32(self.beta)

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import distributed
 from ..rl.batches import RolloutBatch
 from ..rl.rollouts import Rollouts, reward_weights, round_seed, sampling_params, score
 
@@ -102,26 +103,39 @@ class PairBatch:
         chosen, rejected = zip(*(self.chosen_rejected(k) for k in pairs))
         return list(chosen) + list(rejected)
 
-    def micro_batches(self, pairs: list[int],
-                      batch_size: int) -> list[tuple[list[int], dict[str, np.ndarray]]]:
+    def micro_batches(self, pairs: list[int], batch_size: int, world: Any = None,
+                      ) -> list[tuple[list[int], dict[str, np.ndarray]]]:
         """The micro-batches of one optimiser step over ``pairs``: pairs sorted by their longer
         row, cut into ``batch_size`` pairs, each collated with its pair values and its share
-        of the step (``micro_fraction``); ``(rows, arrays)`` pairs."""
+        of the step (``micro_fraction``); ``(rows, arrays)`` pairs. With a ``world`` of several
+        ranks (every rank holds the same generation batch), this rank's pairs (every
+        ``size``-th of the sorted order), padded with empty micro-batches to the count of the
+        rank with most (:func:`algorithms.distributed.lockstep`)."""
         seqs = self.rows.sequences
         order = sorted(pairs, key=lambda k: (max(len(seqs[2 * k]), len(seqs[2 * k + 1])), k))
+        mine = order if world is None else order[world.rank::world.size]
         out = []
-        for start in range(0, len(order), batch_size):
-            chunk = order[start:start + batch_size]
-            rows = self.pair_rows(chunk)
-            arrays = self.rows.collate(rows)
-            self._check_paired(rows, len(chunk))
-            arrays["pair_weight"] = self.scored[chunk].astype(np.float32)
-            arrays["from_second"] = np.array([r % 2 for r in rows], np.float32)
-            if self.layout == "policy":
-                arrays["preference"] = self.preference[chunk].astype(np.float32)
-            arrays["micro_fraction"] = np.float32(len(chunk) / len(order))
-            out.append((rows, arrays))
+        for start in range(0, len(mine), batch_size):
+            chunk = mine[start:start + batch_size]
+            out.append((self.pair_rows(chunk), self._collate(chunk, len(order))))
+        if world is not None and world.size > 1:
+            template = self._collate(order[:1], len(order))
+            for _ in distributed.lockstep(out, world)[len(out):]:
+                empty = distributed.empty_like(template)
+                empty["micro_fraction"] = np.float32(0.0)
+                out.append(([], empty))
         return out
+
+    def _collate(self, chunk: list[int], n_step: int) -> dict[str, np.ndarray]:
+        rows = self.pair_rows(chunk)
+        arrays = self.rows.collate(rows)
+        self._check_paired(rows, len(chunk))
+        arrays["pair_weight"] = self.scored[chunk].astype(np.float32)
+        arrays["from_second"] = np.array([r % 2 for r in rows], np.float32)
+        if self.layout == "policy":
+            arrays["preference"] = self.preference[chunk].astype(np.float32)
+        arrays["micro_fraction"] = np.float32(len(chunk) / n_step)
+        return arrays
 
     def _check_paired(self, rows: list[int], n_pairs: int) -> None:
         if self.layout != "pairs":

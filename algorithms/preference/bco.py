@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import distributed
 from ..backend import Loss, logps_loss
 from ..config import field
 from .common import check_beta, pair_share, sequence_logps
@@ -118,7 +119,9 @@ def running_delta(make_prepare: Callable, loss: Loss) -> Callable:
     loss's ``bco/batch_reward_mean`` metric, evaluated without gradient on each micro-batch and
     weighted by its rows) into a :class:`RunningMean` and hand its mean to every micro-batch as
     ``batch["bco_reward_mean"]``. Batches of another plan (validation) read it unchanged. The
-    hook carries the state as ``.state`` (checkpointed by the spine)."""
+    hook carries the state as ``.state`` (checkpointed by the spine). Across processes each
+    micro-batch's reward sum and rows are summed over ranks first, so every rank folds the same
+    global values."""
     running = RunningMean()
 
     def make(cfg: Any, backend: Any, data: Any, model_path: Path) -> Callable:
@@ -128,9 +131,14 @@ def running_delta(make_prepare: Callable, loss: Loss) -> Callable:
             if inner is not None:
                 inner(backend, arrays, batches, plan)
             if plan is data.train:
-                for a in arrays:
-                    reward = backend.evaluate(a, loss)[REWARD_METRIC]
-                    running.update(reward, len(a["input_ids"]))
+                world = distributed.current()
+                for a in arrays:  # every rank evaluates its share (maybe empty: {}) in lockstep
+                    rows = len(a["input_ids"])
+                    reward = backend.evaluate(a, loss).get(REWARD_METRIC, 0.0)
+                    if world.size > 1:  # the micro-batch's rows over every rank
+                        total, rows = world.all_sum([reward * rows, rows])
+                        reward, rows = (float(total / rows) if rows else 0.0), int(rows)
+                    running.update(reward, rows)
             for a in arrays:
                 a[DELTA_KEY] = np.float32(running.mean)
 

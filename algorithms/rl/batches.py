@@ -16,7 +16,10 @@ outputs back into completion slots.
 Micro-batches hold rows sorted by length, so little compute goes to padding; every loss
 aggregation is a sum over micro-batches, so the order changes nothing else. Keys added for the
 loss: ``temperature`` (outputs under the sampling distribution), ``num_items`` (loss tokens of
-the optimiser step) and ``micro_fraction`` (this micro-batch's share of the step's rows).
+the optimiser step) and ``micro_fraction`` (this micro-batch's share of the step's rows). Across
+processes each rank takes every ``size``-th row of that order (balanced lengths), the counts
+stay the whole step's, and every rank makes as many micro-batches (empty ones where it has no
+rows left).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import distributed
 from ..data.batching import Batch, collate
 from .rollouts import Rollouts
 
@@ -89,20 +93,29 @@ class RolloutBatch:
             s, n = self.starts[i], self.lengths[i]
             table[i, :n] = values[r, s:s + n]
 
-    def micro_batches(self, rows: list[int],
-                      batch_size: int) -> list[tuple[list[int], dict[str, np.ndarray]]]:
+    def micro_batches(self, rows: list[int], batch_size: int, world: Any = None,
+                      ) -> list[tuple[list[int], dict[str, np.ndarray]]]:
         """The micro-batches of one optimiser step over ``rows``: sorted by length, cut into
         ``batch_size`` rows, each with the step's ``num_items`` and its ``micro_fraction``;
-        ``(rows of the micro-batch, arrays)`` pairs."""
+        ``(rows of the micro-batch, arrays)`` pairs. With a ``world`` of several ranks, this
+        rank's share of them (module docstring)."""
         order = sorted(rows, key=lambda i: (len(self.sequences[i]), i))
         num_items = max(1.0, float(sum(sum(self.sequences[i].loss_mask) for i in rows)))
+        mine = order if world is None else order[world.rank::world.size]
         out = []
-        for start in range(0, len(order), batch_size):
-            chunk = order[start:start + batch_size]
+        for start in range(0, len(mine), batch_size):
+            chunk = mine[start:start + batch_size]
             arrays = self.collate(chunk)
             arrays["num_items"] = np.float32(num_items)
             arrays["micro_fraction"] = np.float32(len(chunk) / len(order))
             out.append((chunk, arrays))
+        if world is not None and world.size > 1:
+            template = self.collate(order[:1]) if order else None
+            for _ in distributed.lockstep(out, world)[len(out):]:
+                empty = distributed.empty_like(template)
+                empty.update(num_items=np.float32(num_items), micro_fraction=np.float32(0.0),
+                             temperature=np.float32(self.temperature))
+                out.append(([], empty))
         return out
 
 

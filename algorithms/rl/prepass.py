@@ -11,7 +11,9 @@ What runs depends on the options, never on the algorithm's name:
   advantages (and returns), stored in the batch for the update.
 
 Every pass runs at the sampling temperature, in micro-batches of ``--batch-size`` rows sorted
-by length.
+by length. Across processes each rank runs its share of the rows and the per-token results are
+added up over ranks (each row is computed by one rank, zeros elsewhere), so every rank runs the
+estimator on the whole batch.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import distributed
 from .batches import RolloutBatch
 from .estimators import estimate
 from .rollouts import Rollouts
@@ -43,14 +46,21 @@ def prepare_batch(cfg: Any, backend: Any, rollouts: Rollouts,
     """The generation batch as training rows with everything the update reads; its stats."""
     start = time.perf_counter()
     batch = RolloutBatch(rollouts, cfg.mask_truncated_completions, cfg.temperature, pad_id)
-    rows = list(range(len(batch)))
+    world = distributed.current()
+    rows = list(distributed.shard(len(batch), world))
     wanted = policy_outputs(cfg)
-    for micro_rows, arrays in batch.micro_batches(rows, cfg.batch_size):
+    passes = batch.micro_batches(rows, cfg.batch_size)
+    for item in distributed.lockstep(passes, world):
+        micro_rows, arrays = item if item is not None else ([], distributed.empty_like(None))
         if wanted:
             for name, values in backend.forward(arrays, wanted).items():
                 batch.store(name, micro_rows, values)
         if cfg.beta > 0:
             batch.store("ref", micro_rows, backend.reference_per_token_logps(arrays))
+    if world.size > 1:  # each row from the rank that computed it
+        for key in (*wanted, *(("ref",) if cfg.beta > 0 else ())):
+            table = batch.token_values.get(key, np.zeros(batch.completion_mask.shape))
+            batch.token_values[key] = world.all_sum(table)
     found = batch.token_values
     old, ref = found.pop("logps", None), found.pop("ref", None)
     values, entropy = found.pop("values", None), found.pop("entropy", None)

@@ -6,6 +6,12 @@ and so no policy gradient. Dropped groups are replaced by sampling more prompts 
 holds ``prompts_per_step`` informative groups, for at most ``max_sampling_rounds`` rounds; if the
 cap is reached the batch is topped up with the most recent dropped groups (advantage 0) so the
 step keeps its size, and the counts are logged.
+
+Every completion has its own sampling seed (:func:`row_seeds`: run seed, step, round, row), so
+it does not depend on what else is sampled with it. Across processes every rank takes the same
+prompts, samples and scores its whole groups (:func:`algorithms.distributed.shard`), and the
+completions and rewards are gathered: dynamic sampling, the logs and the estimators see the
+whole generation batch, and the result equals one process's.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import distributed
 from .advantages import zero_std_groups
 from .data import PromptExample, PromptStream
 from .sampling import Completion, SamplingParams
@@ -56,6 +63,37 @@ def round_seed(seed: int, step: int, round_index: int) -> int:
     resumed run samples what an uninterrupted one would."""
     digest = hashlib.sha256(f"rollout:{seed}:{step}:{round_index}".encode()).digest()
     return int.from_bytes(digest[:4], "little")
+
+
+def row_seeds(seed: int, n: int) -> list[int]:
+    """The sampling seed of each of ``n`` rows sampled with round seed ``seed``."""
+    return [int.from_bytes(hashlib.sha256(f"row:{seed}:{i}".encode()).digest()[:4], "little")
+            for i in range(n)]
+
+
+def sample_and_score(cfg: Any, backend: Any, scorer: Any, examples: list[PromptExample],
+                     group: int, seed: int, step: int,
+                     ) -> tuple[list[Completion], dict[str, np.ndarray], np.ndarray, float]:
+    """Sample and score ``examples`` (whole groups of ``group`` rows), each row with its own
+    seed: distributed, this rank's groups only, then gathered in rank order. Also the slowest
+    rank's generation seconds."""
+    seeds = row_seeds(seed, len(examples))
+    groups = distributed.shard(len(examples) // group)
+    rows = slice(groups.start * group, groups.stop * group)
+    start = time.perf_counter()
+    completions = backend.sample([e.prompt_ids for e in examples[rows]], sampling_params(cfg),
+                                 seeds[rows]) if groups else []
+    seconds = time.perf_counter() - start
+    per_function, total = score(scorer, examples[rows], completions, step,
+                                cfg.missing_eos_penalty) if groups else ({}, np.zeros(0))
+    world = distributed.current()
+    if world.size == 1:
+        return completions, per_function, total, seconds
+    parts = world.gather((completions, per_function, total, seconds))
+    scored = [p for p in parts if len(p[0])]
+    return ([c for p in scored for c in p[0]],
+            {k: np.concatenate([p[1][k] for p in scored]) for k in scored[0][1]},
+            np.concatenate([p[2] for p in scored]), max(p[3] for p in parts))
 
 
 def reward_view(example: PromptExample, completion: Completion) -> Any:
@@ -104,7 +142,6 @@ class _Group:
 def generate(cfg: Any, backend: Any, stream: PromptStream, scorer: Any, step: int) -> Rollouts:
     """Sample, score and normalise one generation batch (see the module docstring)."""
     g, wanted = cfg.num_generations, cfg.prompts_per_step
-    params = sampling_params(cfg)
     kept: list[_Group] = []
     dropped: list[_Group] = []
     rounds, sampled_groups, flat_groups = 0, 0, 0
@@ -114,12 +151,10 @@ def generate(cfg: Any, backend: Any, stream: PromptStream, scorer: Any, step: in
         prompts = stream.take(wanted - len(kept))
         examples = [e for e in prompts for _ in range(g)]
         start = time.perf_counter()
-        completions = backend.sample([e.prompt_ids for e in examples], params,
-                                     round_seed(cfg.seed, step, rounds))
-        seconds["generation"] += time.perf_counter() - start
-        start = time.perf_counter()
-        per_function, total = score(scorer, examples, completions, step, cfg.missing_eos_penalty)
-        seconds["scoring"] += time.perf_counter() - start
+        completions, per_function, total, generating = sample_and_score(
+            cfg, backend, scorer, examples, g, round_seed(cfg.seed, step, rounds), step)
+        seconds["generation"] += generating
+        seconds["scoring"] += time.perf_counter() - start - generating
         flat = zero_std_groups(total, g)
         flat_groups += int(np.sum(flat))
         for i in range(len(prompts)):

@@ -8,6 +8,10 @@ mini_batches`), each accumulated in micro-batches of ``batch_size`` completions.
 (one step per generation batch) no old log-probs are computed: ``old = stop_gradient(logp)``
 makes the ratio exactly 1.
 
+Across processes (:mod:`algorithms.distributed`) every rank holds the whole generation batch
+(sampled and scored by shares, then gathered) and trains on its share of each mini-batch; the
+denominators are the mini-batch's, so N ranks equal one process.
+
 Checkpoints are written at generation-batch boundaries only (a checkpoint never has to hold a
 half-used batch), so ``--save-every`` rounds up to whole generation batches. Sampling seeds are
 a function of (seed, step, round) and the prompt order of (seed, epoch): a resumed run samples
@@ -33,16 +37,17 @@ from typing import Any
 
 import numpy as np
 
+from .. import distributed
 from ..backend import Loss
 from ..data.dataset import pad_token_id
 from ..guards import UnscoredGuard
 from ..schedule import learning_rate
-from ..spine import Cursor, Run, TrainResult, combine
+from ..spine import Cursor, Run, TrainResult
 from .advantages import nan_mean_std
 from .batches import RolloutBatch, mini_batches
 from .data import PromptStream
 from .prepass import prepare_batch
-from .rollouts import generate, reward_view, round_seed, sampling_params, score
+from .rollouts import generate, reward_view, round_seed, sample_and_score
 from .scoring import build_scorer
 
 
@@ -99,18 +104,21 @@ def train(cfg: Any, backend: Any, loss: Loss, data: Any, run_dir: Path,
                 no_signal = pipeline.no_gradient_expected(cfg, batch) \
                     if hasattr(pipeline, "no_gradient_expected") else False
                 schedule = mini_batches(len(batch), cfg, run.step)
-                if cfg.log_completions_every and run.step % cfg.log_completions_every == 0:
+                if cfg.log_completions_every and run.step % cfg.log_completions_every == 0 \
+                        and run.world.main:
                     pipeline.write_samples(cfg, run.run_dir, run.step, batch)
             lr = learning_rate(run.step, run.n_steps, cfg.learning_rate, cfg.lr_schedule,
                                cfg.warmup_steps, cfg.min_lr_ratio)
             start = time.perf_counter()
-            micro = [arrays for _, arrays in batch.micro_batches(schedule[k], cfg.batch_size)]
-            metrics = combine([backend.forward_backward(a, loss) for a in micro],
-                              [float(a["micro_fraction"]) for a in micro])
+            micro = [arrays for _, arrays in batch.micro_batches(schedule[k], cfg.batch_size,
+                                                                  run.world)]
+            metrics, tokens = distributed.combine(
+                [backend.forward_backward(a, loss) for a in micro],
+                [float(a["micro_fraction"]) for a in micro],
+                sum(int((a["segment_ids"] > 0).sum()) for a in micro))
             grad_norm = backend.optimizer_step(lr, cfg.max_grad_norm)
             metrics["time/update"] = time.perf_counter() - start
-            run.record({**stats, **metrics}, lr=lr, grad_norm=grad_norm,
-                       tokens=sum(int((a["segment_ids"] > 0).sum()) for a in micro),
+            run.record({**stats, **metrics}, lr=lr, grad_norm=grad_norm, tokens=tokens,
                        epoch=stream.fractional_epoch, zero_grad_expected=no_signal)
             stats = {}  # logged once per generation batch
             if data.valid is not None and run.due(cfg.eval_every):
@@ -133,14 +141,14 @@ def _save_due(cfg: Any, run: Run) -> bool:
 
 
 def evaluate_rewards(cfg: Any, backend: Any, dataset: Any, scorer: Any, step: int) -> dict:
-    """Mean rewards of one sampled completion per validation prompt (a fixed seed, so steps
-    are compared on the same draws), up to ``eval_batches * prompts_per_step`` prompts."""
-    examples = dataset.examples
+    """Mean rewards of one sampled completion per validation prompt (fixed seeds, so steps
+    are compared on the same draws), up to ``eval_batches * prompts_per_step`` prompts
+    (distributed: sampled and scored by shares, then gathered)."""
+    examples = list(dataset.examples)
     if cfg.eval_batches:
         examples = examples[:cfg.eval_batches * cfg.prompts_per_step]
-    completions = backend.sample([e.prompt_ids for e in examples], sampling_params(cfg),
-                                 round_seed(cfg.seed, -1, 0))
-    per_function, total = score(scorer, examples, completions, step, cfg.missing_eos_penalty)
+    completions, per_function, total, _ = sample_and_score(
+        cfg, backend, scorer, examples, 1, round_seed(cfg.seed, -1, 0), step)
     record = {"reward": nan_mean_std(total)[0],
               "completions/mean_length": float(np.mean([len(c.ids) for c in completions]))}
     for name, values in per_function.items():
