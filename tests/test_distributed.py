@@ -74,11 +74,11 @@ def _argv(algo, model, data, extra=()):
         argv += [*online, "--prompts-per-step", "3", "--num-generations", "3", "--beta", "0.05"]
     if algo == "ppo":  # value head, GAE, whitened advantages over the whole batch
         argv += [*online, "--prompts-per-step", "4", "--num-generations", "1"]
-    if algo == "online_dpo":  # 3 pairs over 2 ranks: one rank trains one pair, the other two
-        argv += [*online, "--prompts-per-step", "3"]
+    if algo in ("online_dpo", "xpo"):  # 3 pairs over 2 ranks: one rank samples and trains
+        argv += [*online, "--prompts-per-step", "3"]  # one pair, the other two
     if algo == "gkd":  # the teacher: another tiny model over the same tokenizer
         argv += ["--teacher", str(data / "teacher"), "--max-completion-length", "6",
-                 "--prompts-per-step", "3", "--lmbda", "0.5", "--log-completions-every", "0"]
+                 "--prompts-per-step", "3", "--lmbda", "1", "--log-completions-every", "0"]
     return [*argv, *extra]
 
 
@@ -120,9 +120,10 @@ CASES = {
     "mlx-dpo": ("mlx_ft", "dpo", ["--steps", "2", "--loss-type", "sigmoid", "sft"], 2),
     "mlx-kto": ("mlx_ft", "kto", ["--steps", "2", "--grad-accumulation-steps", "2"], 1),
     "mlx-grpo": ("mlx_ft", "grpo", ["--steps", "2"], 1),
-    # pairs sharded by rank (never split), BCO's running delta folded from every rank's rows,
+    # pairs sampled and trained by rank (never split), BCO's running delta folded from every rank's rows,
     # GKD's token mean over the whole step
     "torch-online_dpo": ("cuda_ft", "online_dpo", ["--steps", "2"], 1),
+    "mlx-xpo": ("mlx_ft", "xpo", ["--steps", "2"], 1),
     "mlx-bco": ("mlx_ft", "bco", ["--steps", "2"], 2),
     "torch-gkd": ("cuda_ft", "gkd", ["--steps", "2"], 1),
 }

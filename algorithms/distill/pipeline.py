@@ -20,8 +20,9 @@ from typing import Any
 
 import numpy as np
 
+from .. import distributed
 from ..rl.batches import RolloutBatch
-from ..rl.rollouts import Rollouts, reward_view, round_seed, sampling_params
+from ..rl.rollouts import Rollouts, reward_view, round_seed, row_seeds, sampling_params
 from ..rl.sampling import Completion
 from .loss import make_loss
 
@@ -53,8 +54,9 @@ class DistillBatch(RolloutBatch):
 
 
 def completions_for(cfg: Any, backend: Any, examples: list, source: str,
-                    seed: int) -> list[Completion]:
-    """Each example's completion from ``source`` (sampled, or the data's own)."""
+                    seed: int | list[int]) -> list[Completion]:
+    """Each example's completion from ``source`` (sampled with ``seed``, one for the call or one
+    per example; or the data's own)."""
     if source == "data":
         decode = backend.tokenizer.decode
         return [Completion(list(e.completion_ids), decode(e.completion_ids,
@@ -64,6 +66,24 @@ def completions_for(cfg: Any, backend: Any, examples: list, source: str,
     if source == "teacher":
         params = dataclasses.replace(params, source="teacher")
     return backend.sample([e.prompt_ids for e in examples], params, seed)
+
+
+def _sharded_completions(cfg: Any, backend: Any, examples: list, source: str,
+                         step: int) -> tuple[list[Completion], float]:
+    """The step's completions, each sampled with its own seed: distributed, each rank samples
+    its share of the prompts and the completions are gathered in rank order (the data's own
+    completions are read by every rank). Also the slowest rank's seconds."""
+    world = distributed.current()
+    mine = range(len(examples)) if source == "data" else distributed.shard(len(examples))
+    seeds = row_seeds(round_seed(cfg.seed, step, 0), len(examples))[mine.start:mine.stop]
+    start = time.perf_counter()
+    own = completions_for(cfg, backend, examples[mine.start:mine.stop], source, seeds) \
+        if mine else []
+    seconds = time.perf_counter() - start
+    if world.size == 1 or source == "data":
+        return own, seconds
+    parts = world.gather((own, seconds))
+    return [c for part, _ in parts for c in part], max(t for _, t in parts)
 
 
 def _rollouts(examples: list, completions: list[Completion], stats: dict) -> Rollouts:
@@ -81,16 +101,14 @@ class DistillPipeline:
                 pad_id: int) -> tuple[DistillBatch, dict[str, float]]:
         examples = stream.take(cfg.prompts_per_step)
         source = step_source(cfg, step)
-        start = time.perf_counter()
-        completions = completions_for(cfg, backend, examples, source,
-                                      round_seed(cfg.seed, step, 0))
+        completions, seconds = _sharded_completions(cfg, backend, examples, source, step)
         lengths = np.array([len(c.ids) for c in completions], dtype=np.float64)
         stats = {"gkd/student_completions": float(source == "student"),
                  "gkd/teacher_completions": float(source == "teacher"),
                  "completions/mean_length": float(lengths.mean()),
                  "completions/max_length": float(lengths.max()),
                  "completions/clipped_ratio": float(np.mean([c.truncated for c in completions])),
-                 "time/generation": time.perf_counter() - start}
+                 "time/generation": seconds}
         batch = DistillBatch(_rollouts(examples, completions, stats), cfg, pad_id, source)
         return batch, stats
 

@@ -23,41 +23,73 @@ import numpy as np
 
 from .. import distributed
 from ..rl.batches import RolloutBatch
-from ..rl.rollouts import Rollouts, reward_weights, round_seed, sampling_params, score
+from ..rl.rollouts import (
+    Rollouts,
+    reward_weights,
+    round_seed,
+    row_seeds,
+    sampling_params,
+    score,
+)
 
 LAYOUTS = ("pairs", "policy")
 
 
 def pair_rollouts(cfg: Any, backend: Any, stream: Any, scorer: Any, step: int) -> Rollouts:
-    """``prompts_per_step`` prompts, two completions each (module docstring), scored."""
+    """``prompts_per_step`` prompts, two completions each (module docstring), scored. Every
+    completion has its own seed (a function of the run seed, the step, which completion of the
+    pair and the prompt's place), so it does not depend on how the prompts are batched or which
+    rank samples it: distributed, each rank samples and scores its share of the prompts, and
+    the pairs and rewards are gathered in rank order."""
     prompts = stream.take(cfg.prompts_per_step)
     examples = [e for e in prompts for _ in range(2)]
-    params = sampling_params(cfg)
-    start = time.perf_counter()
-    if cfg.second_source == "policy":
-        completions = backend.sample([e.prompt_ids for e in examples], params,
-                                     round_seed(cfg.seed, step, 0))
-    else:
-        ids = [e.prompt_ids for e in prompts]
-        first = backend.sample(ids, params, round_seed(cfg.seed, step, 0))
-        other = dataclasses.replace(params, source=cfg.second_source,
-                                    mixture_coef=cfg.mixture_weight)
-        second = backend.sample(ids, other, round_seed(cfg.seed, step, 1))
-        completions = [c for pair in zip(first, second) for c in pair]
-    generation = time.perf_counter() - start
-    start = time.perf_counter()
-    per_function, total = score(scorer, examples, completions, step, cfg.missing_eos_penalty)
+    mine = distributed.shard(len(prompts))
+    first, second, per_function, total, generation, scoring = _sample_pairs(
+        cfg, backend, scorer, prompts[mine.start:mine.stop], mine.start, step)
+    world = distributed.current()
+    if world.size > 1:
+        parts = [p for p in world.gather((first, second, per_function, total, generation,
+                                          scoring)) if p[0]]
+        first = [c for p in parts for c in p[0]]
+        second = [c for p in parts for c in p[1]]
+        per_function = {k: np.concatenate([p[2][k] for p in parts]) for k in parts[0][2]}
+        total = np.concatenate([p[3] for p in parts])
+        generation, scoring = max(p[4] for p in parts), max(p[5] for p in parts)
+    completions = [c for pair in zip(first, second) for c in pair]
     lengths = np.array([len(c.ids) for c in completions], dtype=np.float64)
     stats = {"completions/mean_length": float(lengths.mean()),
              "completions/max_length": float(lengths.max()),
              "completions/min_length": float(lengths.min()),
              "completions/clipped_ratio": float(np.mean([c.truncated for c in completions])),
-             "time/generation": generation, "time/scoring": time.perf_counter() - start}
+             "time/generation": generation, "time/scoring": scoring}
     if cfg.second_source != "policy":
         stats[f"completions/{cfg.second_source}_mean_length"] = float(lengths[1::2].mean())
         stats["completions/policy_mean_length"] = float(lengths[0::2].mean())
     return Rollouts(examples, completions, per_function, reward_weights(cfg, scorer), total,
                     stats)
+
+
+def _sample_pairs(cfg: Any, backend: Any, scorer: Any, prompts: list, offset: int,
+                  step: int) -> tuple[list, list, dict, np.ndarray, float, float]:
+    """The two completions of each of ``prompts`` (prompt ``offset + i`` of the step) and the
+    rewards of the rows ``(first, second)`` interleaved; generation and scoring seconds."""
+    if not prompts:
+        return [], [], {}, np.zeros(0), 0.0, 0.0
+    n = cfg.prompts_per_step
+    ids = [e.prompt_ids for e in prompts]
+    rows = slice(offset, offset + len(prompts))
+    params = sampling_params(cfg)
+    start = time.perf_counter()
+    first = backend.sample(ids, params, row_seeds(round_seed(cfg.seed, step, 0), n)[rows])
+    other = params if cfg.second_source == "policy" else dataclasses.replace(
+        params, source=cfg.second_source, mixture_coef=cfg.mixture_weight)
+    second = backend.sample(ids, other, row_seeds(round_seed(cfg.seed, step, 1), n)[rows])
+    generation = time.perf_counter() - start
+    start = time.perf_counter()
+    examples = [e for e in prompts for _ in range(2)]
+    completions = [c for pair in zip(first, second) for c in pair]
+    per_function, total = score(scorer, examples, completions, step, cfg.missing_eos_penalty)
+    return first, second, per_function, total, generation, time.perf_counter() - start
 
 
 def rank(total: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
