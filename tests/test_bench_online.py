@@ -166,3 +166,11 @@ def test_trl_dpo_and_grpo_run_matched_with_a_time_split(tmp_path, tiny_llama_dir
     pairs = {(c["ours"], c["baseline"]): c for c in results["comparisons"]}
     assert pairs[("mlx-cpu", "trl-cpu")]["status"] == "ok"
     assert pairs[("torch-cpu", "trl-cpu")]["status"] == "ok"
+
+
+def test_other_algorithms_keep_the_common_flags_only(tmp_path):
+    # Regression: every non-online, non-DPO algorithm was taken for SFT and given --train-on,
+    # which their CLIs refuse.
+    flags = our_flags(Recipe(algorithm="kto"), tmp_path, tmp_path, tmp_path, "float32")
+    assert "--train-on" not in flags and "--beta" not in flags
+    assert matched_keys("kto") == matched_keys("sft")

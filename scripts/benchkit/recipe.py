@@ -31,15 +31,18 @@ ONLINE_MATCHED = ("prompts_per_step", "num_generations", "max_completion_length"
                   "top_p", "top_k", "beta", "loss_type", "epsilon", "scale_rewards",
                   "use_bias_correction_kl", "num_iterations", "reward")
 DEFAULT_DATA = {"sft": "synthetic:chat", "online": "synthetic:arith",
-                "preference": "synthetic:preference"}
+                "preference": "synthetic:preference", "other": "synthetic:chat"}
 DEFAULT_BETA = {"online": 0.04, "preference": 0.1}
 
 
 def family(algorithm: str) -> str:
-    """sft | preference | online (what data, flags and matched settings the recipe needs)."""
+    """sft | preference | online | other (what data, flags and matched settings the recipe
+    needs; other algorithms get the common flags only, as before this distinction)."""
+    if algorithm == "sft":
+        return "sft"
     if algorithm in ONLINE:
         return "online"
-    return "preference" if algorithm in OFFLINE_PREFERENCE else "sft"
+    return "preference" if algorithm in OFFLINE_PREFERENCE else "other"
 
 
 def matched_keys(algorithm: str) -> tuple[str, ...]:
