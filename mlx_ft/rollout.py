@@ -16,15 +16,14 @@ RNG (dropout) is untouched. Stop strings end a row early when :class:`StopString
 
 Shared prompts: the ``G`` completions of a GRPO group start from the same prompt, so each
 distinct prompt is prefilled once (all but its last token, batch of one) and its KV cache handed
-to every row that starts from it (``BatchGenerator.insert(caches=...)`` copies it into the batch
-cache); the rows then start from the prompt's last token. The prefill costs ``1/G`` of the
+to every row that starts from it (``BatchGenerator.insert(caches=...)`` copies its filled part
+into the batch cache); the rows then start from the prompt's last token. The prefill costs ``1/G`` of the
 per-row one, and the rows see the keys and values they would have computed themselves.
 ``POSTTRAIN_MLX_SHARED_PREFILL=0`` prefills every row on its own (to measure it).
 """
 
 from __future__ import annotations
 
-import copy
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -74,8 +73,8 @@ class FilteredSampler:
 
 def shared_prefill(model: nn.Module, prompts: list[list[int]]) -> tuple[list, list] | None:
     """``(prompts to insert, their caches)`` when some prompt repeats: each distinct prompt's
-    tokens but the last run through the model once into a KV cache, and every row gets a copy
-    of its prompt's cache and only the last token; None (prefill row by row) otherwise."""
+    tokens but the last run through the model once into a KV cache, and every row gets its
+    prompt's cache and only the last token; None (prefill row by row) otherwise."""
     from mlx_lm.models.cache import make_prompt_cache
 
     distinct = {tuple(p) for p in prompts}
@@ -88,8 +87,10 @@ def shared_prefill(model: nn.Module, prompts: list[list[int]]) -> tuple[list, li
             model(mx.array(p[:-1])[None], cache=cache)
             mx.eval([c.state for c in cache])
         caches[p] = cache
-    return ([[p[-1]] for p in prompts],
-            [copy.deepcopy(caches[tuple(p)]) for p in prompts])
+    # The same cache object for every row of a prompt: BatchGenerator only reads it (merging
+    # copies its filled part into the batch cache), so no per-row copy of its 256-slot
+    # buffers is made (tests/test_rollouts.py pins the tokens against the per-row prefill).
+    return [[p[-1]] for p in prompts], [caches[tuple(p)] for p in prompts]
 
 
 def sample(model: nn.Module, tokenizer: Any, prompts: Sequence[Sequence[int]],
