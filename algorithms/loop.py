@@ -16,6 +16,7 @@ counts summed over ranks (:mod:`algorithms.distributed`): the ranks change nothi
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -134,13 +135,21 @@ def train(cfg: Any, backend: Any, loss: Loss, train_plan: BatchPlan,
                                cfg.warmup_steps, cfg.min_lr_ratio)
             micro = [next(stream) for _ in range(cfg.grad_accumulation_steps)]
             cursor = micro[-1][0]
+            start = time.perf_counter()
             arrays, fractions = collate_step(train_plan, [b for _, b in micro], backend,
                                              prepare, normaliser)
+            # where the step's seconds go: the reference pass (prepare), forward + backward
+            # (one graph on a lazy backend), the optimiser
+            seconds = {"time/reference": time.perf_counter() - start} if prepare else {}
+            start = time.perf_counter()
             metrics, tokens = distributed.combine(
                 [backend.forward_backward(a, loss) for a in arrays], fractions,
                 sum(int((a["segment_ids"] > 0).sum()) for a in arrays))
+            seconds["time/forward_backward"] = time.perf_counter() - start
+            start = time.perf_counter()
             grad_norm = backend.optimizer_step(lr, cfg.max_grad_norm)
-            run.record(metrics, lr=lr, grad_norm=grad_norm, tokens=tokens,
+            seconds["time/optimizer"] = time.perf_counter() - start
+            run.record({**metrics, **seconds}, lr=lr, grad_norm=grad_norm, tokens=tokens,
                        epoch=cursor.epoch + cursor.index / train_plan.num_batches)
             if run.due(cfg.eval_every):
                 run.write_eval(run_eval())

@@ -169,10 +169,13 @@ class TorchBackend(ForwardShortcuts):
         shape = tuple(np.asarray(batch["input_ids"]).shape)
         with self._autocast():
             if varlen.enable(hf_model):
-                ids, positions, targets, spans, where = varlen.flatten(batch, self.device)
+                ids, positions, targets, spans, where, gather = varlen.flatten(batch,
+                                                                               self.device)
                 hidden = hf_model.get_decoder()(input_ids=ids, position_ids=positions,
                                                 use_cache=False,
                                                 posttrain_spans=spans).last_hidden_state[0]
+                if gather is not None:  # shared prefixes back to one row per document
+                    hidden = hidden[gather]
             else:
                 hidden = self._hidden(batch, tensors, hf_model)
                 hidden = hidden.reshape(-1, hidden.shape[-1])

@@ -17,12 +17,20 @@ Stop strings end a row early through a stopping criterion built on the same
 :class:`StopStringWatch` as the MLX backend; :func:`algorithms.rl.sampling.finish` decides where
 each completion ends. Nash-MD's geometric mixture of policy and reference is a logits processor
 (:func:`mixture_processor`) that runs the reference beside ``generate``'s own pass.
+
+Shared prompts: when a chunk holds repeated prompts (the ``G`` completions of a GRPO group),
+each distinct prompt is prefilled once (all its padded columns but the last, with the positions
+``generate`` would give them) and the KV cache is expanded to the rows that start from it;
+``generate`` then only runs the last prompt column before decoding. ``generate``'s own
+``num_return_sequences`` expands the prompts before the prefill, so it would not share it.
+``POSTTRAIN_TORCH_SHARED_PREFILL=0`` prefills every row (to measure it).
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -155,6 +163,34 @@ def mixture_processor(reference: Any, coef: float, prompt_mask: torch.Tensor) ->
     return GeometricMixture()
 
 
+def shared_prefix_cache(model: nn.Module, rows: list[list[int]], ids: torch.Tensor,
+                        mask: torch.Tensor) -> Any | None:
+    """The KV cache of ``ids[:, :-1]`` (left-padded prompts) computed once per distinct prompt
+    and expanded to every row, or None when no prompt repeats (nothing to share)."""
+    if os.environ.get("POSTTRAIN_TORCH_SHARED_PREFILL", "1") == "0" or ids.shape[1] < 2:
+        return None
+    first: dict[tuple, int] = {}
+    owner = [first.setdefault(tuple(p), len(first)) for p in rows]
+    if len(first) == len(rows):
+        return None
+    distinct = torch.tensor([owner.index(i) for i in range(len(first))], device=ids.device)
+    prefix_mask = mask[distinct, :-1]
+    positions = (prefix_mask.long().cumsum(-1) - 1).masked_fill(prefix_mask == 0, 1)
+    out = model(input_ids=ids[distinct, :-1], attention_mask=prefix_mask,
+                position_ids=positions, use_cache=True)
+    cache = out.past_key_values
+    cache.reorder_cache(torch.tensor(owner, device=ids.device))
+    return cache
+
+
+def _cache_keyword() -> str:
+    """``generate``'s name for a prefilled cache: ``cache`` in recent transformers (which warn
+    on ``past_key_values``), ``past_key_values`` before."""
+    from transformers.generation import utils
+
+    return "cache" if "cache" in getattr(utils, "ALL_CACHE_NAMES", ()) else "past_key_values"
+
+
 def _training_modes(model: nn.Module) -> dict[nn.Module, bool]:
     return {m: m.training for m in model.modules()}
 
@@ -194,13 +230,16 @@ def sample(model: nn.Module, tokenizer: Any, prompts: Sequence[Sequence[int]],
                 (autocast or contextlib.nullcontext()):
             torch.manual_seed(int(seed) if seeds is None else 0)
             for rows in chunks(len(prompts), params.batch_size):
-                ids, mask = left_pad([prompts[i] for i in rows], pad_id, device)
+                chunk = [prompts[i] for i in rows]
+                ids, mask = left_pad(chunk, pad_id, device)
+                cache = shared_prefix_cache(model, chunk, ids, mask)
+                extra = {_cache_keyword(): cache} if cache is not None else {}
                 processors = [mixture_processor(reference, params.mixture_coef, mask)] \
                     if params.source == "mixture" else []
                 if seeds is not None:  # after the mixture: the filters act on the mixed scores
                     processors.append(RowSeededSampler(params, [seeds[i] for i in rows], device))
                 out = model.generate(input_ids=ids, attention_mask=mask,
-                                     generation_config=config,
+                                     generation_config=config, **extra,
                                      logits_processor=LogitsProcessorList(processors),
                                      stopping_criteria=_stop_string_criteria(watch, ids.shape[1]),
                                      synced_gpus=False)  # FSDP2: gathered, no lockstep

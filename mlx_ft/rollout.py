@@ -20,10 +20,18 @@ samples it. Stop strings end a row early when :class:`StopStringWatch` sees one;
 Nash-MD samples from :class:`GeometricMixture`, a model-like wrapper of the policy and the
 reference: the generator calls it like a model, and the mixture's log-probs go through the same
 sampler.
+
+Shared prompts: the ``G`` completions of a GRPO group start from the same prompt, so each
+distinct prompt is prefilled once (all but its last token, batch of one) and its KV cache handed
+to every row that starts from it (``BatchGenerator.insert(caches=...)`` copies its filled part
+into the batch cache); the rows then start from the prompt's last token. The prefill costs
+``1/G`` of the per-row one, and the rows see the keys and values they would have computed
+themselves. ``POSTTRAIN_MLX_SHARED_PREFILL=0`` prefills every row on its own (to measure it).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -113,6 +121,28 @@ class GeometricMixture:
         return (1.0 - self.coef) * policy + self.coef * reference
 
 
+def shared_prefill(model: nn.Module, prompts: list[list[int]]) -> tuple[list, list] | None:
+    """``(prompts to insert, their caches)`` when some prompt repeats: each distinct prompt's
+    tokens but the last run through the model once into a KV cache, and every row gets its
+    prompt's cache and only the last token; None (prefill row by row) otherwise."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    distinct = {tuple(p) for p in prompts}
+    if os.environ.get("POSTTRAIN_MLX_SHARED_PREFILL", "1") == "0" or len(distinct) == len(prompts):
+        return None
+    caches: dict[tuple, list] = {}
+    for p in dict.fromkeys(tuple(p) for p in prompts):
+        cache = make_prompt_cache(model)
+        if len(p) > 1:
+            model(mx.array(p[:-1])[None], cache=cache)
+            mx.eval([c.state for c in cache])
+        caches[p] = cache
+    # The same cache object for every row of a prompt: BatchGenerator only reads it (merging
+    # copies its filled part into the batch cache), so no per-row copy of its 256-slot
+    # buffers is made (tests/test_rollouts.py pins the tokens against the per-row prefill).
+    return [[p[-1]] for p in prompts], [caches[tuple(p)] for p in prompts]
+
+
 def sample(model: nn.Module, tokenizer: Any, prompts: Sequence[Sequence[int]],
            params: SamplingParams, seed: int | Sequence[int],
            eos_ids: Sequence[int]) -> list[Completion]:
@@ -146,7 +176,9 @@ def sample(model: nn.Module, tokenizer: Any, prompts: Sequence[Sequence[int]],
         prefill_batch_size=rows,
     )
     try:
-        uids = generator.insert(prompts, samplers=samplers)
+        shared = shared_prefill(model, prompts)
+        uids = generator.insert(shared[0], caches=shared[1], samplers=samplers) if shared \
+            else generator.insert(prompts, samplers=samplers)
         sampled: dict[int, list[int]] = {uid: [] for uid in uids}
         while responses := generator.next_generated():
             stopped = []

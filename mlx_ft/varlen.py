@@ -7,6 +7,12 @@ runs document by document (causal inside each, never across), with each document
 positions those of its place in its row. The numbers are those of the padded path (same
 attention pattern, same positions), computed without the padding.
 
+Documents that start with the same tokens (a GRPO group's prompt, a DPO pair's) share them:
+:mod:`algorithms.data.prefix_tree` lays the documents out as a tree whose nodes attend to their
+ancestors' keys and values, and the hidden states are gathered back per document (the gather's
+gradient adds up the shared nodes' contributions). ``POSTTRAIN_MLX_SHARED_PREFIX=0`` turns it
+off; ``=N`` shares runs of at least N tokens (default 16).
+
 The documents can be split into groups run on separate MLX streams (``split_groups``; on a CPU
 each stream is its own thread). Opt-in (``POSTTRAIN_MLX_STREAMS``): measured on MLX 0.32 the
 groups of a training step barely overlap.
@@ -25,6 +31,7 @@ import mlx.core as mx
 import numpy as np
 from mlx import nn
 
+from algorithms.data import prefix_tree
 from algorithms.data.batching import document_spans
 
 from .grad_checkpoint import run_block
@@ -75,8 +82,15 @@ def supported(model: nn.Module) -> bool:
     return True
 
 
-def _attention(attn: nn.Module, x: mx.array, spans: list[tuple[int, int, int]]) -> mx.array:
-    """Self-attention of ``x [1, N, H]`` document by document: (start in x, length, offset)."""
+def shared_min() -> int:
+    """Shortest run of tokens shared between documents (0 = no sharing)."""
+    return int(os.environ.get("POSTTRAIN_MLX_SHARED_PREFIX", "16"))
+
+
+def _attention(attn: nn.Module, x: mx.array, spans: list[tuple]) -> mx.array:
+    """Self-attention of ``x [1, N, H]`` span by span: ``(start in x, length, offset[,
+    ancestors])``; a span attends to its ancestor spans' keys (all of them), then causally to
+    its own."""
     n = x.shape[1]
     q = attn.q_proj(x).reshape(1, n, attn.n_heads, -1)
     k = attn.k_proj(x).reshape(1, n, attn.n_kv_heads, -1)
@@ -84,32 +98,52 @@ def _attention(attn: nn.Module, x: mx.array, spans: list[tuple[int, int, int]]) 
     if hasattr(attn, "q_norm"):
         q, k = attn.q_norm(q), attn.k_norm(k)
     q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
-    outs = []
-    for start, length, offset in spans:
+    outs, keys = [], []
+    for start, length, offset, *tree in spans:
         end = start + length
         qd = attn.rope(q[:, :, start:end], offset=offset)
         kd = attn.rope(k[:, :, start:end], offset=offset)
+        vd, mask = v[:, :, start:end], "causal"
+        keys.append(kd)
+        if tree and tree[0]:
+            before = sum(spans[a][1] for a in tree[0])
+            kd = mx.concatenate([keys[a] for a in tree[0]] + [kd], axis=2)
+            vd = mx.concatenate([v[:, :, spans[a][0]:spans[a][0] + spans[a][1]]
+                                 for a in tree[0]] + [vd], axis=2)
+            own = mx.arange(length)
+            mask = mx.concatenate([mx.ones((length, before), dtype=mx.bool_),
+                                   own[None, :] <= own[:, None]], axis=1)
         outs.append(mx.fast.scaled_dot_product_attention(
-            qd, kd, v[:, :, start:end], scale=attn.scale, mask="causal"))
+            qd, kd, vd, scale=attn.scale, mask=mask))
     out = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
     return attn.o_proj(out.transpose(0, 2, 1, 3).reshape(1, n, -1))
 
 
 def hidden_states(model: nn.Module, input_ids: np.ndarray, docs: list[Doc]) -> mx.array:
-    """Final hidden states ``[N, H]`` of ``docs`` laid end to end (in the order given)."""
+    """Final hidden states ``[N, H]`` of ``docs`` laid end to end (in the order given); shared
+    prefixes are run once (module docstring)."""
     inner = model.model
-    ids = np.concatenate([input_ids[d.row, d.start:d.start + d.length] for d in docs])
-    spans, at = [], 0
-    for d in docs:
-        spans.append((at, d.length, d.start))
-        at += d.length
+    tree = prefix_tree.plan_spans(input_ids, [(d.row, d.start, d.length) for d in docs],
+                                  shared_min()) if shared_min() else None
+    gather = None
+    if tree is not None and tree.shared:
+        ids, gather = tree.input_ids, mx.array(tree.gather.astype(np.int32))
+        spans = [(n.at, n.length, n.start, tuple(tree.ancestors(i)))
+                 for i, n in enumerate(tree.nodes)]
+    else:
+        ids = np.concatenate([input_ids[d.row, d.start:d.start + d.length] for d in docs])
+        spans, at = [], 0
+        for d in docs:
+            spans.append((at, d.length, d.start))
+            at += d.length
     h = inner.embed_tokens(mx.array(ids[None].astype(np.int32)))
     for layer in inner.layers:
         h = run_block(layer, lambda x, layer=layer: _block(layer, x, spans), h)
-    return inner.norm(h)[0]
+    h = inner.norm(h)[0]
+    return h if gather is None else h[gather]
 
 
-def _block(layer: nn.Module, h: mx.array, spans: list[tuple[int, int, int]]) -> mx.array:
+def _block(layer: nn.Module, h: mx.array, spans: list[tuple]) -> mx.array:
     h = h + _attention(layer.self_attn, layer.input_layernorm(h), spans)
     return h + layer.mlp(layer.post_attention_layernorm(h))
 

@@ -51,8 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model dir, known short name, or random:SIZE (tiny, 135m, 360m, 1b, 3b)")
     r.add_argument("--algorithm", default=d.algorithm,
                    help="passed to python -m mlx_ft|cuda_ft (sft, dpo, grpo, ...)")
-    r.add_argument("--data", default=d.data,
-                   help="data file or dir, or synthetic:chat / synthetic:preference")
+    r.add_argument("--data", default="",
+                   help="data file or dir, or synthetic:chat / synthetic:preference / "
+                        "synthetic:arith; default: chat (sft), preference (dpo), arith (grpo)")
     r.add_argument("--fine-tune-type", default=d.fine_tune_type, choices=["lora", "dora", "full"])
     r.add_argument("--lora-rank", type=int, default=d.lora_rank)
     r.add_argument("--lora-alpha", type=float, default=d.lora_alpha)
@@ -73,6 +74,18 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--train-on", default=d.train_on, choices=["auto", "completion", "all"],
                    help="sft only; 'all' matches mlx-lm's mask_prompt=false")
     r.add_argument("--extra", default="", help="more flags for our CLIs, one string")
+    o = p.add_argument_group("preference and online recipes (dpo, grpo)")
+    o.add_argument("--beta", type=float, default=None,
+                   help="DPO's beta / GRPO's KL coefficient; default 0.1 (dpo), 0.04 (grpo)")
+    o.add_argument("--prompts-per-step", type=int, default=d.prompts_per_step)
+    o.add_argument("--num-generations", type=int, default=d.num_generations,
+                   help="completions per prompt (G)")
+    o.add_argument("--max-completion-length", type=int, default=d.max_completion_length,
+                   help="new tokens per completion at most")
+    o.add_argument("--temperature", type=float, default=d.temperature)
+    o.add_argument("--reward", default=d.reward,
+                   help="a built-in reward of rewards/ that takes (prompts, completions, ...) as "
+                        "TRL's reward functions do")
     h = p.add_argument_group("harness")
     h.add_argument("--backends", nargs="*", default=None,
                    help=f"subset of {', '.join(bk.TARGETS)}; default: every one available")
@@ -111,6 +124,11 @@ def parse_variant(text: str) -> tuple[str, list[str], dict[str, str]]:
     return label, flags, env
 
 
+def trl_for_mlx(recipe: Recipe) -> bool:
+    """mlx-lm trains SFT only: for other algorithms TRL is the MLX backend's baseline too."""
+    return recipe.algorithm != "sft"
+
+
 def recipe_from(args: argparse.Namespace) -> Recipe:
     recipe = Recipe(model=args.model, algorithm=args.algorithm, data=args.data,
                     fine_tune_type=args.fine_tune_type, lora_rank=args.lora_rank,
@@ -118,22 +136,28 @@ def recipe_from(args: argparse.Namespace) -> Recipe:
                     batch_size=args.batch_size, max_length=args.max_length, steps=args.steps,
                     warmup=args.warmup, learning_rate=args.learning_rate, dtype=args.dtype,
                     seed=args.seed, train_on=args.train_on, model_dtype=args.model_dtype,
-                    extra=shlex.split(args.extra))
+                    extra=shlex.split(args.extra), beta=args.beta,
+                    prompts_per_step=args.prompts_per_step, num_generations=args.num_generations,
+                    max_completion_length=args.max_completion_length,
+                    temperature=args.temperature, reward=args.reward)
     recipe.validate()
     return recipe
 
 
-def plan_runs(targets: list[bk.Target], variants: list, compare_with: list[str]) -> list[tuple]:
+def plan_runs(targets: list[bk.Target], variants: list, compare_with: list[str],
+              trl_for_mlx: bool = False) -> list[tuple]:
     """The runs of one repeat, in order: ("ours", target, variant) and ("mlx-lm"|"trl"|
     "trl-liger", device). A variant that sets ``--kernels`` is skipped on MLX targets (MLX
-    ignores the flag: it would be the same run twice)."""
+    ignores the flag: it would be the same run twice). ``trl_for_mlx``: TRL is the baseline of
+    the MLX targets too (algorithms mlx-lm has no trainer for: dpo, grpo)."""
     plan: list[tuple] = [("ours", t, v) for t in targets for v in variants
                          if t.framework == "torch" or "--kernels" not in v[1]]
     for tool in compare_with:
         framework = "mlx" if tool == "mlx-lm" else "torch"
-        for device in dict.fromkeys(t.device for t in targets if t.framework == framework):
+        frameworks = {framework} | ({"mlx"} if trl_for_mlx and tool != "mlx-lm" else set())
+        for device in dict.fromkeys(t.device for t in targets if t.framework in frameworks):
             plan.append((tool, device))
-        if not any(t.framework == framework for t in targets):
+        if not any(t.framework in frameworks for t in targets):
             plan.append((tool, "none"))  # reported as skipped: nothing of ours to compare with
     return plan
 
@@ -160,12 +184,15 @@ def execute(item: tuple, recipe: Recipe, model: Path, data: Path, out: Path,
     return run_trl(device, recipe, model, data, out, timeout=timeout, liger=tool == "trl-liger")
 
 
-def pair_comparisons(runs: list[Run]) -> list[dict]:
-    """Each of our runs against the baseline of its framework and device, same repeat."""
+def pair_comparisons(runs: list[Run], trl_for_mlx: bool = False) -> list[dict]:
+    """Each of our runs against the baselines of its framework and device, same repeat (and
+    MLX runs against TRL too with ``trl_for_mlx``)."""
     out = []
     for ours in (r for r in runs if r.runner == "ours"):
         repeat = ours.name.partition("#")[2]
         tools = ("mlx-lm",) if ours.framework == "mlx" else ("trl", "trl-liger")
+        if ours.framework == "mlx" and trl_for_mlx:
+            tools += ("trl", "trl-liger")
         for base in runs:
             if base.runner in tools and base.device == ours.device \
                     and base.name.partition("#")[2] == repeat:
@@ -221,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     model = resolve_model(recipe, out.parent / "models")
     data = resolve_data(recipe, out)
-    plan = plan_runs(targets, variants, args.compare)
+    plan = plan_runs(targets, variants, args.compare, trl_for_mlx(recipe))
     print(f"bench: {len(plan) * args.repeats} runs of {recipe.algorithm} on {model.name} "
           f"({', '.join(t.name for t in targets)}) -> {out}", file=sys.stderr, flush=True)
     runs: list[Run] = []
@@ -248,7 +275,7 @@ def finish(args, recipe: Recipe, available: dict, targets: list, runs: list[Run]
            out: Path) -> int:
     from scripts.benchkit import charts, machine, report
 
-    comparisons = pair_comparisons(runs)
+    comparisons = pair_comparisons(runs, trl_for_mlx(recipe))
     comparisons += aggregate(comparisons)
     dtypes = {resolved_dtype(recipe, t.device) for t in targets}
     atol = args.parity_atol if args.parity_atol is not None else \

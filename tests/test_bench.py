@@ -151,7 +151,8 @@ def test_settings_read_back_from_each_tool_agree(tmp_path, tiny_random):
     recipe = Recipe(model=str(tiny_random), steps=5, lora_alpha=32.0)
     config = {"model_path": str(tiny_random), "data": str(data), "fine_tune_type": "lora",
               "lora_rank": 8, "lora_alpha": 32.0, "target_modules": [], "batch_size": 4,
-              "max_length": 512, "steps": 5, "learning_rate": 1e-4, "dtype": "auto"}
+              "max_length": 512, "steps": 5, "learning_rate": 1e-4, "dtype": "auto",
+              "algorithm": "sft"}
     (tmp_path / "config.json").write_text(json.dumps(config))
     (tmp_path / "log.txt").write_text("mlx_ft: device=cpu dtype=float32 (no MLX GPU backend)\n")
     ours = run_ours.read_settings(tmp_path / "config.json", tmp_path / "log.txt")
@@ -161,6 +162,13 @@ def test_settings_read_back_from_each_tool_agree(tmp_path, tiny_random):
     (tmp_path / "adapter_config.json").write_text(json.dumps(yaml_cfg))
     theirs = run_mlx_lm.read_settings(tmp_path / "adapter_config.json")
     settings.check_matched("ours", ours, "mlx-lm", theirs)
+    # regression: our config.json names the algorithm, so mlx-lm's read-back must too, or
+    # every SFT comparison with mlx-lm is refused ("algorithm (not recorded by mlx-lm)")
+    ours_run = measure.Run("mlx-cpu", "ours", "mlx", "cpu", settings=ours,
+                           summary={"tokens_per_s": 2.0})
+    base_run = measure.Run("mlx-lm-cpu", "mlx-lm", "mlx", "cpu", settings=theirs,
+                           summary={"tokens_per_s": 1.0})
+    assert settings.compare(ours_run, base_run)["status"] == "ok"
     assert ours["data"] == data_fingerprint(data)
     assert len(ours["target_modules"]) == 7  # q k v o gate up down
 

@@ -312,3 +312,27 @@ def test_logps_of_sampled_completions_match_across_backends(backends, prompts, t
     mask = batch["loss_mask"] > 0
     assert np.isfinite(got["mlx"][mask]).all() and (got["mlx"][mask] <= 0).all()
     np.testing.assert_allclose(got["mlx"][mask], got["torch"][mask], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["mlx", "torch"])
+def test_shared_prompt_prefill_samples_what_per_row_prefill_samples(backends, prompts, greedy_ids,
+                                                                    tiny_tokenizer, monkeypatch,
+                                                                    name):
+    # GRPO groups (each prompt G times, groups of different lengths): prefilling each distinct
+    # prompt once and copying its KV cache to the G rows must sample exactly the tokens the
+    # per-row prefill samples (seeded, temperature 1) and, greedily, the full-logits oracle.
+    backend = backends[name]
+    groups = [p for p in prompts for _ in range(3)]
+    switch = {"mlx": "POSTTRAIN_MLX_SHARED_PREFILL", "torch": "POSTTRAIN_TORCH_SHARED_PREFILL"}
+    params = SamplingParams(max_tokens=12, temperature=1.0)
+    greedy = SamplingParams(max_tokens=20, top_k=1)
+    shared = backend.sample(groups, params, seed=5)
+    shared_greedy = backend.sample(groups, greedy, seed=0)
+    chunked = backend.sample(groups, SamplingParams(max_tokens=12, batch_size=4), seed=5)
+    monkeypatch.setenv(switch[name], "0")
+    assert backend.sample(groups, params, seed=5) == shared
+    assert backend.sample(groups, SamplingParams(max_tokens=12, batch_size=4), seed=5) == chunked
+    eos = stop_token_ids(tiny_tokenizer)
+    want = [finish(ids, tiny_tokenizer, greedy, eos) for ids in greedy_ids for _ in range(3)]
+    assert shared_greedy == want
+    assert len({tuple(c.ids) for c in shared}) > 3, "the G rows of a group sample apart"

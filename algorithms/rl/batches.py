@@ -13,13 +13,15 @@ predict those tokens, so any set of rows (a shuffled mini-batch, a micro-batch) 
 from the batch at any time; :meth:`RolloutBatch.store` takes a forward pass's ``[B, T]``
 outputs back into completion slots.
 
-Micro-batches hold rows sorted by length, so little compute goes to padding; every loss
-aggregation is a sum over micro-batches, so the order changes nothing else. Keys added for the
+Micro-batches keep the completions of a prompt together (the padding-free paths of both
+backends then compute the shared prompt once: :mod:`algorithms.data.prefix_tree`), rows sorted
+by length within a prompt's group; every loss aggregation is a sum over micro-batches, so the
+order changes nothing else. Keys added for the
 loss: ``temperature`` (outputs under the sampling distribution), ``num_items`` (loss tokens of
 the optimiser step) and ``micro_fraction`` (this micro-batch's share of the step's rows). Across
-processes each rank takes every ``size``-th row of that order (balanced lengths), the counts
-stay the whole step's, and every rank makes as many micro-batches (empty ones where it has no
-rows left).
+processes each rank takes a contiguous share of that order (so a prompt's completions mostly
+stay on one rank), the counts stay the whole step's, and every rank makes as many
+micro-batches (empty ones where it has no rows left).
 """
 
 from __future__ import annotations
@@ -95,13 +97,21 @@ class RolloutBatch:
 
     def micro_batches(self, rows: list[int], batch_size: int, world: Any = None,
                       ) -> list[tuple[list[int], dict[str, np.ndarray]]]:
-        """The micro-batches of one optimiser step over ``rows``: sorted by length, cut into
-        ``batch_size`` rows, each with the step's ``num_items`` and its ``micro_fraction``;
-        ``(rows of the micro-batch, arrays)`` pairs. With a ``world`` of several ranks, this
-        rank's share of them (module docstring)."""
-        order = sorted(rows, key=lambda i: (len(self.sequences[i]), i))
+        """The micro-batches of one optimiser step over ``rows``: the rows of one prompt
+        together (the padding-free paths then run their prompt once), sorted by length inside,
+        groups by their shortest row; cut into ``batch_size`` rows, each with the step's
+        ``num_items`` and its ``micro_fraction``; ``(rows of the micro-batch, arrays)`` pairs.
+        With a ``world`` of several ranks, this rank's share of them (module docstring)."""
+        by_prompt: dict[tuple, list[int]] = {}
+        for i in rows:
+            by_prompt.setdefault(tuple(self.rollouts.examples[i].prompt_ids), []).append(i)
+        groups = [sorted(g, key=lambda i: (len(self.sequences[i]), i))
+                  for g in by_prompt.values()]
+        groups.sort(key=lambda g: (len(self.sequences[g[0]]), g[0]))
+        order = [i for g in groups for i in g]
         num_items = max(1.0, float(sum(sum(self.sequences[i].loss_mask) for i in rows)))
-        mine = order if world is None else order[world.rank::world.size]
+        share = range(len(order)) if world is None else distributed.shard(len(order), world)
+        mine = order[share.start:share.stop]
         out = []
         for start in range(0, len(mine), batch_size):
             chunk = mine[start:start + batch_size]

@@ -3,7 +3,7 @@
 Every runner turns its tool's output into the same per-step records::
 
     {"step": 3, "loss": 2.31, "step_time": 4.2, "tokens": 812, "cpu_time": 8.1,
-     "time/generation": ..., "time/scoring": ..., "time/update": ...}   # RL only
+     "time/generation": ..., "time/logps": ..., "time/update": ...}  # the time split
 
 ``tokens`` counts real (non-padding) tokens of the step. The first ``warmup`` steps
 (compilation, allocator growth) are left out of every statistic; the loss curve keeps them.
@@ -17,7 +17,13 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-TIME_SPLIT = ("time/generation", "time/scoring", "time/update")
+# seconds per step by phase: online steps (generation, scoring, the no-grad log-prob passes,
+# the update), offline steps (reference pass, forward, backward, optimiser; a lazily evaluated
+# backend logs forward and backward as one ``forward_backward``)
+ONLINE_SPLIT = ("time/generation", "time/scoring", "time/logps", "time/update")
+OFFLINE_SPLIT = ("time/reference", "time/forward", "time/backward", "time/forward_backward",
+                 "time/optimizer")
+TIME_SPLIT = ONLINE_SPLIT + OFFLINE_SPLIT
 
 
 @dataclasses.dataclass
@@ -80,6 +86,8 @@ def steps_from_metrics(records: list[dict]) -> list[dict]:
         if "cpu_time" in r:
             step["cpu_time"] = r["cpu_time"]
         step.update({k: r[k] for k in TIME_SPLIT if k in r})
+        if "completions/mean_length" in r:  # online: generated tokens per completion
+            step["completion_length"] = r["completions/mean_length"]
         out.append(step)
     return out
 
@@ -126,6 +134,9 @@ def summarize(steps: list[dict], warmup: int) -> dict[str, Any]:
              if any(k in s for s in measured)}
     if split:
         out["time_split"] = split
+    lengths = [s["completion_length"] for s in measured if "completion_length" in s]
+    if lengths:  # sampling differs between tools: say how long the completions were
+        out["completion_length"] = statistics.fmean(lengths)
     return out
 
 

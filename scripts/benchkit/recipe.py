@@ -4,7 +4,12 @@ The same recipe is run by every runner (our backends, mlx-lm, TRL). ``model`` is
 a known short name (``smollm2-135m``) or ``random:SIZE`` (``random:1b``: a random-init Llama of
 that size class built in code by :mod:`converters.random_init`, so a 1B-class model can be
 measured with no download). ``data`` is a path or ``synthetic:chat`` / ``synthetic:preference``
-(see :mod:`scripts.benchkit.synthetic`).
+(see :mod:`scripts.benchkit.synthetic`); empty = the algorithm's own synthetic set (chat for SFT,
+preference pairs for the offline preference methods, arithmetic prompts for the online ones).
+
+Online recipes (grpo and the other presets of ``python -m mlx_ft <online>``) add the generation
+batch (``prompts_per_step`` x ``num_generations`` completions per step, ``batch_size`` of them per
+forward), the sampling settings and the reward; ``beta`` is the KL (online) or DPO temperature.
 """
 
 from __future__ import annotations
@@ -18,13 +23,42 @@ from typing import Any
 # Settings every compared run must share (the matched-settings check compares exactly these).
 MATCHED = ("model", "data", "fine_tune_type", "lora_rank", "lora_alpha", "target_modules",
            "batch_size", "max_length", "steps", "learning_rate", "dtype")
+# ... and per algorithm, the settings of its loss and (online) of its generation batch
+OFFLINE_PREFERENCE = ("dpo", "ipo")
+ONLINE = ("grpo",)  # online recipes the TRL comparison covers (GRPOTrainer)
+PREFERENCE_MATCHED = ("beta", "loss_type")
+ONLINE_MATCHED = ("prompts_per_step", "num_generations", "max_completion_length", "temperature",
+                  "top_p", "top_k", "beta", "loss_type", "epsilon", "scale_rewards",
+                  "use_bias_correction_kl", "num_iterations", "reward")
+DEFAULT_DATA = {"sft": "synthetic:chat", "online": "synthetic:arith",
+                "preference": "synthetic:preference", "other": "synthetic:chat"}
+DEFAULT_BETA = {"online": 0.04, "preference": 0.1}
+
+
+def family(algorithm: str) -> str:
+    """sft | preference | online | other (what data, flags and matched settings the recipe
+    needs; other algorithms get the common flags only, as before this distinction)."""
+    if algorithm == "sft":
+        return "sft"
+    if algorithm in ONLINE:
+        return "online"
+    return "preference" if algorithm in OFFLINE_PREFERENCE else "other"
+
+
+def matched_keys(algorithm: str) -> tuple[str, ...]:
+    """The settings two runs of ``algorithm`` must share to be compared. Online runs have no
+    training length (prompts are never truncated here), so ``max_length`` is not among them."""
+    kind = family(algorithm)
+    if kind == "online":
+        return tuple(k for k in MATCHED if k != "max_length") + ONLINE_MATCHED
+    return MATCHED + (PREFERENCE_MATCHED if kind == "preference" else ())
 
 
 @dataclasses.dataclass
 class Recipe:
     model: str = "smollm2-135m"
     algorithm: str = "sft"
-    data: str = "synthetic:chat"
+    data: str = ""  # "" = DEFAULT_DATA of the algorithm's family
     fine_tune_type: str = "lora"
     lora_rank: int = 8
     lora_alpha: float = 16.0
@@ -39,11 +73,41 @@ class Recipe:
     train_on: str = "all"  # mlx-lm's mask_prompt=false counts and trains on every real token
     model_dtype: str = "float32"  # dtype random:SIZE weights are written in
     extra: list = dataclasses.field(default_factory=list)  # more flags for our CLIs only
+    # preference and online
+    beta: float | None = None  # None = DEFAULT_BETA of the family (DPO 0.1, GRPO's KL 0.04)
+    # online: one step = prompts_per_step x num_generations completions, batch_size per forward
+    prompts_per_step: int = 8
+    num_generations: int = 4
+    max_completion_length: int = 64
+    temperature: float = 1.0
+    reward: str = "math_answer"
+
+    def __post_init__(self) -> None:
+        if not self.data:
+            self.data = DEFAULT_DATA[family(self.algorithm)]
+        if self.beta is None and family(self.algorithm) in DEFAULT_BETA:
+            self.beta = DEFAULT_BETA[family(self.algorithm)]
 
     def validate(self) -> None:
-        for name in ("lora_rank", "batch_size", "max_length", "steps"):
+        names = ["lora_rank", "batch_size", "max_length", "steps"]
+        if family(self.algorithm) == "online":
+            names += ["prompts_per_step", "num_generations", "max_completion_length"]
+        for name in names:
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')}={getattr(self, name)}: must be > 0")
+        if family(self.algorithm) == "online":
+            completions = self.prompts_per_step * self.num_generations
+            if completions % self.batch_size:
+                raise ValueError(f"--batch-size={self.batch_size}: must divide --prompts-per-step "
+                                 f"x --num-generations = {completions} (TRL accumulates whole "
+                                 "micro-batches of one generation batch)")
+            if self.num_generations < 2:
+                raise ValueError(f"--num-generations={self.num_generations}: must be >= 2 "
+                                 "(group advantages)")
+            if self.temperature <= 0:
+                raise ValueError(f"--temperature={self.temperature}: must be > 0")
+        if self.beta is not None and self.beta < 0:
+            raise ValueError(f"--beta={self.beta}: must be >= 0")
         if not 0 <= self.warmup < self.steps:
             raise ValueError(f"--warmup={self.warmup}: must be in [0, --steps) so that at least "
                              "one step is measured")
@@ -138,8 +202,16 @@ def our_flags(recipe: Recipe, model: Path, data: Path, run_dir: Path, dtype: str
              "--learning-rate", str(recipe.learning_rate), "--dtype", dtype,
              "--seed", str(recipe.seed), "--log-every", "1", "--eval-batches", "1",
              "--max-grad-norm", "0", "--no-progress"]
-    if recipe.algorithm == "sft":
+    kind = family(recipe.algorithm)
+    if kind == "sft":
         flags += ["--train-on", recipe.train_on]
+    if kind in ("preference", "online"):
+        flags += ["--beta", str(recipe.beta)]
+    if kind == "online":
+        flags += ["--prompts-per-step", str(recipe.prompts_per_step),
+                  "--num-generations", str(recipe.num_generations),
+                  "--max-completion-length", str(recipe.max_completion_length),
+                  "--temperature", str(recipe.temperature), "--reward", recipe.reward]
     if recipe.target_modules:
         flags += ["--target-modules", *recipe.target_modules]
     return flags + list(recipe.extra)

@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .measure import TIME_SPLIT
+
 _NUM = {"type": ["number", "null"]}
 _RUN = {
     "type": "object",
@@ -52,9 +54,17 @@ def _f(value: Any, fmt: str = "{:.1f}") -> str:
     return "-" if value is None else fmt.format(value)
 
 
+def split_cell(split: dict | None) -> str:
+    """``gen 10.9, score 0.0, logps 6.4, update 7.9``: the phases a run logged, in step order."""
+    if not split:
+        return "-"
+    return ", ".join(f"{k.split('/', 1)[1].replace('forward_backward', 'fwd+bwd')} "
+                     f"{split[k]:.2f}" for k in TIME_SPLIT if k in split)
+
+
 def run_rows(runs: list[dict]) -> list[str]:
     header = ("| run | status | tokens/s | tokens/CPU-s | step time s: median (p25-p75) | "
-              "peak RSS GB | MLX / CUDA peak GB | final loss | gen / score / update s | "
+              "peak RSS GB | MLX / CUDA peak GB | final loss | time split s/step | "
               "load start-end |")
     rows = [header, "|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
@@ -62,10 +72,9 @@ def run_rows(runs: list[dict]) -> list[str]:
         st = s.get("step_time") or {}
         step = (f"{st['median']:.2f} ({st['p25']:.2f}-{st['p75']:.2f})" if st else "-")
         device_peak = m.get("mlx_peak", m.get("cuda_peak"))
-        split = s.get("time_split")
-        split_text = " / ".join(_f(split.get(k), "{:.2f}") for k in
-                                ("time/generation", "time/scoring", "time/update")) \
-            if split else "-"
+        split_text = split_cell(s.get("time_split"))
+        if s.get("completion_length"):
+            split_text += f" (completions {s['completion_length']:.1f} tokens)"
         load = "-".join(f"{x:.1f}" for x in r.get("load_avg") or []) or "-"
         status = r["status"] if r["status"] == "ok" else f"{r['status']}: " \
             f"{r.get('message', '').splitlines()[0] if r.get('message') else ''}"

@@ -78,6 +78,7 @@ def read_settings(path: Path) -> dict:
     lora = cfg.get("lora_parameters") or {}
     rank = lora.get("rank")
     return {
+        "algorithm": "sft",  # mlx-lm's LoRA trainer trains SFT only
         "model": str(model),
         "data": data_fingerprint(Path(cfg["data"])),
         "fine_tune_type": cfg["fine_tune_type"],

@@ -15,7 +15,15 @@ from pathlib import Path
 from . import proc
 from .backends import Target
 from .measure import Run, record_outcome
-from .recipe import Recipe, block_linear_names, data_fingerprint, our_flags, resolved_dtype
+from .recipe import (
+    ONLINE_MATCHED,
+    Recipe,
+    block_linear_names,
+    data_fingerprint,
+    family,
+    our_flags,
+    resolved_dtype,
+)
 
 
 def command(t: Target, recipe: Recipe, flags: list[str], force_cpu: bool) -> list[str]:
@@ -54,7 +62,7 @@ def read_settings(config_path: Path, log: Path) -> dict:
     model = Path(cfg["model_path"]).resolve()
     targets = cfg.get("target_modules") or block_linear_names(model)
     match = re.search(r"(?:mlx_ft|cuda_ft): device=\S+ dtype=(\w+)", log.read_text())
-    return {
+    out = {
         "model": str(model),
         "data": data_fingerprint(Path(data)),
         "fine_tune_type": cfg["fine_tune_type"],
@@ -67,6 +75,20 @@ def read_settings(config_path: Path, log: Path) -> dict:
         "learning_rate": float(cfg["learning_rate"]),
         "dtype": match.group(1) if match else cfg.get("dtype"),
     }
+    algorithm = cfg.get("algorithm")
+    if algorithm:
+        out["algorithm"] = algorithm
+    kind = family(algorithm or "sft")
+    if kind == "preference":
+        types = cfg.get("loss_type") or ["sigmoid"]
+        out.update(beta=float(cfg["beta"]),
+                   loss_type=",".join([types] if isinstance(types, str) else types))
+    if kind == "online":
+        out.update({k: cfg[k] for k in ONLINE_MATCHED if k in cfg})
+        out["reward"] = ",".join(cfg.get("reward") or [])
+        for key in ("temperature", "top_p", "beta", "epsilon"):
+            out[key] = float(out[key])
+    return out
 
 
 def normalise_targets(targets: list[str], model: Path) -> list[str]:

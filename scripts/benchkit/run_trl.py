@@ -16,10 +16,18 @@ from pathlib import Path
 
 from . import proc
 from .measure import Run, record_outcome
-from .recipe import Recipe, block_linear_names, data_fingerprint, resolved_dtype
+from .recipe import (
+    ONLINE,
+    ONLINE_MATCHED,
+    Recipe,
+    block_linear_names,
+    data_fingerprint,
+    family,
+    resolved_dtype,
+)
 from .run_ours import normalise_targets
 
-SUPPORTED = ("sft",)
+SUPPORTED = ("sft", "dpo", *ONLINE)
 
 
 def trl_version(liger: bool = False) -> str | None:
@@ -47,8 +55,9 @@ def run_trl(device: str, recipe: Recipe, model: Path, data: Path, out: Path,
                                               "dependencies)")
         return run
     if recipe.algorithm not in SUPPORTED or recipe.fine_tune_type != "lora":
-        run.status, run.message = "skipped", ("--compare trl supports LoRA sft; the recipe is "
-                                              f"{recipe.fine_tune_type} {recipe.algorithm}")
+        run.status, run.message = "skipped", (f"--compare trl supports LoRA {', '.join(SUPPORTED)}"
+                                              f"; the recipe is {recipe.fine_tune_type} "
+                                              f"{recipe.algorithm}")
         return run
     run_dir.mkdir(parents=True, exist_ok=True)
     targets = normalise_targets(recipe.target_modules, model) if recipe.target_modules \
@@ -58,7 +67,12 @@ def run_trl(device: str, recipe: Recipe, model: Path, data: Path, out: Path,
             "steps": recipe.steps, "learning_rate": recipe.learning_rate, "seed": recipe.seed,
             "lora_rank": recipe.lora_rank, "lora_alpha": recipe.lora_alpha,
             "target_modules": sorted({t.rsplit(".", 1)[-1] for t in targets}),
-            "dtype": resolved_dtype(recipe, device), "device": device, "liger": liger}
+            "dtype": resolved_dtype(recipe, device), "device": device, "liger": liger,
+            "algorithm": recipe.algorithm, "beta": recipe.beta,
+            "prompts_per_step": recipe.prompts_per_step,
+            "num_generations": recipe.num_generations,
+            "max_completion_length": recipe.max_completion_length,
+            "temperature": recipe.temperature, "reward": recipe.reward}
     (run_dir / "spec.json").write_text(json.dumps(spec, indent=2) + "\n")
     metrics = run_dir / "metrics.jsonl"
     metrics.unlink(missing_ok=True)
@@ -75,11 +89,18 @@ def run_trl(device: str, recipe: Recipe, model: Path, data: Path, out: Path,
 
 
 def read_settings(path: Path) -> dict:
+    """The matched settings as TRL resolved them (``settings.json`` of the entry)."""
     cfg = json.loads(path.read_text())
     model = Path(cfg["model"]).resolve()
-    return {**{k: cfg[k] for k in ("fine_tune_type", "lora_rank", "batch_size", "max_length",
-                                   "steps", "dtype")},
-            "model": str(model), "data": data_fingerprint(Path(cfg["data"])),
-            "lora_alpha": float(cfg["lora_alpha"]),
-            "target_modules": normalise_targets(cfg["target_modules"], model),
-            "learning_rate": float(cfg["learning_rate"])}
+    algorithm = cfg.get("algorithm", "sft")
+    out = {**{k: cfg[k] for k in ("fine_tune_type", "lora_rank", "batch_size", "max_length",
+                                  "steps", "dtype")},
+           "model": str(model), "data": data_fingerprint(Path(cfg["data"])),
+           "lora_alpha": float(cfg["lora_alpha"]),
+           "target_modules": normalise_targets(cfg["target_modules"], model),
+           "learning_rate": float(cfg["learning_rate"]), "algorithm": algorithm}
+    if family(algorithm) == "preference":
+        out.update(beta=cfg["beta"], loss_type=cfg["loss_type"])
+    if family(algorithm) == "online":
+        out.update({k: cfg[k] for k in ONLINE_MATCHED})
+    return out

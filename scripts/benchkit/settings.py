@@ -12,7 +12,7 @@ import math
 from typing import Any
 
 from .measure import Run
-from .recipe import MATCHED
+from .recipe import MATCHED, matched_keys
 
 LORA_ONLY = ("lora_rank", "lora_alpha", "target_modules")
 
@@ -61,8 +61,10 @@ def compare(ours: Run, baseline: Run) -> dict[str, Any]:
     if ours.status != "ok" or baseline.status != "ok":
         failed = ours if ours.status != "ok" else baseline
         return {**out, "status": "n/a", "message": f"{failed.name} {failed.status}"}
+    algorithm = ours.settings.get("algorithm", "sft")
+    keys = matched_keys(algorithm) + (("algorithm",) if "algorithm" in ours.settings else ())
     try:
-        check_matched(ours.name, ours.settings, baseline.name, baseline.settings)
+        check_matched(ours.name, ours.settings, baseline.name, baseline.settings, keys)
     except SettingsMismatch as e:
         return {**out, "status": "refused", "message": str(e)}
     s, b = ours.summary, baseline.summary

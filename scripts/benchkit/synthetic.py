@@ -3,9 +3,13 @@
 Chat SFT examples (``{"messages": [...]}``) and preference pairs (``{"prompt", "chosen",
 "rejected"}``) whose lengths in words are log-normal (median ``median_words``, log-sd
 ``sigma``), clipped to ``[min_words, max_words]``: most examples short, a long tail, like real
-instruction data. Roughly 1.3 tokens per word with SmolLM2's tokenizer, so the defaults
+instruction data. Roughly 1.3 tokens per word with SmolLM2's tokenizer, so the chat defaults
 (median 110, max 380 words) give about 20-500 tokens, a few truncated at ``--max-length 512``.
-The same seed writes the same files.
+Preference pairs draw the chosen completion's length (median 60, 15-150 words: about 20-200
+tokens, as in public preference sets), the prompt's separately (median 25, 4-100 words) and the
+rejected one at 0.6-1.2x the chosen. ``arith`` is online-RL prompts: conversational arithmetic
+questions with an ``answer`` column for the ``math_answer`` reward. The same seed writes the
+same files.
 """
 
 from __future__ import annotations
@@ -67,13 +71,28 @@ def chat_example(rng: random.Random, words: int) -> dict:
 
 
 def preference_example(rng: random.Random, words: int) -> dict:
-    prompt = max(3, int(words * rng.uniform(0.15, 0.35)))
-    answer = max(3, words - prompt)
-    return {"prompt": _sentence(rng, prompt), "chosen": _sentence(rng, answer),
-            "rejected": _sentence(rng, max(3, int(answer * rng.uniform(0.6, 1.2))))}
+    """A pair whose chosen completion has ``words`` words; the prompt's length is drawn apart."""
+    import math
+
+    prompt = max(4, min(100, round(rng.lognormvariate(math.log(25), 0.7))))
+    return {"prompt": _sentence(rng, prompt), "chosen": _sentence(rng, words),
+            "rejected": _sentence(rng, max(12, int(words * rng.uniform(0.6, 1.2))))}
 
 
-KINDS = {"chat": chat_example, "preference": preference_example}
+def arith_example(rng: random.Random, words: int) -> dict:
+    """A conversational arithmetic prompt and its answer (``words`` is not used)."""
+    a, b = rng.randint(1, 99), rng.randint(1, 99)
+    op, value = rng.choice((("plus", a + b), ("minus", a - b), ("times", a * b)))
+    style = rng.choice(("Reply with the number only.", "Think briefly, then give the number.",
+                        "Show your working, then end with the answer."))
+    return {"prompt": [{"role": "user", "content": f"What is {a} {op} {b}? {style}"}],
+            "answer": str(value)}
+
+
+KINDS = {"chat": chat_example, "preference": preference_example, "arith": arith_example}
+# length distribution (in words) of each kind's examples: see example_lengths
+LENGTHS = {"chat": {}, "arith": {},
+           "preference": {"median_words": 60, "sigma": 0.6, "min_words": 15, "max_words": 150}}
 
 
 def write_synthetic(out_dir: str | Path, kind: str = "chat", n_train: int = 256,
@@ -86,7 +105,7 @@ def write_synthetic(out_dir: str | Path, kind: str = "chat", n_train: int = 256,
     make = KINDS[kind]
     for split, n, offset in (("train", n_train, 0), ("valid", n_valid, 1)):
         rng = random.Random(seed * 1000 + offset)
-        lengths = example_lengths(n, seed * 1000 + offset, **length_kw)
+        lengths = example_lengths(n, seed * 1000 + offset, **{**LENGTHS[kind], **length_kw})
         rows = [make(rng, w) for w in lengths]
         (out / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return out
