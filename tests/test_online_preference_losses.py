@@ -187,10 +187,12 @@ def test_pairs_never_split_and_micro_batches_sum_to_the_step():
     whole = step_loss(6)
     for size in (1, 2, 4):
         assert step_loss(size) == pytest.approx(whole, rel=1e-6)  # float32 shares
-    # the regression this layout prevents: GRPO's row-level micro-batches split these pairs
+    # the regression this layout prevents: GRPO's row-level micro-batches do not put a pair's
+    # rows at (j, n + j), so a pair loss over them would compare completions of two prompts
     plain = RolloutBatch(rollouts, mask_truncated=False, temperature=1.0, pad_id=0)
-    groups = [{r // 2 for r in rows} for rows, _ in plain.micro_batches(list(range(12)), 4)]
-    assert any(len(g) > 2 for g in groups)
+    layouts = [rows for rows, _ in plain.micro_batches(list(range(12)), 4)]
+    assert any(rows[j] // 2 != rows[len(rows) // 2 + j] // 2
+               for rows in layouts for j in range(len(rows) // 2))
 
 
 def test_nash_md_layout_keeps_the_policy_rows_and_their_preference():
