@@ -22,7 +22,14 @@ import numpy as np
 
 from .. import distributed
 from ..rl.batches import RolloutBatch
-from ..rl.rollouts import Rollouts, reward_view, round_seed, row_seeds, sampling_params
+from ..rl.rollouts import (
+    Rollouts,
+    gather_share,
+    reward_view,
+    round_seed,
+    row_seeds,
+    sampling_params,
+)
 from ..rl.sampling import Completion
 from .loss import make_loss
 
@@ -73,17 +80,17 @@ def _sharded_completions(cfg: Any, backend: Any, examples: list, source: str,
     """The step's completions, each sampled with its own seed: distributed, each rank samples
     its share of the prompts and the completions are gathered in rank order (the data's own
     completions are read by every rank). Also the slowest rank's seconds."""
-    world = distributed.current()
-    mine = range(len(examples)) if source == "data" else distributed.shard(len(examples))
+    if source == "data":
+        start = time.perf_counter()
+        return completions_for(cfg, backend, examples, source, 0), time.perf_counter() - start
+    mine = distributed.shard(len(examples))
     seeds = row_seeds(round_seed(cfg.seed, step, 0), len(examples))[mine.start:mine.stop]
     start = time.perf_counter()
     own = completions_for(cfg, backend, examples[mine.start:mine.stop], source, seeds) \
         if mine else []
-    seconds = time.perf_counter() - start
-    if world.size == 1 or source == "data":
-        return own, seconds
-    parts = world.gather((own, seconds))
-    return [c for part, _ in parts for c in part], max(t for _, t in parts)
+    completions, _, _, seconds = gather_share(own, {}, np.zeros(len(own)),
+                                              time.perf_counter() - start)
+    return completions, seconds
 
 
 def _rollouts(examples: list, completions: list[Completion], stats: dict) -> Rollouts:

@@ -25,6 +25,7 @@ from .. import distributed
 from ..rl.batches import RolloutBatch
 from ..rl.rollouts import (
     Rollouts,
+    gather_share,
     reward_weights,
     round_seed,
     row_seeds,
@@ -44,18 +45,8 @@ def pair_rollouts(cfg: Any, backend: Any, stream: Any, scorer: Any, step: int) -
     prompts = stream.take(cfg.prompts_per_step)
     examples = [e for e in prompts for _ in range(2)]
     mine = distributed.shard(len(prompts))
-    first, second, per_function, total, generation, scoring = _sample_pairs(
-        cfg, backend, scorer, prompts[mine.start:mine.stop], mine.start, step)
-    world = distributed.current()
-    if world.size > 1:
-        parts = [p for p in world.gather((first, second, per_function, total, generation,
-                                          scoring)) if p[0]]
-        first = [c for p in parts for c in p[0]]
-        second = [c for p in parts for c in p[1]]
-        per_function = {k: np.concatenate([p[2][k] for p in parts]) for k in parts[0][2]}
-        total = np.concatenate([p[3] for p in parts])
-        generation, scoring = max(p[4] for p in parts), max(p[5] for p in parts)
-    completions = [c for pair in zip(first, second) for c in pair]
+    completions, per_function, total, generation, scoring = gather_share(
+        *_sample_pairs(cfg, backend, scorer, prompts[mine.start:mine.stop], mine.start, step))
     lengths = np.array([len(c.ids) for c in completions], dtype=np.float64)
     stats = {"completions/mean_length": float(lengths.mean()),
              "completions/max_length": float(lengths.max()),
@@ -70,11 +61,11 @@ def pair_rollouts(cfg: Any, backend: Any, stream: Any, scorer: Any, step: int) -
 
 
 def _sample_pairs(cfg: Any, backend: Any, scorer: Any, prompts: list, offset: int,
-                  step: int) -> tuple[list, list, dict, np.ndarray, float, float]:
-    """The two completions of each of ``prompts`` (prompt ``offset + i`` of the step) and the
-    rewards of the rows ``(first, second)`` interleaved; generation and scoring seconds."""
+                  step: int) -> tuple[list, dict, np.ndarray, float, float]:
+    """The two completions of each of ``prompts`` (prompt ``offset + i`` of the step),
+    interleaved ``(first, second)``, their rewards, and the generation and scoring seconds."""
     if not prompts:
-        return [], [], {}, np.zeros(0), 0.0, 0.0
+        return [], {}, np.zeros(0), 0.0, 0.0
     n = cfg.prompts_per_step
     ids = [e.prompt_ids for e in prompts]
     rows = slice(offset, offset + len(prompts))
@@ -89,7 +80,7 @@ def _sample_pairs(cfg: Any, backend: Any, scorer: Any, prompts: list, offset: in
     examples = [e for e in prompts for _ in range(2)]
     completions = [c for pair in zip(first, second) for c in pair]
     per_function, total = score(scorer, examples, completions, step, cfg.missing_eos_penalty)
-    return first, second, per_function, total, generation, time.perf_counter() - start
+    return completions, per_function, total, generation, time.perf_counter() - start
 
 
 def rank(total: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

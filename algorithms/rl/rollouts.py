@@ -86,14 +86,22 @@ def sample_and_score(cfg: Any, backend: Any, scorer: Any, examples: list[PromptE
     seconds = time.perf_counter() - start
     per_function, total = score(scorer, examples[rows], completions, step,
                                 cfg.missing_eos_penalty) if groups else ({}, np.zeros(0))
+    return gather_share(completions, per_function, total, seconds)
+
+
+def gather_share(completions: list[Completion], per_function: dict[str, np.ndarray],
+                 total: np.ndarray, *seconds: float) -> tuple:
+    """Every rank's sampled and scored share, in rank order (ranks with none left out), and
+    the slowest rank's value of each ``seconds``; as given in one process."""
     world = distributed.current()
     if world.size == 1:
-        return completions, per_function, total, seconds
+        return (completions, per_function, total, *seconds)
     parts = world.gather((completions, per_function, total, seconds))
     scored = [p for p in parts if len(p[0])]
     return ([c for p in scored for c in p[0]],
             {k: np.concatenate([p[1][k] for p in scored]) for k in scored[0][1]},
-            np.concatenate([p[2] for p in scored]), max(p[3] for p in parts))
+            np.concatenate([p[2] for p in scored]),
+            *(max(p[3][i] for p in parts) for i in range(len(seconds))))
 
 
 def reward_view(example: PromptExample, completion: Completion) -> Any:
