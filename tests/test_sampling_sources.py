@@ -93,30 +93,45 @@ def test_mixture_first_token_frequencies(backends, prompts, name):
     assert np.abs(freq - expected(lp)).max() > 0.1 or np.abs(freq - expected(lr)).max() > 0.1
 
 
-def test_torch_mixture_processor_keeps_the_reference_cache_aligned(backends, prompts):
-    """Left-padded prompts of different lengths, three decode steps: the processor's mixed
-    log-probs equal the formula on the reference's full (uncached, unpadded) forward."""
+def test_torch_mixture_keeps_both_caches_aligned_as_rows_leave(backends, prompts):
+    """Left-padded prompts of different lengths, four decode steps, the first row ending at
+    step 2: at every step each remaining row is sampled from ``(1 - c) log softmax(policy) +
+    c log softmax(reference)`` of the two models' full (uncached, unpadded) forwards."""
     import torch
 
-    from cuda_ft.rollout import left_pad, mixture_processor
+    from cuda_ft.decode import decode
+    from cuda_ft.rollout import left_pad
 
-    backend, c = backends["torch"], 0.4
+    backend, c, eos = backends["torch"], 0.4, 2
+    prompts = [list(prompts[0]), list(prompts[1]), list(prompts[1][:-3])]
     ids, mask = left_pad(prompts, 0, backend.device)
-    processor = mixture_processor(backend.reference.model, c, mask)
-    rows = [list(p) for p in prompts]
     rng = np.random.default_rng(0)
-    for _ in range(3):
-        scores = torch.tensor(rng.normal(size=(len(rows), 384)), dtype=torch.float32)
-        mixed = processor(ids, scores).numpy()
-        for r, row in enumerate(rows):
-            with backend.reference.model() as ref, torch.no_grad():
-                z = ref(input_ids=torch.tensor([row])).logits[0, -1].double().numpy()
-            want = (1 - c) * _log_softmax(scores[r].double().numpy()) + c * _log_softmax(z)
-            np.testing.assert_allclose(mixed[r], want, rtol=0, atol=2e-5)
-        new = rng.integers(3, 300, size=len(rows))
-        ids = torch.cat([ids, torch.tensor(new)[:, None]], dim=1)
-        for row, t in zip(rows, new):
-            row.append(int(t))
+    seen = []
+
+    def sampler(scores, rows):
+        """Records the mixed scores; row 0 draws EOS at its second step, the others random
+        tokens (never EOS)."""
+        step = len(seen)
+        seen.append((list(rows), scores.double().numpy()))
+        return torch.tensor([eos if (row == 0 and step == 1) else int(rng.integers(3, 300))
+                             for row in rows])
+
+    params = SamplingParams(max_tokens=4, source="mixture", mixture_coef=c)
+    with torch.no_grad():
+        got = decode(backend.model, ids, mask, params, sampler, [eos], None,
+                     reference=backend.reference.model)
+    assert [rows for rows, _ in seen] == [[0, 1, 2], [0, 1, 2], [1, 2], [1, 2]]
+    assert len(got[0]) == 2 and got[0][-1] == eos and [len(g) for g in got[1:]] == [4, 4]
+    for step, (rows, scores) in enumerate(seen):
+        for i, row in enumerate(rows):
+            context = torch.tensor([prompts[row] + got[row][:step]])
+            with torch.no_grad():
+                z = backend.model(input_ids=context).logits[0, -1].double().numpy()
+                with backend.reference.model() as ref:
+                    zr = ref(input_ids=context).logits[0, -1].double().numpy()
+            want = (1 - c) * _log_softmax(z) + c * _log_softmax(zr)
+            np.testing.assert_allclose(scores[i], want, rtol=0, atol=2e-5,
+                                       err_msg=f"step {step} row {row}")
 
 
 @pytest.mark.parametrize("name", ["mlx", "torch"])
