@@ -23,6 +23,15 @@ A :class:`Loss` names the outputs it reads and whether each needs a gradient; ev
 from one decoder pass and one chunked pass over the vocabulary (the ``[B, T, V]`` logits never
 exist). Backends compute nothing a loss did not ask for.
 
+Head rows: a loss that reads the head outputs (``logps``, ``entropy``, ``log_sum_sq``) only
+where a ``[B, T]`` batch key is nonzero names that key in ``Loss.positions`` (for ``forward``,
+the batch comes from ``with_head_mask(batch, key)``, which adds the private ``_head_mask``):
+the backend then runs the vocabulary pass at those positions only and returns 0 elsewhere
+(GRPO's prompt tokens, a DPO pair's prompts: about half of their rows).
+``values`` and ``teacher_divergence`` are computed at every position. ``positions=None`` (the
+default) means every position. ``POSTTRAIN_HEAD_ROWS=0`` turns the selection off everywhere
+(to measure it).
+
 Batch keys: one vocabulary for every algorithm (:data:`BATCH_KEYS`). Inputs, ``[B, T]``, from
 :mod:`algorithms.data` or :mod:`algorithms.rl.batches`:
 
@@ -61,6 +70,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
@@ -93,11 +103,14 @@ class Loss:
 
     ``fn(ops, outputs, batch) -> (scalar loss, {name: scalar metric})`` with ``outputs`` a dict
     of the requested :data:`OUTPUTS` (``[B, T]`` arrays of the backend's framework);
-    ``outputs`` maps each name to whether the loss differentiates through it.
+    ``outputs`` maps each name to whether the loss differentiates through it. ``positions``
+    names the ``[B, T]`` batch key outside of whose nonzero entries ``fn`` never reads a head
+    output (see "Head rows" above), or is None: every position.
     """
 
     fn: Callable[[Any, dict, dict], tuple[Any, dict]]
     outputs: Mapping[str, bool] = dataclasses.field(default_factory=lambda: {"logps": True})
+    positions: str | None = None
 
     def __post_init__(self) -> None:
         unknown = set(self.outputs) - set(OUTPUTS)
@@ -119,13 +132,15 @@ class Loss:
             value, metrics = self.fn(ops, outputs, batch)
             return value * batch[key], metrics
 
-        return Loss(fn, self.outputs)
+        return Loss(fn, self.outputs, self.positions)
 
 
-def logps_loss(fn: Callable[[Any, Any, dict], tuple[Any, dict]]) -> Loss:
+def logps_loss(fn: Callable[[Any, Any, dict], tuple[Any, dict]],
+               positions: str | None = None) -> Loss:
     """A :class:`Loss` from ``fn(ops, per_token_logps, batch)``: the common case, log-probs with
     gradient and nothing else."""
-    return Loss(lambda ops, outputs, batch: fn(ops, outputs["logps"], batch), {"logps": True})
+    return Loss(lambda ops, outputs, batch: fn(ops, outputs["logps"], batch), {"logps": True},
+                positions)
 
 
 def as_loss(loss: Loss | Callable) -> Loss:
@@ -159,7 +174,8 @@ class Backend(Protocol):
         policy or (``reference=True``) the reference policy: the base model with adapters
         disabled (LoRA/DoRA, no second copy; with ``--init-adapter`` the frozen initial
         adapter stays on), a frozen copy of the start (full), or ``cfg.reference_model``. The
-        reference has no value head."""
+        reference has no value head. A batch from ``with_head_mask(batch, key)`` gets the
+        head outputs at the positions where ``batch[key]`` is nonzero only (0 elsewhere)."""
 
     def optimizer_step(self, learning_rate: float, max_grad_norm: float) -> float:
         """Clip the summed gradients by global norm, apply AdamW, zero them; returns the norm."""
@@ -220,6 +236,41 @@ class ForwardShortcuts:
 
     def reference_per_token_logps(self, batch: dict[str, np.ndarray]) -> np.ndarray:
         return self.forward(batch, ("logps",), reference=True)["logps"]
+
+
+HEAD_MASK = "_head_mask"  # the private batch key carrying the positions the head runs at
+
+
+def with_head_mask(batch: dict, positions: str | None) -> dict:
+    """``batch`` plus the private ``_head_mask`` (bool ``[B, T]``: ``batch[positions] != 0``)
+    that tells a backend where the head outputs are read (a loss's ``positions``, or what a
+    caller of ``forward`` will read); ``batch`` itself for None (or ``POSTTRAIN_HEAD_ROWS=0``)."""
+    if positions is None or os.environ.get("POSTTRAIN_HEAD_ROWS", "1") == "0":
+        return batch
+    if positions not in batch:
+        raise KeyError(f"positions={positions!r} is not a key of the batch "
+                       f"({', '.join(sorted(batch))})")
+    return {**batch, HEAD_MASK: np.asarray(batch[positions]) != 0}
+
+
+def head_rows(flat_mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(keep, inverse)`` for the head pass over ``N`` flat positions: ``keep`` the positions
+    to run it at (int64, at least one), ``inverse [N]`` each position's index in ``keep`` or
+    ``len(keep)`` (where a backend appends one 0), so ``concat(out, [0])[inverse]`` is the full
+    ``[N]`` output; None when every position is kept (or no mask is given)."""
+    if flat_mask is None:
+        return None
+    flat_mask = np.asarray(flat_mask).reshape(-1)
+    keep = np.flatnonzero(flat_mask)
+    if len(keep) == len(flat_mask):
+        return None
+    if len(keep) == 0:  # nothing read: one position keeps every shape non-empty
+        keep = np.zeros(1, np.int64)
+    inverse = np.full(len(flat_mask), len(keep), np.int64)
+    inverse[keep] = np.arange(len(keep))
+    if not flat_mask[keep[0]]:  # the stand-in position is still read as 0
+        inverse[keep[0]] = len(keep)
+    return keep.astype(np.int64), inverse
 
 
 def check_outputs(outputs: Iterable[str], has_value_head: bool,

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from . import distributed
+from .backend import with_head_mask
 from .data import PreparedData
 
 KL_KEYS = ("input_ids", "targets", "loss_mask", "segment_ids")  # of the mismatched rows
@@ -70,7 +71,8 @@ def reference_prepare(cfg: Any, backend: Any, data: PreparedData,
                 keys = cache.row_keys(list(share.indices), plan.dataset.kind == "paired")
                 a["ref_per_token_logps"] = cache.rows(keys, a["input_ids"].shape[1])
             else:
-                a["ref_per_token_logps"] = backend.reference_per_token_logps(a)
+                a["ref_per_token_logps"] = backend.reference_per_token_logps(
+                    with_head_mask(a, "loss_mask"))  # what the losses read (test_head_rows)
         if plan.kl:
             z = step_kl_estimate(backend, plan, batches)
             for a in arrays:
@@ -96,8 +98,9 @@ def step_kl_estimate(backend: Any, plan: Any, batches: list) -> np.float32:
         span = slice(0, 0) if start is None else slice(start, min(start + size, mine.stop))
         chunk = _trim({k: rows[k][span] for k in KL_KEYS})
         mask = chunk["loss_mask"]
-        policy = backend.per_token_logps(chunk)
-        reference = backend.reference_per_token_logps(chunk)
+        read = with_head_mask(chunk, "loss_mask")
+        policy = backend.per_token_logps(read)
+        reference = backend.reference_per_token_logps(read)
         total += float(((policy - reference) * mask).sum(dtype=np.float64))
         count += len(mask)
     total, count = world.all_sum([total, count])

@@ -47,7 +47,7 @@ class SFTConfig(TrainConfig):
 
 
 def make_loss(cfg: SFTConfig) -> Loss:
-    return logps_loss(LOSSES[cfg.loss_type])
+    return logps_loss(LOSSES[cfg.loss_type], positions="loss_mask")
 
 
 def prepare_data(cfg: TrainConfig, tokenizer: Any):

@@ -23,15 +23,18 @@ import torch
 
 from algorithms.adapter_io import check_init_adapter, deltas, stack
 from algorithms.backend import (
+    HEAD_MASK,
     VALUE_HEAD_KEYS,
     ForwardShortcuts,
     Loss,
     as_loss,
     attention_allowed,
     check_outputs,
+    head_rows,
     loss_view,
     save_value_head,
     value_head_init,
+    with_head_mask,
 )
 from algorithms.distributed import current, is_empty
 from algorithms.weight_decay import decayed_names
@@ -41,7 +44,7 @@ from . import varlen
 from .device import choose_device
 from .distributed import Parallel, full, shard_like
 from .kernel_patch import head_impl
-from .logprobs import head_outputs
+from .logprobs import selected_head_outputs
 from .model import canonical_parameters, load_model, set_adapter_training
 from .ops import TorchOps
 from .reference import Reference, load_frozen
@@ -49,6 +52,14 @@ from .reference import Reference, load_frozen
 _WEIGHTS = "trainable.safetensors"
 _OPTIMIZER = "optimizer.pt"
 _RNG = "rng.pt"
+
+
+def _flat_mask(mask: np.ndarray | None, where: Any) -> np.ndarray | None:
+    """The ``[B, T]`` head mask in the order of the flat hidden states: row-major, or at the
+    real tokens ``where`` of the padding-free path."""
+    if mask is None or where is None:
+        return None if mask is None else np.asarray(mask).reshape(-1)
+    return np.asarray(mask)[where[0].cpu().numpy(), where[1].cpu().numpy()]
 
 
 class TorchBackend(ForwardShortcuts):
@@ -180,8 +191,9 @@ class TorchBackend(ForwardShortcuts):
                 hidden = self._hidden(batch, tensors, hf_model)
                 hidden = hidden.reshape(-1, hidden.shape[-1])
                 targets, where = tensors["targets"].reshape(-1), None
-            flat = head_outputs(hidden, head, targets, self.cfg.logprob_chunk_size,
-                                temperature, wanted, head_impl(self.model))
+            flat = selected_head_outputs(hidden, head, targets, self.cfg.logprob_chunk_size,
+                                         temperature, wanted, head_impl(self.model),
+                                         head_rows(_flat_mask(batch.get(HEAD_MASK), where)))
             if "teacher_divergence" in wanted:
                 flat["teacher_divergence"] = self._teacher_divergence(
                     batch, tensors, hidden, head, where, temperature,
@@ -214,6 +226,7 @@ class TorchBackend(ForwardShortcuts):
 
     def _loss(self, batch: dict[str, np.ndarray], loss: Loss,
               train: bool = False) -> tuple[torch.Tensor, dict]:
+        batch = with_head_mask(batch, loss.positions)
         tensors = self._to_tensors(batch)
         if "num_items" in tensors:
             tensors["num_items"] = tensors["num_items"].reshape(())
@@ -402,7 +415,7 @@ class TorchBackend(ForwardShortcuts):
 
     def sample(self, prompts: list[list[int]], params: Any, seed: int | list[int]) -> list:
         """Sampled completions (``algorithms.rl.sampling.Completion``), one per prompt, in
-        order; transformers ``generate`` on the adapted model (see cuda_ft.rollout); one seed
+        order; a KV-cached decode loop on the adapted model (see cuda_ft.rollout); one seed
         per prompt makes each completion independent of the others in the call."""
         from algorithms.rl.sampling import stop_token_ids
 

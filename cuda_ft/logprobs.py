@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -113,6 +114,20 @@ def head_outputs(hidden: torch.Tensor, lm_head: nn.Module, targets: torch.Tensor
         value = pieces[0][i] if len(pieces) == 1 else torch.cat([p[i] for p in pieces])
         out[name] = value if wanted[name] else value.detach()
     return out
+
+
+def selected_head_outputs(hidden: torch.Tensor, lm_head: nn.Module, targets: torch.Tensor,
+                          chunk_size: int, temperature: float, wanted: dict[str, bool],
+                          impl: str, rows: tuple[np.ndarray, np.ndarray] | None) -> dict:
+    """:func:`head_outputs` at the ``rows`` of :func:`algorithms.backend.head_rows` only (the
+    positions a loss reads), 0 elsewhere; at every position when ``rows`` is None."""
+    if rows is None:
+        return head_outputs(hidden, lm_head, targets, chunk_size, temperature, wanted, impl)
+    keep = torch.from_numpy(rows[0]).to(hidden.device)
+    inverse = torch.from_numpy(rows[1]).to(hidden.device)
+    out = head_outputs(hidden[keep], lm_head, targets[keep], chunk_size, temperature, wanted,
+                       impl)
+    return {name: torch.cat([v, v.new_zeros(1)])[inverse] for name, v in out.items()}
 
 
 def chunked_token_logps(hidden: torch.Tensor, lm_head: nn.Module, targets: torch.Tensor,

@@ -33,6 +33,7 @@ from algorithms.backend import (
     loss_view,
     save_value_head,
     value_head_init,
+    with_head_mask,
 )
 from algorithms.distributed import current, is_empty
 from algorithms.weight_decay import decayed_names
@@ -145,8 +146,10 @@ class MLXBackend(ForwardShortcuts):
         self._micro_batches += 1
         if is_empty(batch):  # this rank's empty share of a micro-batch
             return {}
-        (value, metrics), grads = self._value_and_grad(self._to_device(batch), batch,
-                                                       as_loss(loss), True)
+        loss = as_loss(loss)
+        batch = with_head_mask(batch, loss.positions)
+        (value, metrics), grads = self._value_and_grad(self._to_device(batch), batch, loss,
+                                                       True)
         self._grads = grads if self._grads is None else tree_map(mx.add, self._grads, grads)
         mx.eval(value, metrics, self._grads)
         return {"loss": value.item(), **{k: v.item() for k, v in metrics.items()}}
@@ -155,7 +158,9 @@ class MLXBackend(ForwardShortcuts):
         self.model.eval()
         if is_empty(batch):
             return {}
-        value, metrics = self._loss(self._to_device(batch), batch, as_loss(loss))
+        loss = as_loss(loss)
+        batch = with_head_mask(batch, loss.positions)
+        value, metrics = self._loss(self._to_device(batch), batch, loss)
         mx.eval(value, metrics)
         return {"loss": value.item(), **{k: v.item() for k, v in metrics.items()}}
 

@@ -33,6 +33,8 @@ import numpy as np
 from mlx import nn
 from mlx.utils import tree_flatten
 
+from algorithms.backend import HEAD_MASK, head_rows
+
 from . import precise, varlen
 from .model import lm_head_module
 
@@ -214,6 +216,21 @@ def head_outputs(model: nn.Module, hidden: mx.array, targets: mx.array, chunk_si
     return out
 
 
+def selected_head_outputs(model: nn.Module, hidden: mx.array, targets: mx.array,
+                          chunk_size: int, temperature: float, wanted: dict[str, bool],
+                          train: bool, rows: tuple[np.ndarray, np.ndarray] | None
+                          ) -> dict[str, mx.array]:
+    """:func:`head_outputs` at the ``rows`` of :func:`algorithms.backend.head_rows` only (the
+    positions a loss reads), 0 elsewhere; at every position when ``rows`` is None."""
+    if rows is None:
+        return head_outputs(model, hidden, targets, chunk_size, temperature, wanted, train)
+    keep, inverse = mx.array(rows[0].astype(np.int32)), mx.array(rows[1].astype(np.int32))
+    out = head_outputs(model, hidden[keep], targets[keep], chunk_size, temperature, wanted,
+                       train)
+    return {name: mx.concatenate([v, mx.zeros((1,), v.dtype)])[inverse]
+            for name, v in out.items()}
+
+
 _STREAMS: list = []
 
 
@@ -252,8 +269,13 @@ def model_outputs(model: nn.Module, batch: dict, host: dict, chunk_size: int,
     ``host`` holds the numpy batch."""
     from .divergence import teacher_divergence, teacher_hidden
 
+    head_mask = host.get(HEAD_MASK)
+
     def finish(h: mx.array, tgt: mx.array, docs: list | None = None) -> dict[str, mx.array]:
-        out = head_outputs(model, h, tgt, chunk_size, temperature, wanted, train)
+        mask = None if head_mask is None else \
+            (head_mask.reshape(-1) if docs is None else varlen.doc_values(head_mask, docs))
+        out = selected_head_outputs(model, h, tgt, chunk_size, temperature, wanted, train,
+                                    head_rows(mask))
         if "values" in wanted:
             values = value_head(h.astype(mx.float32))[:, 0]
             out["values"] = values if wanted["values"] else mx.stop_gradient(values)

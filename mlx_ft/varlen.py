@@ -148,9 +148,13 @@ def _block(layer: nn.Module, h: mx.array, spans: list[tuple]) -> mx.array:
     return h + layer.mlp(layer.post_attention_layernorm(h))
 
 
+def doc_values(a: np.ndarray, docs: list[Doc]) -> np.ndarray:
+    """A ``[B, T]`` array's values at the documents' positions, end to end (document order)."""
+    return np.concatenate([a[d.row, d.start:d.start + d.length] for d in docs])
+
+
 def gather_targets(targets: np.ndarray, docs: list[Doc]) -> mx.array:
-    return mx.array(np.concatenate([targets[d.row, d.start:d.start + d.length]
-                                    for d in docs]).astype(np.int32))
+    return mx.array(doc_values(targets, docs).astype(np.int32))
 
 
 def scatter_rows(shape: tuple[int, int], docs: list[Doc], values: list[mx.array]) -> mx.array:

@@ -107,11 +107,10 @@ class BCOConfig(ReferenceConfig):
 
 
 def make_loss(cfg: BCOConfig) -> Loss:
-    @logps_loss
     def loss(ops: Any, per_token_logps: Any, batch: dict) -> tuple[Any, dict]:
         return bco_loss(ops, per_token_logps, batch, cfg.beta)
 
-    return loss
+    return logps_loss(loss, positions="loss_mask")  # the responses only
 
 
 def running_delta(make_prepare: Callable, loss: Loss) -> Callable:

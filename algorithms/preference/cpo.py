@@ -114,10 +114,9 @@ class SimPOConfig(PreferenceConfig):
 def make_loss(cfg: CPOConfig | SimPOConfig) -> Loss:
     loss_type = "simpo" if isinstance(cfg, SimPOConfig) else cfg.loss_type
 
-    @logps_loss
     def loss(ops: Any, per_token_logps: Any, batch: dict) -> tuple[Any, dict]:
         return cpo_loss(ops, per_token_logps, batch, loss_type=loss_type, beta=cfg.beta,
                         cpo_alpha=cfg.cpo_alpha, label_smoothing=cfg.label_smoothing,
                         simpo_gamma=cfg.simpo_gamma, alpha=cfg.alpha)
 
-    return loss
+    return logps_loss(loss, positions="loss_mask")  # the responses only

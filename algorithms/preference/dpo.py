@@ -297,4 +297,4 @@ def make_loss(cfg: DPOConfig) -> Loss:
         return dpo_loss(ops, outputs["logps"], batch, cfg, outputs.get("log_sum_sq"))
 
     wanted = {"logps": True, **({"log_sum_sq": False} if cfg.use_weighting else {})}
-    return Loss(loss, wanted)
+    return Loss(loss, wanted, positions="loss_mask")  # the responses: no prompt position

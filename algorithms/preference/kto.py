@@ -103,10 +103,9 @@ class KTOConfig(ReferenceConfig):
 
 
 def make_loss(cfg: KTOConfig) -> Loss:
-    @logps_loss
     def loss(ops: Any, per_token_logps: Any, batch: dict) -> tuple[Any, dict]:
         return kto_loss(ops, per_token_logps, batch, beta=cfg.beta,
                         desirable_weight=cfg.desirable_weight,
                         undesirable_weight=cfg.undesirable_weight, loss_type=cfg.loss_type)
 
-    return loss
+    return logps_loss(loss, positions="loss_mask")  # the responses only

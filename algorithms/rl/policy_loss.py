@@ -285,4 +285,4 @@ def make_loss(cfg: OnlineConfig) -> Loss:
     wanted = {"logps": True, "entropy": cfg.entropy_coef > 0}
     if cfg.uses_value_head:
         wanted["values"] = True
-    return Loss(loss, wanted)
+    return Loss(loss, wanted, positions="loss_mask")  # the completions: no prompt position

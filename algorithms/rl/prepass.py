@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from .. import distributed
+from ..backend import with_head_mask
 from .batches import RolloutBatch
 from .estimators import estimate
 from .rollouts import Rollouts
@@ -52,11 +53,12 @@ def prepare_batch(cfg: Any, backend: Any, rollouts: Rollouts,
     passes = batch.micro_batches(rows, cfg.batch_size)
     for item in distributed.lockstep(passes, world):
         micro_rows, arrays = item if item is not None else ([], distributed.empty_like(None))
+        read = with_head_mask(arrays, "loss_mask")  # only the completions are read
         if wanted:
-            for name, values in backend.forward(arrays, wanted).items():
+            for name, values in backend.forward(read, wanted).items():
                 batch.store(name, micro_rows, values)
         if cfg.beta > 0:
-            batch.store("ref", micro_rows, backend.reference_per_token_logps(arrays))
+            batch.store("ref", micro_rows, backend.reference_per_token_logps(read))
     if world.size > 1:  # each row from the rank that computed it
         for key in (*wanted, *(("ref",) if cfg.beta > 0 else ())):
             table = batch.token_values.get(key, np.zeros(batch.completion_mask.shape))
