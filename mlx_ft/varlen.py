@@ -34,6 +34,7 @@ from mlx import nn
 from algorithms.data import prefix_tree
 from algorithms.data.batching import document_spans
 
+from . import fastmath
 from .grad_checkpoint import run_block
 
 VARLEN = {"llama", "mistral", "qwen2", "qwen3"}
@@ -113,8 +114,7 @@ def _attention(attn: nn.Module, x: mx.array, spans: list[tuple]) -> mx.array:
             own = mx.arange(length)
             mask = mx.concatenate([mx.ones((length, before), dtype=mx.bool_),
                                    own[None, :] <= own[:, None]], axis=1)
-        outs.append(mx.fast.scaled_dot_product_attention(
-            qd, kd, vd, scale=attn.scale, mask=mask))
+        outs.append(fastmath.attention(qd, kd, vd, attn.scale, mask))
     out = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
     return attn.o_proj(out.transpose(0, 2, 1, 3).reshape(1, n, -1))
 
@@ -145,7 +145,9 @@ def hidden_states(model: nn.Module, input_ids: np.ndarray, docs: list[Doc]) -> m
 
 def _block(layer: nn.Module, h: mx.array, spans: list[tuple]) -> mx.array:
     h = h + _attention(layer.self_attn, layer.input_layernorm(h), spans)
-    return h + layer.mlp(layer.post_attention_layernorm(h))
+    x = layer.post_attention_layernorm(h)
+    mlp = layer.mlp  # the VARLEN families' MLP is SwiGLU: gate, up, down
+    return h + (fastmath.swiglu_mlp(mlp, x) if hasattr(mlp, "gate_proj") else mlp(x))
 
 
 def doc_values(a: np.ndarray, docs: list[Doc]) -> np.ndarray:
