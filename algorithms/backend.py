@@ -374,3 +374,16 @@ def value_head_init(seed: int, hidden_size: int) -> dict[str, np.ndarray]:
     std = 1.0 / hidden_size
     weight = _keyed_rng(seed, "v_head").normal(0.0, std, size=(1, hidden_size))
     return {"v_head.weight": weight.astype(np.float32), "v_head.bias": np.zeros(1, np.float32)}
+
+
+def checkpointed_blocks(cfg: Any, num_blocks: int) -> list[int]:
+    """The transformer blocks to checkpoint (``--grad-checkpoint`` / ``--grad-checkpoint-blocks``),
+    the same on both backends: none, all, or ``n`` spread evenly (block ``floor(i L / n)`` for
+    ``i < n``). Raises ValueError naming the flag when ``n`` exceeds the model's blocks."""
+    count = int(getattr(cfg, "grad_checkpoint_blocks", 0) or 0)
+    if count > num_blocks:
+        raise ValueError(f"--grad-checkpoint-blocks {count}: the model has {num_blocks} "
+                         "transformer blocks")
+    if count == 0:
+        return list(range(num_blocks)) if getattr(cfg, "grad_checkpoint", False) else []
+    return [i * num_blocks // count for i in range(count)]

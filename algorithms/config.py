@@ -141,6 +141,11 @@ class TrainConfig:
         False, "activation checkpointing per transformer block: keep only each block's input, "
         "recompute the rest in backward (less memory, one more forward pass)"
     )
+    grad_checkpoint_blocks: int = field(
+        0, "checkpoint only this many of the transformer blocks, spread evenly (implies "
+        "--grad-checkpoint; 0 = all of them with --grad-checkpoint): each one trades its "
+        "saved activations for one more forward of itself"
+    )
     # several processes (torchrun / mlx.launch; README "Several processes and machines")
     parallel: str = field(
         "ddp", "across processes: ddp = every rank holds the model, gradients summed over ranks; "
@@ -175,6 +180,9 @@ class TrainConfig:
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
                 _bad(f.name, value, "must be a finite number")
+        if self.grad_checkpoint_blocks < 0:
+            _bad("grad_checkpoint_blocks", self.grad_checkpoint_blocks,
+                 "must be >= 0 (0 = every block with --grad-checkpoint)")
         positive = ["lora_rank", "batch_size", "grad_accumulation_steps", "max_length",
                     "logprob_chunk_size", "log_every", "dist_timeout"]
         for name in positive:

@@ -28,11 +28,13 @@ class CheckpointedBlockMixin:
         return super().forward(*args, **kwargs)
 
 
-def enable(hf_model: nn.Module) -> int:
-    """Checkpoint every decoder block of ``hf_model``; returns how many."""
+def enable(hf_model: nn.Module, blocks: list[int] | None = None) -> int:
+    """Checkpoint the ``blocks`` (indices; None: all) of ``hf_model``'s decoder; returns how
+    many."""
     from .model import decoder_blocks
 
     _, layers = decoder_blocks(hf_model)
-    for layer in layers:
-        reclass(layer, CheckpointedBlockMixin)
-    return len(layers)
+    chosen = range(len(layers)) if blocks is None else blocks
+    for i in chosen:
+        reclass(layers[i], CheckpointedBlockMixin)
+    return len(chosen)

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from algorithms.backend import lora_a_init
+from algorithms.backend import checkpointed_blocks, lora_a_init
 from algorithms.model_check import ModelError, is_mlx_quantized
 
 from .device import DeviceChoice
@@ -163,10 +163,15 @@ def load_model(cfg: Any, model_path: str | Path, choice: DeviceChoice,
     hf_model = model if cfg.fine_tune_type == "full" else model.get_base_model()
     plan = kernel_patch.apply(hf_model, getattr(cfg, "kernels", "auto"), choice.device)
     model.posttrain_kernels = plan
-    if getattr(cfg, "grad_checkpoint", False):
-        blocks = grad_checkpoint.enable(hf_model)
-        print(f"cuda_ft: grad-checkpoint: {blocks} blocks keep only their input and are "
-              "recomputed in backward", file=sys.stderr, flush=True)
+    num_blocks = len(decoder_blocks(hf_model)[1])
+    try:
+        blocks = checkpointed_blocks(cfg, num_blocks)
+    except ValueError as e:
+        raise ModelError(str(e)) from None
+    if blocks:
+        print(f"cuda_ft: grad-checkpoint: {grad_checkpoint.enable(hf_model, blocks)} of "
+              f"{num_blocks} blocks keep only their input and are recomputed in backward",
+              file=sys.stderr, flush=True)
     # --- end kernels ---
     return model
 

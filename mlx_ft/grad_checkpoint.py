@@ -58,13 +58,14 @@ class _CheckpointedCall:
         return run_block(self, lambda h: call(h, *args, **kwargs), x)
 
 
-def enable(model: nn.Module) -> int:
-    """Checkpoint every block of ``model.layers``; returns how many."""
+def enable(model: nn.Module, blocks: list[int] | None = None) -> int:
+    """Checkpoint the ``blocks`` (indices; None: all) of ``model.layers``; returns how many."""
     layers = model.layers
-    for layer in layers:
+    chosen = range(len(layers)) if blocks is None else blocks
+    for layer in (layers[i] for i in chosen):
         cls = type(layer)
         if cls not in _SUBCLASSES and not issubclass(cls, _CheckpointedCall):
             _SUBCLASSES[cls] = type(f"Checkpointed{cls.__name__}", (_CheckpointedCall, cls), {})
         if not issubclass(cls, _CheckpointedCall):
             layer.__class__ = _SUBCLASSES[cls]
-    return len(layers)
+    return len(chosen)

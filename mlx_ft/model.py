@@ -18,7 +18,7 @@ import numpy as np
 from mlx import nn
 from mlx.utils import tree_flatten
 
-from algorithms.backend import lora_a_init
+from algorithms.backend import checkpointed_blocks, lora_a_init
 from algorithms.model_check import ModelError
 
 LORA_LEAVES = {"lora_a": "lora_A", "lora_b": "lora_B", "m": "magnitude"}
@@ -123,13 +123,17 @@ def attach_adapters(model: nn.Module, cfg: Any) -> dict:
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
     num_layers = len(model.layers)
-    if getattr(cfg, "grad_checkpoint", False):  # --grad-checkpoint (mlx_ft/grad_checkpoint.py)
+    try:  # --grad-checkpoint[-blocks] (mlx_ft/grad_checkpoint.py)
+        blocks = checkpointed_blocks(cfg, num_layers)
+    except ValueError as e:
+        raise ModelError(str(e)) from None
+    if blocks:
         import sys
 
         from .grad_checkpoint import enable
 
-        print(f"mlx_ft: grad-checkpoint: {enable(model)} blocks keep only their input and are "
-              "recomputed in backward", file=sys.stderr, flush=True)
+        print(f"mlx_ft: grad-checkpoint: {enable(model, blocks)} of {num_layers} blocks keep "
+              "only their input and are recomputed in backward", file=sys.stderr, flush=True)
     if cfg.fine_tune_type == "full":
         model.unfreeze()
         return {"fine_tune_type": "full", "num_layers": num_layers}

@@ -10,6 +10,7 @@ import pytest
 pytest.importorskip("mlx")
 
 from mlx.utils import tree_flatten
+from test_backend_conformance import grads
 from test_torch_backend import sft_loss
 from tiny import DOC_A, DOC_B, DOC_C, DOC_D, make_batch
 
@@ -70,3 +71,31 @@ def test_grad_checkpoint_recomputes_blocks(tiny_llama_dir, tiny_tokenizer, monke
         calls.clear()
         be.forward_backward(batch, sft_loss)
         assert len(calls) == runs_per_layer * len(be.model.layers)
+
+
+def test_only_the_chosen_blocks_are_recomputed(tiny_llama_dir, tiny_tokenizer, monkeypatch):
+    """--grad-checkpoint-blocks 1: one block runs twice, the others once; same numbers."""
+    from mlx_ft import varlen
+    from mlx_ft.backend import MLXBackend
+    from mlx_ft.grad_checkpoint import _CheckpointedCall
+
+    calls = []
+    block = varlen._block
+    monkeypatch.setattr(varlen, "_block", lambda *a: calls.append(1) or block(*a))
+    batch = make_batch([[DOC_A, DOC_B], [DOC_C]])
+    results = []
+    for blocks in (0, 1):
+        be = MLXBackend(TrainConfig(data="x", dtype="float32", lora_rank=4, fine_tune_type="full",
+                                    grad_checkpoint_blocks=blocks), tiny_llama_dir,
+                        tiny_tokenizer)
+        layers = len(be.model.layers)
+        assert layers > 1
+        calls.clear()
+        results.append((be.forward_backward(batch, sft_loss)["loss"], grads(be)))
+        assert len(calls) == layers + blocks
+        assert [isinstance(x, _CheckpointedCall) for x in be.model.layers] == \
+            [i == 0 and blocks == 1 for i in range(layers)]
+    (loss_plain, g_plain), (loss_ckpt, g_ckpt) = results
+    assert loss_ckpt == pytest.approx(loss_plain, rel=1e-6)
+    for key, want in g_plain.items():
+        np.testing.assert_allclose(g_ckpt[key], want, rtol=1e-5, atol=1e-7, err_msg=key)

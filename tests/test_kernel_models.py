@@ -182,6 +182,27 @@ def test_grad_checkpoint_recomputes_blocks_in_backward(family_dirs, tiny_tokeniz
     assert len(calls) == 1
 
 
+def test_grad_checkpoint_blocks_recomputes_only_the_chosen_blocks(family_dirs, tiny_tokenizer):
+    from algorithms.backend import checkpointed_blocks
+    from algorithms.config import TrainConfig
+
+    be = backend(family_dirs["llama"], tiny_tokenizer, "torch", grad_checkpoint_blocks=1)
+    layers = be.hf_model.model.layers
+    assert [type(x).__name__.startswith("CheckpointedBlock") for x in layers] == \
+        [i == 0 for i in range(len(layers))]
+    calls = []
+    for layer in layers:
+        layer.mlp.register_forward_pre_hook(lambda *a: calls.append(1))
+    be.forward_backward(BATCH, sft_loss)
+    assert len(calls) == len(layers) + 1
+    cfg = TrainConfig(data="x", grad_checkpoint_blocks=3)
+    assert checkpointed_blocks(cfg, 30) == [0, 10, 20]
+    assert checkpointed_blocks(TrainConfig(data="x", grad_checkpoint=True), 4) == [0, 1, 2, 3]
+    assert checkpointed_blocks(TrainConfig(data="x"), 4) == []
+    with pytest.raises(ValueError, match="--grad-checkpoint-blocks 3: the model has 2"):
+        checkpointed_blocks(cfg, 2)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("kind", ["lora", "full"])
