@@ -114,7 +114,8 @@ def _attention(attn: nn.Module, x: mx.array, spans: list[tuple]) -> mx.array:
             own = mx.arange(length)
             mask = mx.concatenate([mx.ones((length, before), dtype=mx.bool_),
                                    own[None, :] <= own[:, None]], axis=1)
-        outs.append(fastmath.attention(qd, kd, vd, attn.scale, mask))
+        outs.append(mx.fast.scaled_dot_product_attention(
+            qd, kd, vd, scale=attn.scale, mask=mask))
     out = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
     return attn.o_proj(out.transpose(0, 2, 1, 3).reshape(1, n, -1))
 
