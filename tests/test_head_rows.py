@@ -133,8 +133,8 @@ def _junk_outside(arrays: dict, mask: np.ndarray, rng) -> dict:
 
 
 def _opted_in_losses():
-    """(name, loss, outputs, batch): SFT, every DPO loss type, SimPO / CPO, KTO, BCO, every GRPO
-    loss type at token and sequence level."""
+    """(name, loss, outputs, batch): SFT, every DPO loss type, SimPO / CPO, KTO, BCO, online DPO,
+    XPO, Nash-MD, every GRPO loss type at token and sequence level."""
     from test_preference_losses import LOGPS, MASK, REF
 
     from algorithms.preference import bco, cpo, dpo, kto
@@ -167,6 +167,18 @@ def _opted_in_losses():
             {"logps": kto_logps}, unpaired
     yield "bco", bco.make_loss(bco.BCOConfig(data="x")), {"logps": kto_logps}, \
         {**unpaired, "bco_reward_mean": np.float32(0.05)}
+    from algorithms.online_preference import config as online
+    from algorithms.online_preference.losses import make_nash_md_loss, make_pair_loss
+
+    pairs = {**pref, "pair_weight": np.array([1.0, 0.5]), "from_second": np.array([0, 1, 1, 0.0]),
+             "preference": np.array([0.7, 0.2, 0.5, 0.9])}
+    for kind in ("sigmoid", "ipo"):
+        yield f"online_dpo_{kind}", make_pair_loss(online.OnlineDPOConfig(
+            data="x", reward=["r"], loss_type=kind)), head, pairs
+    yield "xpo", make_pair_loss(online.XPOConfig(data="x", reward=["r"], alpha=0.1)), head, pairs
+    for level in ("sequence", "token"):
+        yield f"nash_md_{level}", make_nash_md_loss(online.NashMDConfig(
+            data="x", reward=["r"], kl_level=level)), head, pairs
     logp = LOGPS[:2]
     mask = MASK[:2]
     rl = {"loss_mask": mask, "advantages": np.array([1.5, -0.5]),

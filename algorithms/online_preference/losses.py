@@ -93,18 +93,16 @@ def nash_md_loss(ops: Any, per_token_logps: Any, batch: dict, cfg: Any) -> tuple
 
 
 def make_pair_loss(cfg: Any) -> Loss:
-    """Online DPO / XPO: log-probs with gradient (temperature 1)."""
+    """Online DPO / XPO: log-probs with gradient (temperature 1), read on the completions."""
 
-    @logps_loss
     def loss(ops: Any, per_token_logps: Any, batch: dict) -> tuple[Any, dict]:
         return pair_loss(ops, per_token_logps, batch, cfg)
 
-    return loss
+    return logps_loss(loss, positions="loss_mask")
 
 
 def make_nash_md_loss(cfg: Any) -> Loss:
-    @logps_loss
     def loss(ops: Any, per_token_logps: Any, batch: dict) -> tuple[Any, dict]:
         return nash_md_loss(ops, per_token_logps, batch, cfg)
 
-    return loss
+    return logps_loss(loss, positions="loss_mask")

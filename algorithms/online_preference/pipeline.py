@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from ..backend import with_head_mask
 from ..rl.advantages import nan_mean_std
 from ..rl.rollouts import reward_view
 from ..rl.scoring import build_scorer
@@ -41,8 +42,8 @@ class PairPipeline:
         start = time.perf_counter()
         batch = PairBatch(rollouts, pad_id, self.layout, cfg.second_source)
         for rows, arrays in batch.micro_batches(list(range(len(batch))), cfg.batch_size):
-            batch.rows.store("ref_per_token_logps", rows,
-                             backend.reference_per_token_logps(arrays))
+            batch.rows.store("ref_per_token_logps", rows, backend.reference_per_token_logps(
+                with_head_mask(arrays, "loss_mask")))  # read on the completions only
         stats = {**pair_stats(batch, cfg), **rollouts.stats,
                  "time/logps": time.perf_counter() - start}
         generated = sum(len(c.ids) for c in rollouts.completions)
