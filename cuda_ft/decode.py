@@ -60,12 +60,25 @@ class Sampler:
                           for i, row in enumerate(rows)])
 
 
+def _forward_parameters(model: nn.Module) -> Any:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return inspect.signature(base.forward).parameters
+
+
 def cache_keyword(model: nn.Module) -> str:
     """The model's name for its KV cache argument and output: ``cache`` in transformers 5.x,
     ``past_key_values`` before (a PEFT wrapper: its base model's)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "cache" if "cache" in inspect.signature(base.forward).parameters \
-        else "past_key_values"
+    return "cache" if "cache" in _forward_parameters(model) else "past_key_values"
+
+
+def _last_logits_only(model: nn.Module) -> dict:
+    """The keyword that makes the model compute the last position's logits only (its name
+    changed across transformers versions; none: every position's)."""
+    found = _forward_parameters(model)
+    for name in ("logits_to_keep", "num_logits_to_keep"):
+        if name in found:
+            return {name: 1}
+    return {}
 
 
 def _step(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
@@ -73,8 +86,19 @@ def _step(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, positions: to
     """Logits of the last position ``[b, V]`` and the grown cache."""
     name = cache_keyword(model)
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                logits_to_keep=1, **{name: cache})
+                **_last_logits_only(model), **{name: cache})
     return out.logits[:, -1].float(), getattr(out, name)
+
+
+def _select(caches: list, index: torch.Tensor) -> bool:
+    """Keep the ``index`` rows of every cache; False (nothing changed) when a cache class
+    cannot drop rows (then finished rows ride along, as in ``generate``)."""
+    if not all(hasattr(c, "batch_select_indices") for c in caches if c is not None):
+        return False
+    for c in caches:
+        if c is not None:
+            c.batch_select_indices(index)
+    return True
 
 
 def decode(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, params: SamplingParams,
@@ -99,6 +123,7 @@ def decode(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, params: Samp
     else:
         step_ids, step_pos, cache = ids, positions, None
     ref_ids, ref_pos, ref_cache = ids, positions, None  # the reference prefills the whole prompt
+    done: set[int] = set()  # finished rows still in the batch (a cache that cannot drop rows)
     for _ in range(int(params.max_tokens)):
         scores, cache = _step(model, step_ids, mask, step_pos, cache)
         if mixture:
@@ -110,18 +135,19 @@ def decode(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, params: Samp
         tokens = sampler(scores, rows)
         keep = []
         for i, (row, token) in enumerate(zip(rows, tokens.tolist())):
+            if row in done:
+                continue
             sampled[row].append(token)
-            if not (token in eos or len(sampled[row]) >= params.max_tokens
-                    or (watch and watch.seen(sampled[row]))):
+            if token in eos or len(sampled[row]) >= params.max_tokens \
+                    or (watch and watch.seen(sampled[row])):
+                done.add(row)
+            else:
                 keep.append(i)
         if not keep:
             break
         last = step_pos[:, -1]
-        if len(keep) < len(rows):
-            index = torch.tensor(keep, device=ids.device)
-            cache.batch_select_indices(index)
-            if ref_cache is not None:
-                ref_cache.batch_select_indices(index)
+        index = torch.tensor(keep, device=ids.device)
+        if len(keep) < len(rows) and _select([cache, ref_cache], index):
             rows = [rows[i] for i in keep]
             tokens, mask, last = tokens[index], mask[index], last[index]
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)

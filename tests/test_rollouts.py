@@ -336,3 +336,19 @@ def test_shared_prompt_prefill_samples_what_per_row_prefill_samples(backends, pr
     want = [finish(ids, tiny_tokenizer, greedy, eos) for ids in greedy_ids for _ in range(3)]
     assert shared_greedy == want
     assert len({tuple(c.ids) for c in shared}) > 3, "the G rows of a group sample apart"
+
+
+def test_torch_rows_that_cannot_leave_the_batch_ride_along(backends, prompts, monkeypatch):
+    """A KV cache that cannot drop rows (cuda_ft.decode._select answers False): finished rows
+    stay in the batch, their draws ignored; every completion is the one the shrinking batch
+    samples (one seed per prompt)."""
+    from cuda_ft import decode
+
+    backend = backends["torch"]
+    rows = [p for p in prompts for _ in range(3)]
+    params = SamplingParams(max_tokens=16, temperature=1.0)
+    seeds = list(range(40, 40 + len(rows)))
+    shrinking = backend.sample(rows, params, seed=seeds)
+    assert len({len(c.ids) for c in shrinking}) > 1, "rows end at different steps"
+    monkeypatch.setattr(decode, "_select", lambda caches, index: False)
+    assert backend.sample(rows, params, seed=seeds) == shrinking
