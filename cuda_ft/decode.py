@@ -68,25 +68,23 @@ def _forward_parameters(model: nn.Module) -> Any:
 def cache_keyword(model: nn.Module) -> str:
     """The model's name for its KV cache argument and output: ``cache`` in transformers 5.x,
     ``past_key_values`` before (a PEFT wrapper: its base model's)."""
-    return "cache" if "cache" in _forward_parameters(model) else "past_key_values"
+    return _step_keywords(model)[0]
 
 
-def _last_logits_only(model: nn.Module) -> dict:
-    """The keyword that makes the model compute the last position's logits only (its name
-    changed across transformers versions; none: every position's)."""
+def _step_keywords(model: nn.Module) -> tuple[str, dict]:
+    """The cache keyword and the one that makes the model compute the last position's logits
+    only (its name changed across transformers versions; none: every position's)."""
     found = _forward_parameters(model)
-    for name in ("logits_to_keep", "num_logits_to_keep"):
-        if name in found:
-            return {name: 1}
-    return {}
+    last = next(({k: 1} for k in ("logits_to_keep", "num_logits_to_keep") if k in found), {})
+    return ("cache" if "cache" in found else "past_key_values"), last
 
 
 def _step(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
-          cache: Any) -> tuple[torch.Tensor, Any]:
+          cache: Any, keywords: tuple[str, dict]) -> tuple[torch.Tensor, Any]:
     """Logits of the last position ``[b, V]`` and the grown cache."""
-    name = cache_keyword(model)
+    name, last = keywords
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                **_last_logits_only(model), **{name: cache})
+                **last, **{name: cache})
     return out.logits[:, -1].float(), getattr(out, name)
 
 
@@ -124,11 +122,18 @@ def decode(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, params: Samp
         step_ids, step_pos, cache = ids, positions, None
     ref_ids, ref_pos, ref_cache = ids, positions, None  # the reference prefills the whole prompt
     done: set[int] = set()  # finished rows still in the batch (a cache that cannot drop rows)
+    keywords: dict[int, tuple[str, dict]] = {}  # per model, looked up once (not every step)
+
+    def step(m: nn.Module, *args: Any) -> tuple[torch.Tensor, Any]:
+        if id(m) not in keywords:
+            keywords[id(m)] = _step_keywords(m)
+        return _step(m, *args, keywords[id(m)])
+
     for _ in range(int(params.max_tokens)):
-        scores, cache = _step(model, step_ids, mask, step_pos, cache)
+        scores, cache = step(model, step_ids, mask, step_pos, cache)
         if mixture:
             with reference() as ref:
-                ref_scores, ref_cache = _step(ref, ref_ids, mask, ref_pos, ref_cache)
+                ref_scores, ref_cache = step(ref, ref_ids, mask, ref_pos, ref_cache)
             c = float(params.mixture_coef)
             scores = (1.0 - c) * torch.log_softmax(scores, -1) \
                 + c * torch.log_softmax(ref_scores, -1)
