@@ -54,14 +54,6 @@ _OPTIMIZER = "optimizer.pt"
 _RNG = "rng.pt"
 
 
-def _flat_mask(mask: np.ndarray | None, where: Any) -> np.ndarray | None:
-    """The ``[B, T]`` head mask in the order of the flat hidden states: row-major, or at the
-    real tokens ``where`` of the padding-free path."""
-    if mask is None or where is None:
-        return None if mask is None else np.asarray(mask).reshape(-1)
-    return np.asarray(mask)[where[0].cpu().numpy(), where[1].cpu().numpy()]
-
-
 class TorchBackend(ForwardShortcuts):
     """A transformers causal LM with its adapters (and value head) and AdamW, on CUDA or CPU."""
 
@@ -193,7 +185,7 @@ class TorchBackend(ForwardShortcuts):
                 targets, where = tensors["targets"].reshape(-1), None
             flat = selected_head_outputs(hidden, head, targets, self.cfg.logprob_chunk_size,
                                          temperature, wanted, head_impl(self.model),
-                                         head_rows(_flat_mask(batch.get(HEAD_MASK), where)))
+                                         head_rows(varlen.flat_values(batch.get(HEAD_MASK), where)))
             if "teacher_divergence" in wanted:
                 flat["teacher_divergence"] = self._teacher_divergence(
                     batch, tensors, hidden, head, where, temperature,

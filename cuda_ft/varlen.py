@@ -20,6 +20,7 @@ Used for the families in ``VARLEN``; ``POSTTRAIN_TORCH_VARLEN=0`` turns it off.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import numpy as np
 import torch
@@ -121,3 +122,11 @@ def flatten(batch: dict[str, np.ndarray], device: torch.device):
     starts = np.cumsum([0] + [n for _, _, n in spans])[:-1]
     return (to(ids)[None], to(positions)[None], to(targets).clamp(min=0),
             [(int(a), n) for a, (_, _, n) in zip(starts, spans)], where, None)
+
+
+def flat_values(array: np.ndarray | None, where: Any) -> np.ndarray | None:
+    """A ``[B, T]`` array in the order of the flat hidden states: row-major, or at the real
+    tokens ``where`` (from :func:`flatten`) of the padding-free path; None stays None."""
+    if array is None or where is None:
+        return None if array is None else np.asarray(array).reshape(-1)
+    return np.asarray(array)[where[0].cpu().numpy(), where[1].cpu().numpy()]
