@@ -1,25 +1,31 @@
-"""SwiGLU for MLX on a CPU, where ``mx.exp`` is slow.
+"""``exp``, softmax, attention and SwiGLU for MLX on a CPU, where ``mx.exp`` is slow.
 
-MLX 0.32's CPU ``exp`` costs ~15-19 ns per float32 element (1.08M elements: 17-20 ms, against
-0.4 ms for an add, on the 2-core x86 box of ``benchmarks/RESULTS.md``), while a compiled chain of
-ten multiply-adds over the same array takes 0.7 ms. In the padding-free forward that is the
-sigmoid of every SwiGLU activation ([tokens, intermediate] per block).
+MLX 0.32's CPU ``exp`` costs ~14-17 ns per float32 element (its scalar polynomial calls
+libm's ``fmaf`` per term), ``mx.sigmoid`` and ``mx.softmax`` as much; ``mx.power(2, y)`` (one
+libm ``powf`` per element) costs ~4.5 ns. So here
 
-Here ``exp(x) = 2^k exp(r)`` with ``k = round(x / ln 2)`` and ``r = x - k ln 2`` (ln 2 split in a
-high and a low part, so ``r`` is exact to float32), ``|r| <= ln(2) / 2``, ``exp(r)`` by its
-Taylor polynomial of degree 7 (truncation error ``r^8 / 8! < 6e-9``, below float32's 6e-8
-rounding) and ``2^k`` written into the exponent bits: one compiled elementwise kernel for the
-reduction and the polynomial, one multiply by the bit-cast ``2^k``. Max relative error ~1e-7
-(``mx.exp``'s own: ~8e-7). Below ``LOW`` the result is 0 (``exp(-inf) = 0``), above ``HIGH``
-``inf``; NaN stays NaN.
+    exp(x) = 2 ** (x * log2(e))
 
-:func:`swiglu` is built on it, with a custom backward that keeps its inputs only (the sigmoid
-is recomputed: one exponential per element), where MLX's compiled SwiGLU keeps its
-intermediates too: ~0.24 GB less MLX peak on an SFT batch of 700 tokens of SmolLM2;
-:func:`swiglu_mlp` is a llama-family MLP with it (the padding-free forward's). On a GPU
-(Metal, CUDA), or with ``POSTTRAIN_MLX_FAST_EXP=0``, every function here is the plain MLX one.
-(An attention softmax on the same exp measured no faster in a whole step and moved MLX's
-numbers further from torch's: not used.)
+two elementwise ops, ~3x faster than ``mx.exp`` and with its error profile (measured against
+float64 over [-87, 88]: the same max relative error, ~4e-6 at the ends of the range, ~3e-7
+within [-5, 5]: the rounding of ``x * log2(e)`` dominates in both). Plain ops on purpose: inside
+``mx.value_and_grad`` an ``mx.compile``-d function is traced like an uncompiled one, so a
+fused kernel (a polynomial ``exp`` compiled into one loop) never reaches a training step.
+
+- :func:`exp` (gradient: its value);
+- :func:`softmax` over the last axis, the max shifted out, with the backward
+  ``p * (g - sum(g p))`` from the saved output (no second ``exp``);
+- :func:`attention`: ``softmax(q k^T * scale + mask) v`` for grouped-query heads, the CPU
+  replacement of ``mx.fast.scaled_dot_product_attention`` (whose CPU fallback runs MLX's
+  softmax and masks with a select); :func:`attention_mask` builds the additive ``0 / -inf``
+  mask once per span, for every layer;
+- :func:`swiglu` ``silu(gate) * up`` with a backward that keeps its inputs only (the sigmoid is
+  recomputed: one ``exp`` per element), where MLX's own keeps its intermediates: ~0.24 GB less
+  MLX peak on an SFT batch of 700 tokens of SmolLM2; :func:`swiglu_mlp`, a llama-family MLP
+  with it (the padding-free forward's).
+
+On a GPU (Metal, CUDA), or with ``POSTTRAIN_MLX_FAST_EXP=0``, every function here is the plain
+MLX one.
 """
 
 from __future__ import annotations
@@ -30,49 +36,76 @@ import mlx.core as mx
 from mlx import nn
 
 LOG2E = 1.4426950408889634
-LN2_HI, LN2_LO = 0.693145751953125, 1.428606765330187e-06  # ln 2 = HI + LO, HI exact in 9 bits
-LOW, HIGH = -87.33654, 88.72283  # ln(2^-126), ln(float32 max)
 
 
 def enabled() -> bool:
-    """Whether the polynomial ``exp`` is used: on a CPU device, unless switched off."""
+    """Whether the ``powf``-based ``exp`` is used: on a CPU device, unless switched off."""
     return (mx.default_device().type == mx.DeviceType.cpu
             and os.environ.get("POSTTRAIN_MLX_FAST_EXP", "1") != "0")
 
 
-def _reduce(x: mx.array) -> tuple[mx.array, mx.array]:
-    """``(q, bits)`` with ``e^x = q * view_float32(bits)``: ``q = e^r`` (0 below ``LOW``, inf
-    above ``HIGH``, NaN for NaN) and ``bits`` those of ``2^k``. Elementwise ops only, so one
-    compiled kernel; the bit view stays outside it. Compiled per shape (a new shape traces in
-    ~0.4 ms): MLX 0.32's shape-free compilation of it failed to broadcast inside the gradient
-    of a step that runs two models (GKD's student and teacher)."""
-    a = mx.clip(x, LOW, HIGH)
-    k = mx.floor(a * LOG2E + 0.5)
-    r = a - k * LN2_HI - k * LN2_LO
-    q = 1.0 + r * (1.0 + r * (1 / 2 + r * (1 / 6 + r * (1 / 24 + r * (
-        1 / 120 + r * (1 / 720 + r * (1 / 5040)))))))
-    q = mx.where(x < LOW, 0.0, mx.where(x > HIGH, mx.inf, q))
-    q = mx.where(k > 127, q * 2.0, q)  # 2^128 is not a float32: 2 * 2^127
-    return q, (mx.minimum(k, 127).astype(mx.int32) + 127) << 23
-
-
-_reduce_compiled = mx.compile(_reduce)
-
-
 @mx.custom_function
-def _fast_exp(x: mx.array) -> mx.array:
-    q, bits = _reduce_compiled(x.astype(mx.float32))
-    return (q * bits.view(mx.float32)).astype(x.dtype)
+def _pow2_exp(x: mx.array) -> mx.array:
+    return mx.power(2.0, x * LOG2E).astype(x.dtype)
 
 
-@_fast_exp.vjp
-def _fast_exp_vjp(primals, cotangent, output):
+@_pow2_exp.vjp
+def _pow2_exp_vjp(primals, cotangent, output):
     return cotangent * output
 
 
 def exp(x: mx.array) -> mx.array:
     """``e^x``, elementwise (module docstring)."""
-    return _fast_exp(x) if enabled() else mx.exp(x)
+    return _pow2_exp(x) if enabled() else mx.exp(x)
+
+
+@mx.custom_function
+def _softmax(x: mx.array) -> mx.array:
+    m = mx.stop_gradient(x.max(axis=-1, keepdims=True))
+    e = mx.power(2.0, (x - m) * LOG2E)
+    return (e / e.sum(axis=-1, keepdims=True)).astype(x.dtype)
+
+
+@_softmax.vjp
+def _softmax_vjp(primals, cotangent, output):
+    return output * (cotangent - (cotangent * output).sum(axis=-1, keepdims=True))
+
+
+def softmax(x: mx.array) -> mx.array:
+    """``softmax(x)`` over the last axis (a row of ``-inf`` but one entry: that entry is 1)."""
+    return _softmax(x) if enabled() else mx.softmax(x, axis=-1, precise=True)
+
+
+def causal_bias(length: int, before: int = 0) -> mx.array:
+    """``[length, before + length]`` additive mask: ``before`` keys every query sees, then the
+    query's own span causally (0 where allowed, ``-inf`` elsewhere)."""
+    i = mx.arange(length)[:, None] + before
+    return mx.where(mx.arange(before + length)[None] <= i, 0.0, -mx.inf).astype(mx.float32)
+
+
+def attention_mask(length: int, before: int = 0) -> mx.array | str:
+    """The mask :func:`attention` takes for a span of ``length`` queries that sees ``before``
+    keys, then itself causally; built once per forward and shared by every layer."""
+    if not enabled():
+        return "causal" if before == 0 else mx.concatenate(
+            [mx.ones((length, before), dtype=mx.bool_),
+             mx.arange(length)[None] <= mx.arange(length)[:, None]], axis=1)
+    return causal_bias(length, before)
+
+
+def attention(q: mx.array, k: mx.array, v: mx.array, scale: float,
+              mask: mx.array | str) -> mx.array:
+    """``softmax(q k^T * scale + mask) v`` for ``q [B, Hq, L, D]``, ``k, v [B, Hkv, S, D]``
+    (query head ``h`` reads key head ``h // (Hq / Hkv)``) and an additive ``mask [L, S]`` from
+    :func:`attention_mask`. With the fast path off, MLX's ``scaled_dot_product_attention``
+    (``mask`` is then ``"causal"`` or boolean)."""
+    if not enabled() or isinstance(mask, str) or mask.dtype == mx.bool_:
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+    b, hq, length, d = q.shape
+    hkv = k.shape[1]
+    scores = (q * scale).reshape(b, hkv, hq // hkv, length, d) @ k[:, :, None].swapaxes(-1, -2)
+    p = softmax(scores + mask.astype(scores.dtype))
+    return (p @ v[:, :, None]).reshape(b, hq, length, d)
 
 
 def _swiglu_from(gate: mx.array, up: mx.array, e: mx.array) -> mx.array:
@@ -86,19 +119,15 @@ def _swiglu_grads_from(cotangent: mx.array, gate: mx.array, up: mx.array,
     return cotangent * up * s * (1.0 + gate * (1.0 - s)), cotangent * gate * s
 
 
-_swiglu_compiled = mx.compile(_swiglu_from)
-_swiglu_grads = mx.compile(_swiglu_grads_from)
-
-
 @mx.custom_function
 def _swiglu(gate: mx.array, up: mx.array) -> mx.array:
-    return _swiglu_compiled(gate, up, _fast_exp(-gate))
+    return _swiglu_from(gate, up, _pow2_exp(-gate))
 
 
 @_swiglu.vjp
 def _swiglu_vjp(primals, cotangent, output):
     gate, up = primals  # the sigmoid is recomputed from the inputs: one exp per element
-    return _swiglu_grads(cotangent, gate, up, _fast_exp(-gate))
+    return _swiglu_grads_from(cotangent, gate, up, _pow2_exp(-gate))
 
 
 def swiglu(gate: mx.array, up: mx.array) -> mx.array:

@@ -35,7 +35,7 @@ from mlx.utils import tree_flatten
 
 from algorithms.backend import HEAD_MASK, head_rows
 
-from . import precise, varlen
+from . import fastmath, precise, varlen
 from .model import lm_head_module
 
 PACKABLE = {"llama", "mistral", "qwen2", "qwen3", "olmo2", "granite", "internlm3"}
@@ -70,7 +70,7 @@ def _statistics(z: mx.array, targets: mx.array, names: tuple[str, ...]) -> list[
             out.append(mx.take_along_axis(z, mx.stop_gradient(targets)[:, None], axis=-1)[:, 0]
                        - lse)
         elif name == "entropy":
-            out.append(-precise.blocked_sum(mx.exp(logp) * logp, axis=-1))
+            out.append(-precise.blocked_sum(fastmath.exp(logp) * logp, axis=-1))
         else:  # log_sum_sq
             out.append(precise.logsumexp(2 * logp, axis=-1))
     return out
@@ -132,7 +132,12 @@ def _frozen_head_weight(model: nn.Module) -> mx.array | None:
     return head.weight
 
 
-_exp_shifted = mx.compile(lambda z, m: mx.exp(z - m), shapeless=True)
+_exp_shifted_mlx = mx.compile(lambda z, m: mx.exp(z - m), shapeless=True)
+
+
+def _exp_shifted(z: mx.array, m: mx.array) -> mx.array:
+    """``exp(z - m)``: :func:`mlx_ft.fastmath.exp` on a CPU, MLX's compiled ``exp`` on a GPU."""
+    return fastmath.exp(z - m) if fastmath.enabled() else _exp_shifted_mlx(z, m)
 
 
 def _fused_outputs(weight: mx.array, hidden: mx.array, targets: mx.array, chunk_size: int,

@@ -10,7 +10,7 @@ on the same logits. The cost is one reshape and a second, short reduction (measu
 
 - :func:`blocked_sum` is ``x.sum(axis)``, precisely;
 - :func:`logsumexp` is ``log sum exp(x)`` along ``axis`` with the max shifted out (differentiable:
-  its gradient is the softmax, as ``mx.logsumexp``'s);
+  its gradient is the softmax, as ``mx.logsumexp``'s; the ``exp`` is :func:`mlx_ft.fastmath.exp`);
 - :func:`global_norm` is the L2 norm of a list of arrays (the logged grad norm and clipping).
 """
 
@@ -19,6 +19,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import mlx.core as mx
+
+from . import fastmath
 
 BLOCK = 256
 
@@ -46,7 +48,7 @@ def logsumexp(x: mx.array, axis: int = -1, keepdims: bool = False) -> mx.array:
     """``log(sum(exp(x), axis))`` with the row max shifted out and a blocked sum."""
     m = mx.stop_gradient(x.max(axis=axis, keepdims=True))
     m = mx.where(mx.isinf(m), 0.0, m)  # an all -inf row gives -inf, not nan
-    out = mx.log(blocked_sum(mx.exp(x - m), axis, keepdims=True)) + m
+    out = mx.log(blocked_sum(fastmath.exp(x - m), axis, keepdims=True)) + m
     return out if keepdims else out.squeeze(axis)
 
 

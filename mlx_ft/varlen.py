@@ -88,10 +88,10 @@ def shared_min() -> int:
     return int(os.environ.get("POSTTRAIN_MLX_SHARED_PREFIX", "16"))
 
 
-def _attention(attn: nn.Module, x: mx.array, spans: list[tuple]) -> mx.array:
+def _attention(attn: nn.Module, x: mx.array, spans: list[tuple], masks: list) -> mx.array:
     """Self-attention of ``x [1, N, H]`` span by span: ``(start in x, length, offset[,
     ancestors])``; a span attends to its ancestor spans' keys (all of them), then causally to
-    its own."""
+    its own (``masks``: :func:`span_masks`)."""
     n = x.shape[1]
     q = attn.q_proj(x).reshape(1, n, attn.n_heads, -1)
     k = attn.k_proj(x).reshape(1, n, attn.n_kv_heads, -1)
@@ -100,24 +100,26 @@ def _attention(attn: nn.Module, x: mx.array, spans: list[tuple]) -> mx.array:
         q, k = attn.q_norm(q), attn.k_norm(k)
     q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
     outs, keys = [], []
-    for start, length, offset, *tree in spans:
+    for (start, length, offset, *tree), mask in zip(spans, masks):
         end = start + length
         qd = attn.rope(q[:, :, start:end], offset=offset)
         kd = attn.rope(k[:, :, start:end], offset=offset)
-        vd, mask = v[:, :, start:end], "causal"
+        vd = v[:, :, start:end]
         keys.append(kd)
         if tree and tree[0]:
-            before = sum(spans[a][1] for a in tree[0])
             kd = mx.concatenate([keys[a] for a in tree[0]] + [kd], axis=2)
             vd = mx.concatenate([v[:, :, spans[a][0]:spans[a][0] + spans[a][1]]
                                  for a in tree[0]] + [vd], axis=2)
-            own = mx.arange(length)
-            mask = mx.concatenate([mx.ones((length, before), dtype=mx.bool_),
-                                   own[None, :] <= own[:, None]], axis=1)
-        outs.append(mx.fast.scaled_dot_product_attention(
-            qd, kd, vd, scale=attn.scale, mask=mask))
+        outs.append(fastmath.attention(qd, kd, vd, attn.scale, mask))
     out = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
     return attn.o_proj(out.transpose(0, 2, 1, 3).reshape(1, n, -1))
+
+
+def span_masks(spans: list[tuple]) -> list:
+    """Each span's attention mask (its ancestors' keys, then itself causally), built once per
+    forward for every layer (:func:`mlx_ft.fastmath.attention_mask`)."""
+    return [fastmath.attention_mask(length, sum(spans[a][1] for a in tree[0]) if tree else 0)
+            for _, length, _, *tree in spans]
 
 
 def hidden_states(model: nn.Module, input_ids: np.ndarray, docs: list[Doc]) -> mx.array:
@@ -138,14 +140,15 @@ def hidden_states(model: nn.Module, input_ids: np.ndarray, docs: list[Doc]) -> m
             spans.append((at, d.length, d.start))
             at += d.length
     h = inner.embed_tokens(mx.array(ids[None].astype(np.int32)))
+    masks = span_masks(spans)
     for layer in inner.layers:
-        h = run_block(layer, lambda x, layer=layer: _block(layer, x, spans), h)
+        h = run_block(layer, lambda x, layer=layer: _block(layer, x, spans, masks), h)
     h = inner.norm(h)[0]
     return h if gather is None else h[gather]
 
 
-def _block(layer: nn.Module, h: mx.array, spans: list[tuple]) -> mx.array:
-    h = h + _attention(layer.self_attn, layer.input_layernorm(h), spans)
+def _block(layer: nn.Module, h: mx.array, spans: list[tuple], masks: list) -> mx.array:
+    h = h + _attention(layer.self_attn, layer.input_layernorm(h), spans, masks)
     x = layer.post_attention_layernorm(h)
     mlp = layer.mlp  # the VARLEN families' MLP is SwiGLU: gate, up, down
     return h + (fastmath.swiglu_mlp(mlp, x) if hasattr(mlp, "gate_proj") else mlp(x))
