@@ -17,8 +17,9 @@ fused kernel (a polynomial ``exp`` compiled into one loop) never reaches a train
   ``p * (g - sum(g p))`` from the saved output (no second ``exp``);
 - :func:`attention`: ``softmax(q k^T * scale + mask) v`` for grouped-query heads, the CPU
   replacement of ``mx.fast.scaled_dot_product_attention`` (whose CPU fallback runs MLX's
-  softmax and masks with a select); :func:`attention_mask` builds the additive ``0 / -inf``
-  mask once per span, for every layer;
+  softmax and masks with a select, and keeps the probabilities for the backward): the backward
+  recomputes them, so no ``[L, S]`` array per head outlives the forward; :func:`attention_mask`
+  builds the additive ``0 / -inf`` mask once per span, for every layer;
 - :func:`swiglu` ``silu(gate) * up`` with a backward that keeps its inputs only (the sigmoid is
   recomputed: one ``exp`` per element), where MLX's own keeps its intermediates: ~0.24 GB less
   MLX peak on an SFT batch of 700 tokens of SmolLM2; :func:`swiglu_mlp`, a llama-family MLP
@@ -44,9 +45,13 @@ def enabled() -> bool:
             and os.environ.get("POSTTRAIN_MLX_FAST_EXP", "1") != "0")
 
 
+def _pow2(x: mx.array) -> mx.array:
+    return mx.power(2.0, x * LOG2E).astype(x.dtype)
+
+
 @mx.custom_function
 def _pow2_exp(x: mx.array) -> mx.array:
-    return mx.power(2.0, x * LOG2E).astype(x.dtype)
+    return _pow2(x)
 
 
 @_pow2_exp.vjp
@@ -59,11 +64,16 @@ def exp(x: mx.array) -> mx.array:
     return _pow2_exp(x) if enabled() else mx.exp(x)
 
 
+def exp_values(x: mx.array) -> mx.array:
+    """``e^x`` where no gradient is taken (inside a custom backward): plain ops, so nothing
+    keeps ``x`` alive for a backward that never comes."""
+    return _pow2(x) if enabled() else mx.exp(x)
+
+
 @mx.custom_function
 def _softmax(x: mx.array) -> mx.array:
-    m = mx.stop_gradient(x.max(axis=-1, keepdims=True))
-    e = mx.power(2.0, (x - m) * LOG2E)
-    return (e / e.sum(axis=-1, keepdims=True)).astype(x.dtype)
+    e = _pow2(x - mx.stop_gradient(x.max(axis=-1, keepdims=True)))
+    return e / e.sum(axis=-1, keepdims=True)
 
 
 @_softmax.vjp
@@ -93,19 +103,40 @@ def attention_mask(length: int, before: int = 0) -> mx.array | str:
     return causal_bias(length, before)
 
 
+@mx.custom_function
+def _attention(q: mx.array, k: mx.array, v: mx.array, mask: mx.array) -> mx.array:
+    """``q [B, G, R, L, D]`` (already scaled; ``R`` query heads per key head), ``k, v
+    [B, G, 1, S, D]``, ``mask [L, S]``."""
+    return softmax(q @ k.swapaxes(-1, -2) + mask) @ v
+
+
+@_attention.vjp
+def _attention_vjp(primals, cotangent, output):
+    # The probabilities are recomputed (one more q k^T and exp): only q, k, v and the output
+    # stay alive between the passes, never a [L, S] array per head.
+    q, k, v, mask = primals
+    p = softmax(q @ k.swapaxes(-1, -2) + mask)
+    dp = cotangent @ v.swapaxes(-1, -2)
+    ds = p * (dp - (cotangent * output).sum(axis=-1, keepdims=True))  # sum_j p dp = do . o
+    dk = (ds.swapaxes(-1, -2) @ q).sum(axis=2, keepdims=True)
+    dv = (p.swapaxes(-1, -2) @ cotangent).sum(axis=2, keepdims=True)
+    return ds @ k, dk, dv, mx.zeros_like(mask)
+
+
 def attention(q: mx.array, k: mx.array, v: mx.array, scale: float,
               mask: mx.array | str) -> mx.array:
     """``softmax(q k^T * scale + mask) v`` for ``q [B, Hq, L, D]``, ``k, v [B, Hkv, S, D]``
     (query head ``h`` reads key head ``h // (Hq / Hkv)``) and an additive ``mask [L, S]`` from
-    :func:`attention_mask`. With the fast path off, MLX's ``scaled_dot_product_attention``
-    (``mask`` is then ``"causal"`` or boolean)."""
+    :func:`attention_mask`; the backward recomputes the probabilities instead of keeping them.
+    With the fast path off, MLX's ``scaled_dot_product_attention`` (``mask`` is then
+    ``"causal"`` or boolean)."""
     if not enabled() or isinstance(mask, str) or mask.dtype == mx.bool_:
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
     b, hq, length, d = q.shape
     hkv = k.shape[1]
-    scores = (q * scale).reshape(b, hkv, hq // hkv, length, d) @ k[:, :, None].swapaxes(-1, -2)
-    p = softmax(scores + mask.astype(scores.dtype))
-    return (p @ v[:, :, None]).reshape(b, hq, length, d)
+    out = _attention((q * scale).reshape(b, hkv, hq // hkv, length, d), k[:, :, None],
+                     v[:, :, None], mask.astype(q.dtype))
+    return out.reshape(b, hq, length, d)
 
 
 def _swiglu_from(gate: mx.array, up: mx.array, e: mx.array) -> mx.array:
@@ -121,13 +152,13 @@ def _swiglu_grads_from(cotangent: mx.array, gate: mx.array, up: mx.array,
 
 @mx.custom_function
 def _swiglu(gate: mx.array, up: mx.array) -> mx.array:
-    return _swiglu_from(gate, up, _pow2_exp(-gate))
+    return _swiglu_from(gate, up, _pow2(-gate))
 
 
 @_swiglu.vjp
 def _swiglu_vjp(primals, cotangent, output):
     gate, up = primals  # the sigmoid is recomputed from the inputs: one exp per element
-    return _swiglu_grads_from(cotangent, gate, up, _pow2_exp(-gate))
+    return _swiglu_grads_from(cotangent, gate, up, _pow2(-gate))
 
 
 def swiglu(gate: mx.array, up: mx.array) -> mx.array:

@@ -137,7 +137,7 @@ _exp_shifted_mlx = mx.compile(lambda z, m: mx.exp(z - m), shapeless=True)
 
 def _exp_shifted(z: mx.array, m: mx.array) -> mx.array:
     """``exp(z - m)``: :func:`mlx_ft.fastmath.exp` on a CPU, MLX's compiled ``exp`` on a GPU."""
-    return fastmath.exp(z - m) if fastmath.enabled() else _exp_shifted_mlx(z, m)
+    return fastmath.exp_values(z - m) if fastmath.enabled() else _exp_shifted_mlx(z, m)
 
 
 def _fused_outputs(weight: mx.array, hidden: mx.array, targets: mx.array, chunk_size: int,
