@@ -64,7 +64,7 @@ def _run(prog, spec, argv, run_dir):
 
 def _compare(a, b):
     (losses_a, weights_a), (losses_b, weights_b) = a, b
-    np.testing.assert_allclose(losses_b, losses_a, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(losses_b, losses_a, rtol=1e-5, atol=2e-6)  # float32 rounding
     assert set(weights_a) == set(weights_b)
     moved = 0
     for key in weights_a:
