@@ -4,7 +4,9 @@ Adapter layers are mlx-lm's own ``LoRALinear`` / ``DoRALinear`` (so ``mlx_lm.loa
 adapter_path=...)`` rebuilds exactly what we trained), with ``lora_a`` re-initialised from
 ``algorithms.backend.lora_a_init`` so MLX and torch start from identical adapters. mlx-lm stores
 ``lora_a`` as ``[in, r]`` and ``lora_b`` as ``[r, out]`` (``y = Wx + scale * (x A) B``); PEFT's
-layout is the transpose, and ``canonical_name`` / ``to_canonical`` map between them.
+layout is the transpose, and ``canonical_name`` / ``to_canonical`` map between them. The LoRA
+layers are re-classed to :class:`RankScaledLoRA` (same parameters, same saved adapter), which
+applies ``scale`` to the ``[N, r]`` product instead of the ``[N, out]`` one.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import mlx.core as mx
 import numpy as np
 from mlx import nn
 from mlx.utils import tree_flatten
+from mlx_lm.tuner.lora import LoRALinear
 
 from algorithms.backend import checkpointed_blocks, lora_a_init
 from algorithms.model_check import ModelError
@@ -144,6 +147,7 @@ def attach_adapters(model: nn.Module, cfg: Any) -> dict:
     linear_to_lora_layers(model, num_layers, dict(lora_parameters),
                           use_dora=cfg.fine_tune_type == "dora")
     _init_lora(model, cfg.seed, cfg.lora_rank)
+    _scale_rank(model)
     return {"fine_tune_type": cfg.fine_tune_type, "num_layers": num_layers,
             "lora_parameters": lora_parameters}
 
@@ -157,6 +161,24 @@ def _init_lora(model: nn.Module, seed: int, rank: int) -> None:
             updates.append((f"{name}.lora_a", mx.array(a.T)))
             updates.append((f"{name}.lora_b", mx.zeros_like(module.lora_b)))
     model.load_weights(updates, strict=False)
+
+
+class RankScaledLoRA(LoRALinear):
+    """mlx-lm's ``LoRALinear`` computing ``W x + ((x A) * scale) B``: the scale multiplies the
+    ``[N, r]`` product, not the ``[N, out]`` one (one pass over ``[N, out]`` fewer in the forward
+    and in the backward: ~2.5% of an SFT step on SmolLM2 with every linear adapted). The same
+    function up to float rounding (exactly the same when ``scale`` is a power of two)."""
+
+    def __call__(self, x):
+        z = (self.dropout(x) @ self.lora_a) * self.scale
+        return self.linear(x) + (z @ self.lora_b).astype(x.dtype)
+
+
+def _scale_rank(model: nn.Module) -> None:
+    """Re-class mlx-lm's ``LoRALinear`` layers of ``model`` in place (not ``DoRALinear``)."""
+    for _, module in model.named_modules():
+        if type(module) is LoRALinear:
+            module.__class__ = RankScaledLoRA
 
 
 class FrozenDelta(nn.Module):

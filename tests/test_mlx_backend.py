@@ -129,3 +129,46 @@ def test_openblas_is_loaded_before_mlx_when_present():
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
                          env=env)
     assert out.stdout.strip() == "None"
+
+
+@pytest.mark.parametrize("scale", [2.0, 1.7])
+def test_rank_scaled_lora_is_mlx_lms_lora(scale):
+    """The re-classed layer (scale on the [N, r] product) gives mlx-lm's LoRALinear's output
+    and gradients: exactly for a power-of-two scale, to float rounding otherwise."""
+    from mlx import nn
+    from mlx.utils import tree_flatten
+    from mlx_lm.tuner.lora import LoRALinear
+
+    from mlx_ft.model import RankScaledLoRA
+
+    rng = np.random.default_rng(0)
+    layer = LoRALinear.from_base(nn.Linear(24, 40), r=4, scale=scale)
+    layer.linear.freeze()
+    layer.lora_b = mx.array(rng.normal(size=(4, 40)).astype(np.float32))
+    x = mx.array(rng.normal(size=(5, 24)).astype(np.float32))
+    w = mx.array(rng.normal(size=(5, 40)).astype(np.float32))
+
+    def run():
+        value, grads = nn.value_and_grad(layer, lambda m, x: (m(x) * w).sum())(layer, x)
+        return np.array(layer(x)), value.item(), dict(tree_flatten(grads))
+
+    want = run()
+    layer.__class__ = RankScaledLoRA
+    got = run()
+    exact = scale == 2.0
+    tol = {"rtol": 0, "atol": 0} if exact else {"rtol": 1e-5, "atol": 1e-6}
+    np.testing.assert_allclose(got[0], want[0], **tol)
+    assert got[1] == pytest.approx(want[1], rel=0 if exact else 1e-5)
+    assert set(got[2]) == set(want[2]) == {"lora_a", "lora_b"}
+    for key in want[2]:
+        np.testing.assert_allclose(np.array(got[2][key]), np.array(want[2][key]), **tol)
+
+
+def test_backend_lora_layers_are_rank_scaled(tiny_llama_dir, tokenizer):
+    from mlx_lm.tuner.lora import LoRALinear
+
+    from mlx_ft.model import RankScaledLoRA
+
+    backend = MLXBackend(_cfg(fine_tune_type="lora", lora_rank=4), tiny_llama_dir, tokenizer)
+    layers = [m for _, m in backend.model.named_modules() if isinstance(m, LoRALinear)]
+    assert layers and all(type(m) is RankScaledLoRA for m in layers)
