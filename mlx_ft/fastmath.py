@@ -82,7 +82,8 @@ def _softmax_vjp(primals, cotangent, output):
 
 
 def softmax(x: mx.array) -> mx.array:
-    """``softmax(x)`` over the last axis (a row of ``-inf`` but one entry: that entry is 1)."""
+    """``softmax(x)`` over the last axis; ``-inf`` entries get probability 0 (a row needs one
+    finite entry, as with MLX's own)."""
     return _softmax(x) if enabled() else mx.softmax(x, axis=-1, precise=True)
 
 
