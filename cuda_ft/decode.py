@@ -151,10 +151,11 @@ def decode(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, params: Samp
         if not keep:
             break
         last = step_pos[:, -1]
-        index = torch.tensor(keep, device=ids.device)
-        if len(keep) < len(rows) and _select([cache, ref_cache], index):
-            rows = [rows[i] for i in keep]
-            tokens, mask, last = tokens[index], mask[index], last[index]
+        if len(keep) < len(rows):  # a row finished: drop it, where the caches can
+            index = torch.tensor(keep, device=ids.device)
+            if _select([cache, ref_cache], index):
+                rows = [rows[i] for i in keep]
+                tokens, mask, last = tokens[index], mask[index], last[index]
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         step_ids, step_pos = tokens[:, None], (last + 1)[:, None]
         ref_ids, ref_pos = step_ids, step_pos

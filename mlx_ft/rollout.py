@@ -14,8 +14,9 @@ generator seeded by ``seed`` (Gumbel-max, :class:`FilteredSampler`), so the same
 same completions and the global RNG (dropout) is untouched. With one seed per prompt (what the
 online loop passes) every row has its own sampler and generator (mlx-lm's per-sequence
 samplers), so a completion does not depend on the other prompts of the call, ``batch_size``,
-or which rank of a distributed run samples it. Stop strings end a row early when :class:`StopStringWatch` sees one;
-:func:`algorithms.rl.sampling.finish` decides where each completion ends.
+or which rank of a distributed run samples it. Stop strings end a row early when
+:class:`StopStringWatch` sees one; :func:`algorithms.rl.sampling.finish` decides where each
+completion ends.
 
 Nash-MD samples from :class:`GeometricMixture`, a model-like wrapper of the policy and the
 reference: the generator calls it like a model, and the mixture's log-probs go through the same
