@@ -132,14 +132,6 @@ def _frozen_head_weight(model: nn.Module) -> mx.array | None:
     return head.weight
 
 
-_exp_shifted_mlx = mx.compile(lambda z, m: mx.exp(z - m), shapeless=True)
-
-
-def _exp_shifted(z: mx.array, m: mx.array) -> mx.array:
-    """``exp(z - m)``: :func:`mlx_ft.fastmath.exp` on a CPU, MLX's compiled ``exp`` on a GPU."""
-    return fastmath.exp_values(z - m) if fastmath.enabled() else _exp_shifted_mlx(z, m)
-
-
 def _fused_outputs(weight: mx.array, hidden: mx.array, targets: mx.array, chunk_size: int,
                    temperature: float, names: tuple[str, ...]) -> list[list[mx.array]]:
     """``log softmax(h W^T / T)[target]`` for ``hidden [N, H]`` with a FROZEN ``weight [V, H]``,
@@ -157,9 +149,7 @@ def _fused_outputs(weight: mx.array, hidden: mx.array, targets: mx.array, chunk_
         z = (h @ weight.T).astype(mx.float32)
         if temperature != 1.0:
             z = z / temperature
-        m = mx.stop_gradient(z.max(axis=-1, keepdims=True))
-        e = _exp_shifted(z, m)
-        s = precise.blocked_sum(e, axis=-1, keepdims=True)
+        e, m, s = fastmath.exp_shift_sum(z)
         log_s = mx.log(s[:, 0])
         logp = mx.take_along_axis(z, tgt[:, None], axis=-1)[:, 0] - m[:, 0] - log_s
         grad = (weight[tgt].astype(mx.float32) - (e.astype(weight.dtype) @ weight) / s)

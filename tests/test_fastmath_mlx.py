@@ -1,6 +1,7 @@
-"""mlx_ft.fastmath: the powf-based exp, softmax and attention, and the SwiGLU built on them,
-against float64 and against MLX's own functions, values and gradients, edge cases; and the
-padding-free forward with them equal to the forward without them."""
+"""mlx_ft.fastmath: exp, softmax, attention and SwiGLU, each test run in both CPU tiers (the
+native kernels of mlx_ft.native, and the powf-based plain ops), against float64 and against
+MLX's own functions, values and gradients, edge cases; and the padding-free forward with them
+equal to the forward without them."""
 
 from __future__ import annotations
 
@@ -12,10 +13,11 @@ mx = pytest.importorskip("mlx.core")
 from mlx_ft import fastmath
 
 
-@pytest.fixture(autouse=True)
-def _cpu_fast_path():
+@pytest.fixture(autouse=True, params=["native", "powf"])
+def _cpu_fast_path(request, monkeypatch):
     if not fastmath.enabled():
-        pytest.skip("the powf-based exp runs on a CPU device only")
+        pytest.skip("the fast exp runs on a CPU device only")
+    monkeypatch.setenv("POSTTRAIN_MLX_NATIVE", "1" if request.param == "native" else "0")
 
 
 def _x(shape, scale=3.0, seed=0):
