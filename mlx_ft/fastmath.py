@@ -40,6 +40,7 @@ float32 rounding (tests/test_fastmath_mlx.py).
 
 from __future__ import annotations
 
+import math
 import os
 
 import mlx.core as mx
@@ -141,21 +142,21 @@ def attention_mask(length: int, before: int = 0) -> mx.array | str:
 
 @mx.custom_function
 def _attention(q: mx.array, k: mx.array, v: mx.array, mask: mx.array) -> mx.array:
-    """``q [B, G, R, L, D]`` (already scaled; ``R`` query heads per key head), ``k, v
-    [B, G, 1, S, D]``, ``mask [L, S]``."""
+    """``q [B, G, R * L, D]`` (already scaled; the ``R`` query heads that read key head ``g``
+    stacked along the rows, so each (batch, key head) is one matrix product), ``k, v [B, G,
+    S, D]``, ``mask [L, S]`` (row ``r`` of the scores uses mask row ``r mod L``)."""
     return _softmax_values(q @ k.swapaxes(-1, -2), mask) @ v
 
 
 @_attention.vjp
 def _attention_vjp(primals, cotangent, output):
     # The probabilities are recomputed (one more q k^T and exp): only q, k, v and the output
-    # stay alive between the passes, never a [L, S] array per head.
+    # stay alive between the passes, never a [L, S] array per head. The stacked rows make
+    # dk and dv sum over the R query heads inside their matrix products.
     q, k, v, mask = primals
     p = _softmax_values(q @ k.swapaxes(-1, -2), mask)
     ds = _softmax_grad(p, cotangent @ v.swapaxes(-1, -2))
-    dk = (ds.swapaxes(-1, -2) @ q).sum(axis=2, keepdims=True)
-    dv = (p.swapaxes(-1, -2) @ cotangent).sum(axis=2, keepdims=True)
-    return ds @ k, dk, dv, mx.zeros_like(mask)
+    return ds @ k, ds.swapaxes(-1, -2) @ q, p.swapaxes(-1, -2) @ cotangent, mx.zeros_like(mask)
 
 
 def attention(q: mx.array, k: mx.array, v: mx.array, scale: float,
@@ -169,8 +170,10 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float,
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
     b, hq, length, d = q.shape
     hkv = k.shape[1]
-    out = _attention((q * scale).reshape(b, hkv, hq // hkv, length, d), k[:, :, None],
-                     v[:, :, None], mask.astype(q.dtype))
+    mask = mask.astype(q.dtype)
+    if _native() is None and hq != hkv:  # the plain softmax adds the mask by broadcasting
+        mask = mx.tile(mask, (hq // hkv, 1))
+    out = _attention((q * scale).reshape(b, hkv, hq // hkv * length, d), k, v, mask)
     return out.reshape(b, hq, length, d)
 
 
@@ -229,3 +232,71 @@ def exp_shift_sum(z: mx.array) -> tuple[mx.array, mx.array, mx.array]:
     m = mx.where(mx.isinf(m), 0.0, m)
     e = _pow2(z - m) if enabled() else mx.exp(z - m)
     return e, m, precise.blocked_sum(e, axis=-1, keepdims=True)
+
+
+def _rms_norm_fn(eps: float):
+    @mx.custom_function
+    def norm(x: mx.array, weight: mx.array) -> mx.array:
+        return _native().rms_norm(x, weight, eps)
+
+    @norm.vjp
+    def norm_vjp(primals, cotangent, output):
+        x, weight = primals
+        dx, dw = _native().rms_norm_grad(x, weight, cotangent, eps)
+        return dx, dw.astype(weight.dtype)
+
+    return norm
+
+
+_RMS_NORMS: dict = {}
+
+
+def rms_norm(norm: nn.Module, x: mx.array) -> mx.array:
+    """``norm(x)`` for an ``nn.RMSNorm`` (``x r w``, ``r = 1 / sqrt(mean(x^2) + eps)``) with
+    the native kernels on float32 inputs (one pass forward, one backward, weight gradient
+    included); any other norm, dtype or tier: the module itself."""
+    if type(norm) is not nn.RMSNorm or x.dtype != mx.float32 or _native() is None:
+        return norm(x)
+    fn = _RMS_NORMS.get(norm.eps)
+    if fn is None:
+        fn = _RMS_NORMS[norm.eps] = _rms_norm_fn(norm.eps)
+    return fn(x, norm.weight)
+
+
+def rotary_tables(rope: nn.Module, positions) -> tuple | None:
+    """``(cos, sin, traditional)`` of an ``nn.RoPE`` at integer ``positions [N]`` (one per
+    token), ``cos, sin [N, dims / 2]``, for :func:`rotary` (which needs ``dims`` = the head
+    dimension); None when the kernels are off or the rotary embedding is not a plain
+    ``nn.RoPE`` (the caller then applies ``rope`` itself). The angles are MLX's:
+    ``theta = (position * scale) * base^(-i / (dims / 2))``, in float32."""
+    if type(rope) is not nn.RoPE or _native() is None:
+        return None
+    half = rope.dims // 2
+    inv_freqs = mx.exp(mx.arange(0, -half, -1, dtype=mx.float32)
+                       * mx.array(math.log(rope.base) / half, dtype=mx.float32))
+    theta = (mx.array(positions, dtype=mx.float32) * rope.scale)[:, None] * inv_freqs[None]
+    return mx.cos(theta), mx.sin(theta), bool(rope.traditional)
+
+
+def rotary(x: mx.array, tables: tuple) -> mx.array:
+    """Rotary embedding of ``x [N, H, D]`` (float32) at the angles of :func:`rotary_tables`;
+    its gradient is the inverse rotation (the same kernel with ``-sin``)."""
+    cos, sin, traditional = tables
+    return _rotary_fns[traditional](x, cos, sin)
+
+
+def _rotary_fn(traditional: bool):
+    @mx.custom_function
+    def rotate(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
+        return _native().rope(x, cos, sin, traditional).astype(x.dtype)
+
+    @rotate.vjp
+    def rotate_vjp(primals, cotangent, output):
+        x, cos, sin = primals
+        return (_native().rope(cotangent, cos, -sin, traditional).astype(x.dtype),
+                mx.zeros_like(cos), mx.zeros_like(sin))
+
+    return rotate
+
+
+_rotary_fns = {False: _rotary_fn(False), True: _rotary_fn(True)}

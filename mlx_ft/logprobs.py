@@ -38,6 +38,10 @@ from algorithms.backend import HEAD_MASK, head_rows
 from . import fastmath, precise, varlen
 from .model import lm_head_module
 
+# selected_head_outputs: up to this share of positions not read by the loss, the head runs on
+# every position (and zeroes the others) instead of gathering the read ones.
+DENSE_SKIPPED = 0.05
+
 PACKABLE = {"llama", "mistral", "qwen2", "qwen3", "olmo2", "granite", "internlm3"}
 
 
@@ -219,6 +223,14 @@ def selected_head_outputs(model: nn.Module, hidden: mx.array, targets: mx.array,
     positions a loss reads), 0 elsewhere; at every position when ``rows`` is None."""
     if rows is None:
         return head_outputs(model, hidden, targets, chunk_size, temperature, wanted, train)
+    read = rows[1] != len(rows[0])
+    if (~read).sum() <= DENSE_SKIPPED * len(read):
+        # A few rows not read (a document's last token): running the head on them too costs
+        # less than the gather and the scatter of its gradient; their outputs are zeroed.
+        kept = mx.array(read)
+        out = head_outputs(model, hidden, mx.where(kept, targets, 0), chunk_size, temperature,
+                           wanted, train)
+        return {name: mx.where(kept, v, 0.0) for name, v in out.items()}
     keep, inverse = mx.array(rows[0].astype(np.int32)), mx.array(rows[1].astype(np.int32))
     out = head_outputs(model, hidden[keep], targets[keep], chunk_size, temperature, wanted,
                        train)

@@ -88,23 +88,30 @@ def shared_min() -> int:
     return int(os.environ.get("POSTTRAIN_MLX_SHARED_PREFIX", "16"))
 
 
-def _attention(attn: nn.Module, x: mx.array, spans: list[tuple], masks: list) -> mx.array:
+def _attention(attn: nn.Module, x: mx.array, spans: list[tuple], masks: list,
+               rotary: tuple | None = None) -> mx.array:
     """Self-attention of ``x [1, N, H]`` span by span: ``(start in x, length, offset[,
     ancestors])``; a span attends to its ancestor spans' keys (all of them), then causally to
-    its own (``masks``: :func:`span_masks`)."""
+    its own (``masks``: :func:`span_masks`). ``rotary``: the tables of
+    :func:`mlx_ft.fastmath.rotary_tables` for every token at once, else ``attn.rope`` per
+    span."""
     n = x.shape[1]
     q = attn.q_proj(x).reshape(1, n, attn.n_heads, -1)
     k = attn.k_proj(x).reshape(1, n, attn.n_kv_heads, -1)
     v = attn.v_proj(x).reshape(1, n, attn.n_kv_heads, -1)
     if hasattr(attn, "q_norm"):
         q, k = attn.q_norm(q), attn.k_norm(k)
+    if rotary is not None and 2 * rotary[0].shape[1] != q.shape[-1]:
+        rotary = None  # a partial rotary embedding (dims < head dim): attn.rope per span
+    if rotary is not None:
+        q, k = (fastmath.rotary(t[0], rotary)[None] for t in (q, k))
     q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
     outs, keys = [], []
     for (start, length, offset, *tree), mask in zip(spans, masks):
         end = start + length
-        qd = attn.rope(q[:, :, start:end], offset=offset)
-        kd = attn.rope(k[:, :, start:end], offset=offset)
-        vd = v[:, :, start:end]
+        qd, kd, vd = q[:, :, start:end], k[:, :, start:end], v[:, :, start:end]
+        if rotary is None:
+            qd, kd = attn.rope(qd, offset=offset), attn.rope(kd, offset=offset)
         keys.append(kd)
         if tree and tree[0]:
             kd = mx.concatenate([keys[a] for a in tree[0]] + [kd], axis=2)
@@ -141,15 +148,29 @@ def hidden_states(model: nn.Module, input_ids: np.ndarray, docs: list[Doc]) -> m
             at += d.length
     h = inner.embed_tokens(mx.array(ids[None].astype(np.int32)))
     masks = span_masks(spans)
+    rotary = _rotary(inner.layers[0].self_attn, spans, h.dtype)
     for layer in inner.layers:
-        h = run_block(layer, lambda x, layer=layer: _block(layer, x, spans, masks), h)
-    h = inner.norm(h)[0]
+        h = run_block(layer, lambda x, layer=layer: _block(layer, x, spans, masks, rotary), h)
+    h = fastmath.rms_norm(inner.norm, h)[0]
     return h if gather is None else h[gather]
 
 
-def _block(layer: nn.Module, h: mx.array, spans: list[tuple], masks: list) -> mx.array:
-    h = h + _attention(layer.self_attn, layer.input_layernorm(h), spans, masks)
-    x = layer.post_attention_layernorm(h)
+def _rotary(attn: nn.Module, spans: list[tuple], dtype) -> tuple | None:
+    """The rotary tables of every token (its position: its span's offset + its place in the
+    span), shared by all layers; None where the native kernel does not apply."""
+    if dtype != mx.float32:
+        return None
+    positions = np.zeros(sum(span[1] for span in spans), dtype=np.int64)
+    for start, length, offset, *_ in spans:
+        positions[start:start + length] = offset + np.arange(length)
+    return fastmath.rotary_tables(attn.rope, positions)
+
+
+def _block(layer: nn.Module, h: mx.array, spans: list[tuple], masks: list,
+           rotary: tuple | None = None) -> mx.array:
+    h = h + _attention(layer.self_attn, fastmath.rms_norm(layer.input_layernorm, h), spans,
+                       masks, rotary)
+    x = fastmath.rms_norm(layer.post_attention_layernorm, h)
     mlp = layer.mlp  # the VARLEN families' MLP is SwiGLU: gate, up, down
     return h + (fastmath.swiglu_mlp(mlp, x) if hasattr(mlp, "gate_proj") else mlp(x))
 

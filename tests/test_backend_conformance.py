@@ -178,6 +178,54 @@ def test_every_trainable_group_gets_a_gradient(name, kind, tiny_llama_dir, tiny_
     assert {"v_head.weight", "v_head.bias"} <= set(grads(backend))
 
 
+def _adamw_by_hand(params, steps, cfg):
+    """AdamW with bias correction, decoupled decay of the decayed names and clipping by the
+    global norm, step by step: ``steps`` = [(grads, learning_rate, max_grad_norm)]."""
+    from algorithms.weight_decay import is_decayed
+
+    m = {k: np.zeros_like(v, np.float64) for k, v in params.items()}
+    v2 = {k: np.zeros_like(v, np.float64) for k, v in params.items()}
+    p = {k: v.astype(np.float64) for k, v in params.items()}
+    b1, b2, eps = cfg.adam_beta1, cfg.adam_beta2, cfg.adam_epsilon
+    for t, (g, lr, max_norm) in enumerate(steps, start=1):
+        norm = np.sqrt(sum((x.astype(np.float64) ** 2).sum() for x in g.values()))
+        scale = min(1.0, max_norm / (norm + 1e-6)) if max_norm > 0 else 1.0
+        for k in p:
+            if is_decayed(k, cfg.decay_norms_and_biases):
+                p[k] *= 1 - lr * cfg.weight_decay
+            gk = g[k] * scale
+            m[k] = b1 * m[k] + (1 - b1) * gk
+            v2[k] = b2 * v2[k] + (1 - b2) * gk ** 2
+            denom = np.sqrt(v2[k]) / np.sqrt(1 - b2 ** t) + eps
+            p[k] -= lr / (1 - b1 ** t) * m[k] / denom
+    return p
+
+
+@pytest.mark.parametrize("name", list(BACKENDS))
+@pytest.mark.parametrize("kind", ["lora", "full"])
+def test_optimizer_step_is_adamw_by_hand(name, kind, tiny_llama_dir, tiny_tokenizer):
+    """Three steps with a different learning rate each, clipped (norm above max), clipped
+    (below: no change) and unclipped: the update (MLX compiles it once per run) is AdamW by
+    hand, and the returned norm is the gradient's."""
+    backend = make_backend(name, tiny_llama_dir, tiny_tokenizer, fine_tune_type=kind,
+                           weight_decay=0.1, adam_epsilon=1e-6)
+    batch = make_batch([[DOC_A, DOC_B], [DOC_D]])
+    start, steps = backend.trainable_parameters(), []
+    for lr, max_norm in ((1e-2, 1e-3), (5e-3, 1e3), (2e-2, 0.0)):
+        backend.forward_backward(batch, nll_loss)
+        g = grads(backend)
+        norm = backend.optimizer_step(lr, max_norm)
+        assert norm == pytest.approx(np.sqrt(sum((x.astype(np.float64) ** 2).sum()
+                                                 for x in g.values())), rel=1e-5)
+        steps.append((g, lr, max_norm))
+    want, got = _adamw_by_hand(start, steps, backend.cfg), backend.trainable_parameters()
+    moved = 0
+    for key in want:
+        np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=2e-7, err_msg=key)
+        moved += not np.array_equal(got[key], start[key])
+    assert moved == len(want)
+
+
 @pytest.mark.parametrize("name", list(BACKENDS))
 def test_grad_accumulation_equals_one_big_batch(name, tiny_llama_dir, tiny_tokenizer):
     """4 micro-batches of 1 with num_items = all loss tokens == 1 batch of 4."""

@@ -125,6 +125,35 @@ def test_loss_and_gradients_at_positions_equal_the_full_pass(name, kind, entropy
         np.testing.assert_allclose(g_some[key], want, rtol=1e-4, atol=1e-6, err_msg=key)
 
 
+@pytest.mark.parametrize("kind,entropy_grad", [("lora", False), ("full", True)])
+def test_mlx_head_on_every_position_when_few_are_skipped_equals_the_gathered_one(
+        kind, entropy_grad, tiny_llama_dir, tiny_tokenizer, monkeypatch):
+    """Below mlx_ft.logprobs.DENSE_SKIPPED the head runs on every position and zeroes the
+    skipped ones instead of gathering: the same outputs, zeros, loss and gradients."""
+    from test_backend_conformance import grads
+
+    from mlx_ft import logprobs
+
+    batch = _prompted_batch()
+    read = batch["loss_mask"] > 0
+    results = []
+    for dense in (0.0, 1.0):
+        monkeypatch.setattr(logprobs, "DENSE_SKIPPED", dense)
+        backend = _backend("mlx", tiny_llama_dir, tiny_tokenizer, kind)
+        some = backend.forward(with_head_mask(batch, "loss_mask"), HEAD)
+        assert not any(some[key][~read].any() for key in HEAD)
+        backend.forward_backward(batch, _reads(entropy_grad, "loss_mask"))
+        backend.optimizer_step(1e-2, 1.0)
+        metrics = backend.forward_backward(batch, _reads(entropy_grad, "loss_mask"))
+        results.append((some, metrics, grads(backend)))
+    (out_g, m_g, g_g), (out_d, m_d, g_d) = results
+    for key in HEAD:
+        np.testing.assert_allclose(out_d[key], out_g[key], atol=2e-6, err_msg=key)
+    assert m_d["loss"] == pytest.approx(m_g["loss"], rel=1e-6)
+    for key, want in g_g.items():
+        np.testing.assert_allclose(g_d[key], want, rtol=1e-4, atol=1e-6, err_msg=key)
+
+
 # --- every loss that names its positions reads nothing outside them ---------------------------
 def _junk_outside(arrays: dict, mask: np.ndarray, rng) -> dict:
     """``arrays`` with random values (0 when ``rng`` is None) where ``mask`` is 0."""

@@ -128,6 +128,84 @@ def test_exp_shift_sum_over_a_vocabulary(K):
     assert s.shape == (6,) and float(s[1]) == 0.0
 
 
+def _rope64(x, positions, base, scale, traditional):
+    half = x.shape[-1] // 2
+    theta = (positions * scale)[:, None] * base ** (-np.arange(half) / half)[None]
+    c, s = np.cos(theta)[:, None], np.sin(theta)[:, None]
+    x = x.astype(np.float64)
+    a, b = (x[..., 0::2], x[..., 1::2]) if traditional else (x[..., :half], x[..., half:])
+    ra, rb = a * c - b * s, b * c + a * s
+    if traditional:
+        return np.stack([ra, rb], axis=-1).reshape(x.shape)
+    return np.concatenate([ra, rb], axis=-1)
+
+
+@pytest.mark.parametrize("traditional", [False, True])
+def test_rope_against_float64_and_mlx(K, traditional):
+    from mlx import nn
+
+    from mlx_ft import fastmath
+
+    x = _x((23, 5, 16), scale=1.0)
+    positions = np.concatenate([np.arange(7) + 3, np.arange(16)])  # two spans, two offsets
+    rope = nn.RoPE(16, traditional=traditional, base=500.0, scale=0.5)
+    tables = fastmath.rotary_tables(rope, positions)
+    got = fastmath.rotary(mx.array(x), tables)
+    np.testing.assert_allclose(_np(got), _rope64(x, positions, 500.0, 0.5, traditional),
+                               rtol=1e-5, atol=2e-6)
+    mlx_own = rope(mx.array(x[7:]).transpose(1, 0, 2)[None])[0].transpose(1, 0, 2)
+    np.testing.assert_allclose(np.array(got[7:]), np.array(mlx_own), atol=1e-6)
+    cot = mx.array(_x((23, 5, 16), seed=5))  # the gradient is the inverse rotation
+    grad = mx.vjp(lambda a: fastmath.rotary(a, tables), [mx.array(x)], [cot])[1][0]
+    want = mx.vjp(lambda a: rope(a.transpose(1, 0, 2)[None])[0].transpose(1, 0, 2),
+                  [mx.array(x[7:])], [cot[7:]])[1][0]
+    np.testing.assert_allclose(np.array(grad[7:]), np.array(want), atol=1e-6)
+
+
+def test_rotary_tables_only_for_a_plain_rope(K):
+    from mlx import nn
+
+    from mlx_ft import fastmath
+
+    class Scaled(nn.RoPE):
+        pass
+
+    assert fastmath.rotary_tables(nn.RoPE(8), np.arange(4)) is not None
+    assert fastmath.rotary_tables(Scaled(8), np.arange(4)) is None
+
+
+def test_rms_norm_and_its_gradients(K):
+    from mlx import nn
+
+    from mlx_ft import fastmath
+
+    x, g = _x((2, 31, 48)), _x((2, 31, 48), seed=1)
+    norm = nn.RMSNorm(48, eps=1e-5)
+    norm.weight = mx.array(_x((48,), scale=1.0, seed=2))
+    x64, w64, g64 = x.astype(np.float64), np.array(norm.weight).astype(np.float64), \
+        g.astype(np.float64)
+    r = 1 / np.sqrt((x64 ** 2).mean(axis=-1, keepdims=True) + 1e-5)
+    np.testing.assert_allclose(_np(fastmath.rms_norm(norm, mx.array(x))), x64 * r * w64,
+                               rtol=2e-6, atol=1e-6)
+    dx, dw = K.rms_norm_grad(mx.array(x), norm.weight, mx.array(g), 1e-5)
+    wg = w64 * g64
+    want_dx = r * (wg - x64 * r ** 2 * (wg * x64).mean(axis=-1, keepdims=True))
+    np.testing.assert_allclose(_np(dx), want_dx, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(_np(dw), (g64 * x64 * r).sum(axis=(0, 1)), rtol=1e-5,
+                               atol=1e-5)
+    got = mx.grad(lambda a, w: (fastmath.rms_norm(_with(norm, w), a) * mx.array(g)).sum(),
+                  argnums=(0, 1))(mx.array(x), norm.weight)
+    want = mx.grad(lambda a, w: (mx.fast.rms_norm(a, w, 1e-5) * mx.array(g)).sum(),
+                   argnums=(0, 1))(mx.array(x), norm.weight)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-4, atol=1e-5)
+
+
+def _with(norm, weight):
+    norm.weight = weight
+    return norm
+
+
 @pytest.mark.parametrize("call, message", [
     (lambda K: K.swiglu(mx.zeros((2, 3)), mx.zeros((3, 2))), "same shape"),
     (lambda K: K.swiglu_grad(mx.zeros((2, 3)), mx.zeros((2, 3)), mx.zeros((2, 4))),
@@ -136,6 +214,11 @@ def test_exp_shift_sum_over_a_vocabulary(K):
     (lambda K: K.softmax(mx.zeros((2, 0))), "non-empty last axis"),
     (lambda K: K.softmax_grad(mx.zeros((2, 3)), mx.zeros((2, 4))), "same shape"),
     (lambda K: K.exp_shift_sum(mx.zeros(())), "non-empty last axis"),
+    (lambda K: K.rope(mx.zeros((4, 2, 8)), mx.zeros((4, 3)), mx.zeros((4, 3))), "needs x"),
+    (lambda K: K.rope(mx.zeros((4, 8)), mx.zeros((4, 4)), mx.zeros((4, 4))), "needs x"),
+    (lambda K: K.rms_norm(mx.zeros((3, 8)), mx.zeros((7,)), 1e-5), "weight must be"),
+    (lambda K: K.rms_norm_grad(mx.zeros((3, 8)), mx.zeros((8,)), mx.zeros((3, 7)), 1e-5),
+     "same shape"),
 ])
 def test_bad_inputs_are_refused_with_the_rule(K, call, message):
     with pytest.raises(ValueError, match=message):

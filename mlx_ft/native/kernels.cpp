@@ -7,10 +7,16 @@
 //   exp(x)                        e^x
 //   swiglu(g, u)                  g u sigmoid(g)
 //   swiglu_grad(c, g, u)          (c u s (1 + g (1 - s)), c g s),  s = sigmoid(g)
-//   softmax(x, bias)              softmax over the last axis of x + bias (bias [L, S] is
-//                                 broadcast over the leading axes of x [..., L, S])
+//   softmax(x, bias)              softmax over the last axis of x + bias (bias [L, S]; row r
+//                                 of x [..., R * L, S] adds bias row r mod L)
 //   softmax_grad(p, dp)           p (dp - sum(p dp)) over the last axis
 //   exp_shift_sum(z)              (e^(z - m), m, sum e^(z - m)), m = max over the last axis
+//   rope(x, cos, sin, traditional) rotary embedding of x [N, H, D] at per-token angles
+//                                 (cos, sin [N, D/2]): pairs (x_i, x_{i+D/2}) (or (x_2i,
+//                                 x_2i+1) when traditional) -> (a cos - b sin, b cos + a sin);
+//                                 its gradient is the same rotation with -sin
+//   rms_norm(x, w, eps)           x r w, r = 1 / sqrt(mean(x^2) + eps) over the last axis
+//   rms_norm_grad(x, w, g, eps)   (r (w g - x r^2 mean(w g x)), sum over rows of g x r)
 //
 // Only CPU evaluation; gradients are given in Python (mlx_ft.fastmath) with mx.custom_function.
 // Inputs are made float32 and row-contiguous when the op is built.
@@ -18,6 +24,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 #include <stdexcept>
 
 #include <nanobind/nanobind.h>
@@ -231,8 +238,10 @@ array softmax_bias(const array& x, const std::optional<array>& bias) {
   std::vector<array> inputs = {x};
   if (bias) {
     auto& b = *bias;
-    if (b.ndim() != 2 || x.ndim() < 2 || b.shape(0) != x.shape(-2) || b.shape(1) != x.shape(-1))
-      throw std::invalid_argument("[posttrain.softmax] bias must be [L, S] for x [..., L, S]");
+    if (b.ndim() != 2 || x.ndim() < 2 || b.shape(0) == 0 || x.shape(-2) % b.shape(0) != 0 ||
+        b.shape(1) != x.shape(-1))
+      throw std::invalid_argument(
+          "[posttrain.softmax] bias must be [L, S] for x [..., R * L, S] (row r: bias row r % L)");
     rows_per_bias = b.shape(0);
     inputs.push_back(b);
   }
@@ -297,6 +306,104 @@ std::tuple<array, array, array> exp_shift_sum(const array& z) {
   return {outs[0], outs[1], outs[2]};
 }
 
+array rope_apply(const array& x, const array& cos, const array& sin, bool traditional) {
+  if (x.ndim() != 3 || cos.ndim() != 2 || sin.shape() != cos.shape() ||
+      cos.shape(0) != x.shape(0) || 2 * cos.shape(1) != x.shape(2))
+    throw std::invalid_argument(
+        "[posttrain.rope] needs x [N, H, D] and cos, sin [N, D/2]");
+  size_t heads = x.shape(1), half = cos.shape(1);
+  return fused("posttrain.rope",
+               [heads, half, traditional](auto& in, auto& out) {
+                 const float* x = in[0].template data<float>();
+                 const float* c = in[1].template data<float>();
+                 const float* s = in[2].template data<float>();
+                 float* y = out[0].template data<float>();
+                 size_t tokens = in[1].shape(0), d = 2 * half;
+                 for (size_t t = 0; t < tokens; ++t) {
+                   const float* __restrict ct = c + t * half;
+                   const float* __restrict st = s + t * half;
+                   for (size_t h = 0; h < heads; ++h) {
+                     const float* __restrict xr = x + (t * heads + h) * d;
+                     float* __restrict yr = y + (t * heads + h) * d;
+                     if (traditional) {
+                       for (size_t i = 0; i < half; ++i) {
+                         float a = xr[2 * i], b = xr[2 * i + 1];
+                         yr[2 * i] = a * ct[i] - b * st[i];
+                         yr[2 * i + 1] = b * ct[i] + a * st[i];
+                       }
+                     } else {
+                       for (size_t i = 0; i < half; ++i) {
+                         float a = xr[i], b = xr[i + half];
+                         yr[i] = a * ct[i] - b * st[i];
+                         yr[i + half] = b * ct[i] + a * st[i];
+                       }
+                     }
+                   }
+                 }
+               },
+               {x, cos, sin}, {x.shape()})[0];
+}
+
+void need_norm_weight(const array& x, const array& w, const char* name) {
+  last_dim(x, name);
+  if (w.ndim() != 1 || w.shape(0) != x.shape(-1))
+    throw std::invalid_argument(std::string("[") + name +
+                                "] weight must be [H] for x [..., H]");
+}
+
+array rms_norm_fwd(const array& x, const array& w, float eps) {
+  need_norm_weight(x, w, "posttrain.rms_norm");
+  size_t n = x.shape(-1);
+  return fused("posttrain.rms_norm",
+               [n, eps](auto& in, auto& out) {
+                 const float* x = in[0].template data<float>();
+                 const float* __restrict w = in[1].template data<float>();
+                 float* y = out[0].template data<float>();
+                 size_t rows = out[0].size() / n;
+                 for (size_t r = 0; r < rows; ++r) {
+                   const float* __restrict xr = x + r * n;
+                   float* __restrict yr = y + r * n;
+                   float rs = float(1.0 / std::sqrt(row_dot(xr, xr, n) / n + eps));
+                   for (size_t i = 0; i < n; ++i) yr[i] = xr[i] * rs * w[i];
+                 }
+               },
+               {x, w}, {x.shape()})[0];
+}
+
+std::tuple<array, array> rms_norm_bwd(const array& x, const array& w, const array& g, float eps) {
+  need_norm_weight(x, w, "posttrain.rms_norm_grad");
+  need_same_shape(x, g, "posttrain.rms_norm_grad");
+  size_t n = x.shape(-1);
+  auto outs = fused(
+      "posttrain.rms_norm_grad",
+      [n, eps](auto& in, auto& out) {
+        const float* x = in[0].template data<float>();
+        const float* __restrict w = in[1].template data<float>();
+        const float* g = in[2].template data<float>();
+        float* dx = out[0].template data<float>();
+        float* __restrict dw = out[1].template data<float>();
+        std::vector<double> acc(n, 0.0);
+        std::vector<float> wg(n);
+        size_t rows = out[0].size() / n;
+        for (size_t r = 0; r < rows; ++r) {
+          const float* __restrict xr = x + r * n;
+          const float* __restrict gr = g + r * n;
+          float* __restrict dr = dx + r * n;
+          float rs = float(1.0 / std::sqrt(row_dot(xr, xr, n) / n + eps));
+          for (size_t i = 0; i < n; ++i) wg[i] = w[i] * gr[i];
+          float k = float(row_dot(wg.data(), xr, n) / n) * rs * rs;
+          double* __restrict a = acc.data();
+          for (size_t i = 0; i < n; ++i) {
+            dr[i] = rs * (wg[i] - xr[i] * k);
+            a[i] += double(gr[i] * xr[i] * rs);
+          }
+        }
+        for (size_t i = 0; i < n; ++i) dw[i] = float(acc[i]);
+      },
+      {x, w, g}, {x.shape(), w.shape()});
+  return {outs[0], outs[1]};
+}
+
 }  // namespace
 
 NB_MODULE(_kernels, m) {
@@ -306,4 +413,9 @@ NB_MODULE(_kernels, m) {
   m.def("softmax", &softmax_bias, nb::arg("x"), nb::arg("bias") = nb::none());
   m.def("softmax_grad", &softmax_bwd, nb::arg("p"), nb::arg("dp"));
   m.def("exp_shift_sum", &exp_shift_sum, nb::arg("z"));
+  m.def("rope", &rope_apply, nb::arg("x"), nb::arg("cos"), nb::arg("sin"),
+        nb::arg("traditional") = false);
+  m.def("rms_norm", &rms_norm_fwd, nb::arg("x"), nb::arg("weight"), nb::arg("eps"));
+  m.def("rms_norm_grad", &rms_norm_bwd, nb::arg("x"), nb::arg("weight"), nb::arg("cotangent"),
+        nb::arg("eps"));
 }
