@@ -252,22 +252,44 @@ def test_build_is_cached_under_a_key_of_its_inputs(K, tmp_path, monkeypatch):
     assert native.cache_root() == tmp_path / "elsewhere"
 
 
-def test_without_a_compiler_the_backend_falls_back(tmp_path, monkeypatch, capsys):
-    """No CMake on PATH and nothing cached: kernels() is None, the reason is printed once,
-    and fastmath still computes (plain MLX ops)."""
+@pytest.mark.parametrize("missing, reason", [("cmake", "no 'cmake' on PATH"),
+                                              ("compiler", "no C++ compiler on PATH")])
+def test_without_build_tools_the_backend_falls_back(missing, reason, tmp_path, monkeypatch,
+                                                    capsys):
+    """No CMake (or no compiler) and nothing cached: kernels() is None, the reason is printed
+    once, and fastmath still computes (plain MLX ops)."""
     from mlx_ft import fastmath
 
     monkeypatch.setenv("POSTTRAIN_NATIVE_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("PATH", str(tmp_path))  # neither cmake nor a compiler
+    monkeypatch.setenv("PATH", str(tmp_path))  # no compiler
+    monkeypatch.delenv("CXX", raising=False)
+    if missing == "cmake":
+        monkeypatch.setattr(native, "_cmake", lambda: None)
+    else:
+        monkeypatch.setattr(native, "_cmake", lambda: "/usr/bin/cmake")
     monkeypatch.setattr(native, "_state", {})
     assert native.kernels() is None
     err = capsys.readouterr().err
-    assert "native CPU kernels unavailable (no 'cmake' on PATH" in err
+    assert f"native CPU kernels unavailable ({reason}" in err
     assert "python -m mlx_ft.native" in err
-    assert native.status().startswith("unavailable: no 'cmake'")
+    assert native.status().startswith(f"unavailable: {reason}")
     x = np.array([0.5, -3.0], dtype=np.float32)
     np.testing.assert_allclose(np.array(fastmath.exp(mx.array(x))), np.exp(x), rtol=1e-6)
     assert not list((tmp_path / "cache").glob("*/_kernels*"))  # nothing half-built left
+
+
+def test_a_failing_build_names_its_step_and_leaves_nothing(tmp_path, monkeypatch):
+    """A compiler that fails: BuildError with CMake's tail, no library in the cache."""
+    compiler = tmp_path / "bin" / "c++"
+    compiler.parent.mkdir()
+    compiler.write_text("#!/bin/sh\necho 'broken compiler' >&2\nexit 1\n")
+    compiler.chmod(0o755)
+    monkeypatch.setenv("POSTTRAIN_NATIVE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("CXX", str(compiler))
+    with pytest.raises(native.BuildError, match="cmake .* failed"):
+        native.build()
+    assert not list((tmp_path / "cache").glob("*/_kernels*"))
+    assert not list((tmp_path / "cache").glob(".*"))  # the temporary build dir is gone
 
 
 def test_switched_off(monkeypatch):

@@ -95,23 +95,38 @@ def build(force: bool = False) -> Path:
             build_dir = Path(tmp) / "build"
             out_dir = Path(tmp) / "out"
             out_dir.mkdir()
-            configure = ["cmake", "-S", str(_HERE), "-B", str(build_dir),
+            cmake = _cmake()
+            configure = [cmake, "-S", str(_HERE), "-B", str(build_dir),
                          f"-DPython_EXECUTABLE={sys.executable}", "-DCMAKE_BUILD_TYPE=Release",
                          f"-DPOSTTRAIN_OUTPUT_DIR={out_dir}"]
-            for command in (configure, ["cmake", "--build", str(build_dir), "-j",
+            for command in (configure, [cmake, "--build", str(build_dir), "-j",
                                         str(os.cpu_count() or 1)]):
                 done = subprocess.run(command, check=False, capture_output=True, text=True)
                 if done.returncode != 0:
                     tail = (done.stdout + done.stderr).strip().splitlines()[-12:]
-                    raise BuildError(f"{' '.join(command[:2])} failed:\n" + "\n".join(tail))
+                    raise BuildError(f"cmake {command[1]} failed:\n" + "\n".join(tail))
             if _library(out_dir) is None:
                 raise BuildError(f"the build produced no _kernels library in {out_dir}")
             os.replace(out_dir, target)
     return _library(target)
 
 
+def _cmake() -> str | None:
+    """CMake on PATH, else the one the ``cmake`` Python package installed (its console script
+    may not be on PATH, e.g. under pyenv)."""
+    found = shutil.which("cmake")
+    if found:
+        return found
+    try:
+        import cmake
+    except ImportError:
+        return None
+    candidate = Path(cmake.CMAKE_BIN_DIR) / "cmake"
+    return str(candidate) if candidate.exists() else None
+
+
 def _check_tools() -> None:
-    if not shutil.which("cmake"):
+    if _cmake() is None:
         raise BuildError("no 'cmake' on PATH (install CMake >= 3.24: pip install cmake)")
     compilers = [os.environ.get("CXX", ""), "c++", "g++", "clang++"]
     if not any(c and shutil.which(c.split()[0]) for c in compilers):
