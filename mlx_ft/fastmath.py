@@ -225,13 +225,35 @@ def exp_shift_sum(z: mx.array) -> tuple[mx.array, mx.array, mx.array]:
     kernels = _native()
     if kernels is not None:
         e, m, s = kernels.exp_shift_sum(z)
-        return e, m[:, None], s[:, None]
+        return e, m[..., None], s[..., None]
     from . import precise
 
     m = mx.stop_gradient(z.max(axis=-1, keepdims=True))
     m = mx.where(mx.isinf(m), 0.0, m)
     e = _pow2(z - m) if enabled() else mx.exp(z - m)
     return e, m, precise.blocked_sum(e, axis=-1, keepdims=True)
+
+
+@mx.custom_function
+def _logsumexp(x: mx.array) -> mx.array:
+    _, m, s = _native().exp_shift_sum(x)
+    return mx.log(s) + m
+
+
+@_logsumexp.vjp
+def _logsumexp_vjp(primals, cotangent, output):
+    # one input: primals is x itself. Recomputed: nothing [..., V] is kept for the backward.
+    e, _, s = _native().exp_shift_sum(primals)
+    return (cotangent / s)[..., None] * e
+
+
+def native_logsumexp(x: mx.array) -> mx.array | None:
+    """``log sum exp(x)`` over the last axis of float32 ``x`` with the native kernel (the same
+    ``m + log s`` the fused head computes, the sum in float64; gradient: the softmax); None
+    when the kernels are not in use."""
+    if x.dtype != mx.float32 or _native() is None:
+        return None
+    return _logsumexp(x)
 
 
 def _rms_norm_fn(eps: float):

@@ -155,7 +155,8 @@ def _fused_outputs(weight: mx.array, hidden: mx.array, targets: mx.array, chunk_
             z = z / temperature
         e, m, s = fastmath.exp_shift_sum(z)
         log_s = mx.log(s[:, 0])
-        logp = mx.take_along_axis(z, tgt[:, None], axis=-1)[:, 0] - m[:, 0] - log_s
+        lse = log_s + m[:, 0]  # as precise.logsumexp: the no-gradient pass gives the same bits
+        logp = mx.take_along_axis(z, tgt[:, None], axis=-1)[:, 0] - lse
         grad = (weight[tgt].astype(mx.float32) - (e.astype(weight.dtype) @ weight) / s)
         if temperature != 1.0:
             grad = grad / temperature

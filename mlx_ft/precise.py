@@ -45,7 +45,12 @@ def _sum_last(x: mx.array) -> mx.array:
 
 
 def logsumexp(x: mx.array, axis: int = -1, keepdims: bool = False) -> mx.array:
-    """``log(sum(exp(x), axis))`` with the row max shifted out and a blocked sum."""
+    """``log(sum(exp(x), axis))`` with the row max shifted out and a blocked sum (the native
+    kernel's float64 sum where :mod:`mlx_ft.native` is in use)."""
+    moved = x if axis in (-1, x.ndim - 1) else mx.moveaxis(x, axis, -1)
+    native = fastmath.native_logsumexp(moved)
+    if native is not None:
+        return mx.expand_dims(native, axis) if keepdims else native
     m = mx.stop_gradient(x.max(axis=axis, keepdims=True))
     m = mx.where(mx.isinf(m), 0.0, m)  # an all -inf row gives -inf, not nan
     out = mx.log(blocked_sum(fastmath.exp(x - m), axis, keepdims=True)) + m

@@ -206,6 +206,25 @@ def _with(norm, weight):
     return norm
 
 
+@pytest.mark.parametrize("axis", [-1, 0])
+def test_logsumexp_and_its_gradient_on_any_axis(K, axis):
+    """precise.logsumexp through the kernel (float64 sum), over a moved axis of a 3-D
+    strided input; the gradient (recomputed from the input) is the softmax."""
+    from mlx_ft import precise
+
+    z = _x((5, 6, 300), scale=4.0)
+    x = mx.array(z)[:, :, ::2]
+    sub = z[:, :, ::2].astype(np.float64)
+    m = sub.max(axis=axis, keepdims=True)
+    want = np.log(np.exp(sub - m).sum(axis=axis, keepdims=True)) + m
+    np.testing.assert_allclose(_np(precise.logsumexp(x, axis=axis, keepdims=True)), want,
+                               rtol=1e-6, atol=1e-6)
+    w = mx.array(_x(np.squeeze(want, axis).shape, seed=7))
+    got = mx.grad(lambda a: (precise.logsumexp(a, axis=axis) * w).sum())(x)
+    soft = np.exp(sub - want) * np.expand_dims(np.array(w), axis)
+    np.testing.assert_allclose(_np(got), soft, rtol=1e-5, atol=1e-8)
+
+
 @pytest.mark.parametrize("call, message", [
     (lambda K: K.swiglu(mx.zeros((2, 3)), mx.zeros((3, 2))), "same shape"),
     (lambda K: K.swiglu_grad(mx.zeros((2, 3)), mx.zeros((2, 3)), mx.zeros((2, 4))),
