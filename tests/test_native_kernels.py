@@ -305,7 +305,7 @@ def test_a_failing_build_names_its_step_and_leaves_nothing(tmp_path, monkeypatch
     compiler.chmod(0o755)
     monkeypatch.setenv("POSTTRAIN_NATIVE_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("CXX", str(compiler))
-    with pytest.raises(native.BuildError, match="cmake .* failed"):
+    with pytest.raises(native.BuildError, match="cmake configure failed"):
         native.build()
     assert not list((tmp_path / "cache").glob("*/_kernels*"))
     assert not list((tmp_path / "cache").glob(".*"))  # the temporary build dir is gone

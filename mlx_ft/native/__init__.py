@@ -99,12 +99,12 @@ def build(force: bool = False) -> Path:
             configure = [cmake, "-S", str(_HERE), "-B", str(build_dir),
                          f"-DPython_EXECUTABLE={sys.executable}", "-DCMAKE_BUILD_TYPE=Release",
                          f"-DPOSTTRAIN_OUTPUT_DIR={out_dir}"]
-            for command in (configure, [cmake, "--build", str(build_dir), "-j",
-                                        str(os.cpu_count() or 1)]):
+            compile_ = [cmake, "--build", str(build_dir), "-j", str(os.cpu_count() or 1)]
+            for step, command in (("configure", configure), ("build", compile_)):
                 done = subprocess.run(command, check=False, capture_output=True, text=True)
                 if done.returncode != 0:
                     tail = (done.stdout + done.stderr).strip().splitlines()[-12:]
-                    raise BuildError(f"cmake {command[1]} failed:\n" + "\n".join(tail))
+                    raise BuildError(f"cmake {step} failed:\n" + "\n".join(tail))
             if _library(out_dir) is None:
                 raise BuildError(f"the build produced no _kernels library in {out_dir}")
             os.replace(out_dir, target)
