@@ -3,10 +3,10 @@
 The algorithm layer hands numpy batches (layout in :mod:`algorithms.backend`) and a loss written
 against the array-ops shim; this class turns them into tensors, runs the decoder, computes
 per-token log-probs chunk by chunk (:mod:`cuda_ft.logprobs`), and owns the AdamW step and the
-checkpoints. Choices that decide numbers follow the MLX backend: attention from
-``attention_allowed`` (packed documents isolated), contiguous position ids, LoRA init from
-``lora_a_init``, clipping by global norm with ``min(1, max_norm / (norm + 1e-6))``, and AdamW
-with bias correction and decoupled weight decay.
+checkpoints (their files: :mod:`cuda_ft.checkpoint`). Choices that decide numbers follow the
+MLX backend: attention from ``attention_allowed`` (packed documents isolated), contiguous
+position ids, LoRA init from ``lora_a_init``, clipping by global norm with
+``min(1, max_norm / (norm + 1e-6))``, and AdamW with bias correction and decoupled weight decay.
 """
 
 from __future__ import annotations
@@ -21,10 +21,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from algorithms.adapter_io import check_init_adapter, deltas, stack
+from algorithms.adapter_io import check_init_adapter, deltas
 from algorithms.backend import (
     HEAD_MASK,
-    VALUE_HEAD_KEYS,
     ForwardShortcuts,
     Loss,
     as_loss,
@@ -32,15 +31,13 @@ from algorithms.backend import (
     check_outputs,
     head_rows,
     loss_view,
-    save_value_head,
     value_head_init,
     with_head_mask,
 )
 from algorithms.distributed import current, is_empty
 from algorithms.weight_decay import decayed_names
-from converters.fingerprint import write_base_record
 
-from . import varlen
+from . import checkpoint, varlen
 from .device import choose_device
 from .distributed import Parallel, full, shard_like
 from .kernel_patch import head_impl
@@ -48,10 +45,6 @@ from .logprobs import selected_head_outputs
 from .model import canonical_parameters, load_model, set_adapter_training
 from .ops import TorchOps
 from .reference import Reference, load_frozen
-
-_WEIGHTS = "trainable.safetensors"
-_OPTIMIZER = "optimizer.pt"
-_RNG = "rng.pt"
 
 
 class TorchBackend(ForwardShortcuts):
@@ -296,84 +289,13 @@ class TorchBackend(ForwardShortcuts):
         return {k: full(p.detach()).float().cpu().numpy().copy() for k, p in self.params.items()}
 
     def save_state(self, directory: str | None) -> None:
-        """Trainable weights (canonical names), AdamW state, and the CPU/CUDA RNG states, whole
-        tensors whatever the sharding. Every rank of a distributed run calls it; ranks other
-        than 0 pass None (they take part in the gathers and write nothing)."""
-        from safetensors.torch import save_file
-
-        weights, optimizer = self.parallel.full_state(self.params, self.optimizer)
-        ranks = self.parallel.rng_states()
-        if directory is None:
-            return
-        path = Path(directory)
-        path.mkdir(parents=True, exist_ok=True)
-        save_file(weights, str(path / _WEIGHTS))
-        torch.save(optimizer, path / _OPTIMIZER)
-        rng = {"cpu": torch.get_rng_state(), **({"ranks": ranks} if len(ranks) > 1 else {})}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        torch.save(rng, path / _RNG)
+        checkpoint.save_state(self, directory)
 
     def load_state(self, directory: str) -> None:
-        from safetensors.torch import load_file
-
-        path = Path(directory)
-        weights = load_file(str(path / _WEIGHTS))
-        missing = sorted(set(self.params) - set(weights))
-        extra = sorted(set(weights) - set(self.params))
-        if missing or extra:
-            raise ValueError(f"{path / _WEIGHTS}: does not match this model's trainable "
-                             f"parameters (missing {missing[:3]}, unexpected {extra[:3]})")
-        with torch.no_grad():
-            for name, param in self.params.items():
-                param.copy_(shard_like(weights[name], param))
-        self.parallel.load_optimizer(self.optimizer, torch.load(path / _OPTIMIZER,
-                                                                map_location=self.device),
-                                     list(self.params.values()))
-        self.parallel.set_rng(torch.load(path / _RNG, weights_only=True))
+        checkpoint.load_state(self, directory)
 
     def save_adapters(self, directory: str | None) -> None:
-        """PEFT adapter dir for lora/dora; a full HF model dir (with tokenizer) for full; both
-        with the run's ``chat_template.jinja``, and the value head beside them when the run has
-        one. Distributed: every rank calls it, ranks other than 0 with None."""
-        from algorithms.data.templates import save_chat_template
-
-        params = self.trainable_parameters() if self.value_head is not None or \
-            self.init_adapter is not None else {}
-        state = self.parallel.adapter_state()  # FSDP2: whole tensors (a gather)
-        if directory is None:
-            return
-        path = Path(directory)
-        path.mkdir(parents=True, exist_ok=True)
-        save_chat_template(path, self.tokenizer)
-        self.model.save_pretrained(str(path), **({} if state is None else {"state_dict": state}))
-        if self.cfg.fine_tune_type == "full":
-            self.tokenizer.save_pretrained(str(path))
-        else:
-            if self.init_adapter is not None:
-                self._stack_init_adapter(path, params)
-            write_base_record(path, self.model_path)  # fuse refuses it on another base
-        if self.value_head is not None:
-            save_value_head(path, {k: params[k] for k in VALUE_HEAD_KEYS})
-
-    def _stack_init_adapter(self, path: Path, params: dict[str, np.ndarray]) -> None:
-        """Rewrite the saved PEFT adapter as the initial adapter and the trained one in one LoRA
-        of rank r1 + r2 (algorithms.adapter_io.stack), which PEFT loads on the base."""
-        import json
-
-        from safetensors.numpy import save_file
-
-        trained = {k: v for k, v in params.items() if not k.startswith("v_head.")}
-        scale = self.cfg.lora_alpha / self.cfg.lora_rank
-        stacked = stack(self.init_adapter, trained, self.cfg.lora_rank, scale)
-        save_file({f"base_model.model.{k}.weight": v for k, v in stacked.items()},
-                  str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
-        config = json.loads((path / "adapter_config.json").read_text())
-        rank = self.cfg.lora_rank + self.init_adapter.rank
-        modules = sorted({k.rsplit(".", 1)[0].rsplit(".", 1)[1] for k in stacked})
-        config.update(r=rank, lora_alpha=scale * rank, target_modules=modules,
-                      layers_to_transform=None)
-        (path / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        checkpoint.save_adapters(self, directory)
 
     def load_adapter_weights(self, weights: dict[str, np.ndarray]) -> None:
         """Canonical adapter weights (algorithms.adapter_io) into the PEFT layers; modules the
