@@ -40,6 +40,7 @@ float32 rounding (tests/test_fastmath_mlx.py).
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -88,13 +89,13 @@ def exp(x: mx.array) -> mx.array:
 
 
 def _softmax_values(x: mx.array, bias: mx.array | None = None) -> mx.array:
-    """``softmax(x + bias)`` over the last axis (``bias [L, S]`` broadcast over ``x [..., L,
-    S]``), no gradient of its own."""
+    """``softmax(x + bias)`` over the last axis, no gradient of its own: ``bias [L, S]``, row
+    ``r`` of ``x [..., R * L, S]`` adds bias row ``r mod L``."""
     kernels = _native()
     if kernels is not None:
         return kernels.softmax(x, bias).astype(x.dtype)
     if bias is not None:
-        x = x + bias
+        x = (x.reshape(*x.shape[:-2], -1, *bias.shape) + bias).reshape(x.shape)
     e = _pow2(x - mx.stop_gradient(x.max(axis=-1, keepdims=True)))
     return e / e.sum(axis=-1, keepdims=True)
 
@@ -170,10 +171,8 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float,
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
     b, hq, length, d = q.shape
     hkv = k.shape[1]
-    mask = mask.astype(q.dtype)
-    if _native() is None and hq != hkv:  # the plain softmax adds the mask by broadcasting
-        mask = mx.tile(mask, (hq // hkv, 1))
-    out = _attention((q * scale).reshape(b, hkv, hq // hkv * length, d), k, v, mask)
+    out = _attention((q * scale).reshape(b, hkv, hq // hkv * length, d), k, v,
+                     mask.astype(q.dtype))
     return out.reshape(b, hq, length, d)
 
 
@@ -256,6 +255,7 @@ def native_logsumexp(x: mx.array) -> mx.array | None:
     return _logsumexp(x)
 
 
+@functools.cache
 def _rms_norm_fn(eps: float):
     @mx.custom_function
     def norm(x: mx.array, weight: mx.array) -> mx.array:
@@ -270,19 +270,13 @@ def _rms_norm_fn(eps: float):
     return norm
 
 
-_RMS_NORMS: dict = {}
-
-
 def rms_norm(norm: nn.Module, x: mx.array) -> mx.array:
     """``norm(x)`` for an ``nn.RMSNorm`` (``x r w``, ``r = 1 / sqrt(mean(x^2) + eps)``) with
     the native kernels on float32 inputs (one pass forward, one backward, weight gradient
     included); any other norm, dtype or tier: the module itself."""
     if type(norm) is not nn.RMSNorm or x.dtype != mx.float32 or _native() is None:
         return norm(x)
-    fn = _RMS_NORMS.get(norm.eps)
-    if fn is None:
-        fn = _RMS_NORMS[norm.eps] = _rms_norm_fn(norm.eps)
-    return fn(x, norm.weight)
+    return _rms_norm_fn(norm.eps)(x, norm.weight)
 
 
 def rotary_tables(rope: nn.Module, positions) -> tuple | None:
@@ -304,9 +298,10 @@ def rotary(x: mx.array, tables: tuple) -> mx.array:
     """Rotary embedding of ``x [N, H, D]`` (float32) at the angles of :func:`rotary_tables`;
     its gradient is the inverse rotation (the same kernel with ``-sin``)."""
     cos, sin, traditional = tables
-    return _rotary_fns[traditional](x, cos, sin)
+    return _rotary_fn(traditional)(x, cos, sin)
 
 
+@functools.cache
 def _rotary_fn(traditional: bool):
     @mx.custom_function
     def rotate(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
@@ -319,6 +314,3 @@ def _rotary_fn(traditional: bool):
                 mx.zeros_like(cos), mx.zeros_like(sin))
 
     return rotate
-
-
-_rotary_fns = {False: _rotary_fn(False), True: _rotary_fn(True)}

@@ -176,12 +176,13 @@ def kernels() -> ModuleType | None:
         return None
     if "module" not in _state:
         try:
-            cached = _library(cache_root() / build_key())
-            if cached is None:
+            path = _library(cache_root() / build_key())
+            if path is None:
                 print("mlx_ft: building the native CPU kernels (once per install, ~30 s)",
                       file=sys.stderr, flush=True)
-            _state["module"] = load(cached or build())
-            _state["status"] = f"loaded from {cached or _library(cache_root() / build_key())}"
+                path = build()
+            _state["module"] = load(path)
+            _state["status"] = f"loaded from {path}"
         except (BuildError, OSError, ImportError) as e:
             _state["module"] = None
             _state["status"] = f"unavailable: {e}"

@@ -111,19 +111,19 @@ double row_dot(const float* __restrict a, const float* __restrict b, size_t n) {
   return s;
 }
 
-// y = e^(x + bias - m) for one row; returns the row sum. With bias null, x alone.
-double shifted_exp_row(const float* __restrict x, const float* __restrict bias,
-                       float* __restrict y, size_t n) {
+// y = e^(x + bias - m) for one row (bias null: x alone), m = the row max, 0 for a fully masked
+// row (all zeros then); returns the row sum and stores m in *m_out when given.
+double shifted_exp_row(const float* x, const float* bias, float* y, size_t n,
+                       float* m_out = nullptr) {
+  const float* src = x;
   if (bias) {
     for (size_t i = 0; i < n; ++i) y[i] = x[i] + bias[i];
-    float m = row_max(y, n);
-    if (m == -INFINITY) m = 0.0f;  // a fully masked row: all zeros
-    for (size_t i = 0; i < n; ++i) y[i] = exp1(y[i] - m);
-  } else {
-    float m = row_max(x, n);
-    if (m == -INFINITY) m = 0.0f;
-    for (size_t i = 0; i < n; ++i) y[i] = exp1(x[i] - m);
+    src = y;  // exponentiated in place below
   }
+  float m = row_max(src, n);
+  if (m == -INFINITY) m = 0.0f;
+  for (size_t i = 0; i < n; ++i) y[i] = exp1(src[i] - m);
+  if (m_out) *m_out = m;
   return row_sum(y, n);
 }
 
@@ -292,15 +292,8 @@ std::tuple<array, array, array> exp_shift_sum(const array& z) {
                       float* m = out[1].template data<float>();
                       float* s = out[2].template data<float>();
                       size_t rows = out[0].size() / n;
-                      for (size_t r = 0; r < rows; ++r) {
-                        float mr = row_max(z + r * n, n);
-                        if (mr == -INFINITY) mr = 0.0f;
-                        m[r] = mr;
-                        const float* __restrict zr = z + r * n;
-                        float* __restrict er = e + r * n;
-                        for (size_t i = 0; i < n; ++i) er[i] = exp1(zr[i] - mr);
-                        s[r] = float(row_sum(er, n));
-                      }
+                      for (size_t r = 0; r < rows; ++r)
+                        s[r] = float(shifted_exp_row(z + r * n, nullptr, e + r * n, n, m + r));
                     },
                     {z}, {z.shape(), rows_shape, rows_shape});
   return {outs[0], outs[1], outs[2]};
